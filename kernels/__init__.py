@@ -1,4 +1,4 @@
 """Fused kernels for NPT layers."""
-from .modulated_swiglu import modulated_swiglu, modulated_swiglu_reference, modulation_factor
+from .modulated_swiglu import modulated_gate, modulated_swiglu, modulated_swiglu_reference, modulation_factor
 
-__all__ = ["modulated_swiglu", "modulated_swiglu_reference", "modulation_factor"]
+__all__ = ["modulated_gate", "modulated_swiglu", "modulated_swiglu_reference", "modulation_factor"]
