@@ -1,0 +1,312 @@
+"""npt.py against an independent float64 reference of SPEC section 1, on tiny random decoders."""
+import copy
+import json
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import npt
+
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny(arch="llama", layers=3, hidden=64, ffn=96, seed=0):
+    cfg_cls, model_cls = ARCHS[arch]
+    cfg = cfg_cls(vocab_size=128, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(seed)
+    return model_cls(cfg).eval()
+
+
+def randomize_adapters(model, std=0.3):
+    with torch.no_grad():
+        for p in npt.get_adapter_params(model):
+            p.normal_(std=std)
+
+
+def capture_layer_io(model):
+    """Per NPT layer: its input h, its attention output and its output, from one forward."""
+    records, handles = {}, []
+    for layer in npt.npt_layers(model):
+        rec = records.setdefault(layer.layer_idx, {})
+        handles.append(layer.register_forward_hook(
+            lambda m, args, kwargs, out, rec=rec: rec.update(h=(args[0] if args else kwargs["hidden_states"]),
+                                                             out=out), with_kwargs=True))
+        handles.append(layer.layer.self_attn.register_forward_hook(
+            lambda m, args, out, rec=rec: rec.update(attn=out[0])))
+    return records, handles
+
+
+def rms_norm64(x, norm):
+    w = norm.weight.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * w
+
+
+def reference_layer64(layer, h, attn, add_scale):
+    """SPEC section 1 in float64, written from the formula (no project code)."""
+    dec, ad = layer.layer, layer.adapter
+    h, attn = h.double(), attn.double()
+    x = rms_norm64(h, dec.post_attention_layernorm)
+    gate = x @ dec.mlp.gate_proj.weight.double().T
+    up = x @ dec.mlp.up_proj.weight.double().T
+    z = attn @ ad.A_proj.weight.double().T
+    g, terms = gate, []
+    if ad.B_mult is not None:
+        m = z @ ad.B_mult.weight.double().T
+        g = g * (0.5 + 1 / (1 + torch.exp(-m)))
+        terms.append((m ** 2).sum(-1))
+    if ad.B_add is not None:
+        a = z @ ad.B_add.weight.double().T
+        g = g + add_scale * a
+        terms.append((a ** 2).sum(-1))
+    out = h + (g * torch.sigmoid(g) * up) @ dec.mlp.down_proj.weight.double().T
+    return out, sum(terms) / len(terms)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("modulation", ["both", "additive", "multiplicative"])
+def test_layer_outputs_match_float64_reference(arch, modulation):
+    model = tiny(arch)
+    npt.convert_to_npt(model, npt.NPTConfig(rank=8, modulation=modulation, layers="0,2"))
+    randomize_adapters(model)
+    ids = torch.randint(1, 128, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second sequence
+    records, handles = capture_layer_io(model)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    regs = []
+    for layer in npt.npt_layers(model):
+        rec = records[layer.layer_idx]
+        ref, reg = reference_layer64(layer, rec["h"], rec["attn"], add_scale=0.1)
+        assert rel_err(rec["out"], ref) <= 1e-5, (arch, layer.layer_idx)
+        regs.append((reg * mask).sum() / mask.sum())
+    assert abs(npt.regularization(model, mask).item() - torch.stack(regs).mean().item()) <= 1e-5 * regs[0].item()
+    assert not torch.allclose(npt.regularization(model), npt.regularization(model, mask))  # padding matters
+
+
+def test_npt_disabled_is_bitwise_the_base_model():
+    base = tiny("llama")
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
+    randomize_adapters(model)
+    ids = torch.randint(1, 128, (2, 11))
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+        with npt.npt_disabled(model):
+            teacher = model(input_ids=ids).logits
+        student = model(input_ids=ids).logits
+    assert torch.equal(teacher, expected)
+    assert not torch.allclose(student, expected)  # and the toggle restores NPT afterwards
+
+
+def test_init_scales_and_identity_factor():
+    model = npt.convert_to_npt(tiny("llama", layers=2, hidden=512, ffn=2048), npt.NPTConfig(rank=64))
+    ad = npt.npt_layers(model)[0].adapter
+    assert abs(ad.A_proj.weight.std().item() - 0.02) < 0.001
+    assert abs(ad.B_add.weight.std().item() - 0.001) < 0.0001
+    z = torch.randn(7, 64) * 100
+    assert torch.equal(npt.modulation_factor(ad.B_mult(z)), torch.ones(7, 2048))
+    assert ad.A_proj.bias is None and ad.B_add.bias is None and ad.B_mult.bias is None
+
+
+def test_factor_range():
+    m = torch.linspace(-80, 80, 10001)
+    f = npt.modulation_factor(m)
+    assert f.min() >= 0.5 and f.max() <= 1.5 and f.min() > 0
+    assert npt.modulation_factor(torch.zeros(1)).item() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_only_adapters_train_and_they_are_fp32(dtype):
+    model = tiny("qwen2").to(dtype)
+    npt.convert_to_npt(model, npt.NPTConfig(rank=4, layers="upper_half"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapter = {n for n, p in model.named_parameters() if ".adapter." in n}
+    assert trainable == adapter and len(adapter) == 2 * 3  # layers 1, 2 (upper half of 3) x A, B_add, B_mult
+    assert {p.dtype for p in npt.get_adapter_params(model)} == {torch.float32}
+    ids = torch.randint(1, 128, (1, 5))
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    (logits.float().square().mean() + npt.regularization(model)).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in npt.get_adapter_params(model))
+
+
+def test_four_bit_base_keeps_fp32_adapters(tmp_path, embedded):
+    tiny("llama", hidden=128, ffn=256).save_pretrained(tmp_path)
+    embedded[1].save_pretrained(tmp_path)
+    model, _ = npt.load_base_model(str(tmp_path), use_quantization=True)
+    npt.convert_to_npt(model, npt.NPTConfig(rank=4))
+    assert type(model.model.layers[0].layer.mlp.gate_proj).__name__ == "Linear4bit"
+    assert {p.dtype for p in npt.get_adapter_params(model)} == {torch.float32}
+    assert all(p.requires_grad == (".adapter." in n) for n, p in model.named_parameters())
+    assert torch.isfinite(model(input_ids=torch.randint(1, 128, (1, 6))).logits).all()
+
+
+def _load_4bit(path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32,
+                                                device_map={"": "cpu"})
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_same_tokens_with_and_without_cache(arch):
+    model = npt.convert_to_npt(tiny(arch), npt.NPTConfig(rank=4))
+    randomize_adapters(model, std=0.5)
+    ids = torch.randint(1, 128, (2, 6))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with_cache = model.generate(ids, use_cache=True, **kw)
+    without = model.generate(ids, use_cache=False, **kw)
+    assert with_cache.shape[1] == 14 and torch.equal(with_cache, without)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = npt.convert_to_npt(tiny("mistral"), npt.NPTConfig(rank=6, layers="1-2"))
+    randomize_adapters(model)
+    npt.save_adapters(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors", "npt_config.json"]
+    assert json.loads((tmp_path / "npt_config.json").read_text())["rank"] == 6
+    fresh = tiny("mistral")  # unconverted base: load_adapters converts it with the saved config
+    npt.load_adapters(fresh, tmp_path)
+    a, b = dict(model.named_parameters()), dict(fresh.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(1, 128, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("other, message", [
+    (lambda: npt.convert_to_npt(tiny(), npt.NPTConfig(rank=4, layers="1-2")), "rank"),
+    (lambda: npt.convert_to_npt(tiny(), npt.NPTConfig(rank=6, layers="0-1")), "layers"),
+    (lambda: npt.convert_to_npt(tiny(), npt.NPTConfig(rank=6, layers="1-2", modulation="additive")), "modulation"),
+    (lambda: tiny(layers=5), "layers"),
+    (lambda: tiny(hidden=32, ffn=96), "shape"),
+])
+def test_load_into_mismatched_model_names_the_mismatch(tmp_path, other, message):
+    npt.save_adapters(npt.convert_to_npt(tiny(), npt.NPTConfig(rank=6, layers="1-2")), tmp_path)
+    with pytest.raises(ValueError, match=message):
+        npt.load_adapters(other(), tmp_path)
+
+
+def test_load_corrupt_or_missing_adapters(tmp_path):
+    with pytest.raises(FileNotFoundError, match="npt_config.json"):
+        npt.load_adapters(tiny(), tmp_path)
+    npt.save_adapters(npt.convert_to_npt(tiny(), npt.NPTConfig(rank=4)), tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        npt.load_adapters(tiny(), tmp_path)
+
+
+def test_config_layers_and_json():
+    cfg = npt.NPTConfig(rank=3, modulation="additive", layers=[5, 1])
+    assert npt.NPTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.layer_indices(6) == [1, 5]
+    assert npt.NPTConfig(layers="upper_half").layer_indices(30) == list(range(15, 30))
+    assert npt.NPTConfig(layers="lower_half").layer_indices(30) == list(range(15))
+    assert npt.NPTConfig(layers="8-15").layer_indices(30) == list(range(8, 16))
+    assert npt.NPTConfig(layers="1,3,5").layer_indices(30) == [1, 3, 5]
+    for bad in ("30", "3-40", "x", "5-2"):
+        with pytest.raises(ValueError, match="layer"):
+            npt.NPTConfig(layers=bad).layer_indices(30)
+    with pytest.raises(ValueError, match="modulation"):
+        npt.NPTConfig(modulation="tanh")
+    with pytest.raises(ValueError, match="rank"):
+        npt.convert_to_npt(tiny(hidden=64), npt.NPTConfig(rank=65))
+
+
+def test_consolidate_absorbs_the_modulation():
+    model = npt.convert_to_npt(tiny("llama"), npt.NPTConfig(rank=8))
+    randomize_adapters(model)
+    ids = torch.randint(1, 128, (1, 8))
+    before = {layer.layer_idx: layer.layer.mlp.gate_proj.weight.clone() for layer in npt.npt_layers(model)}
+    captures = {}
+    originals = {}
+    for layer in npt.npt_layers(model):  # record x = LN2(h) and the modulated gate, in float64
+        originals[layer] = layer.modulated_mlp
+        def spy(h, attn, layer=layer):
+            rec = captures.setdefault(layer.layer_idx, {})
+            ref_out, _ = reference_layer64(layer, h, attn, 0.1)
+            dec, ad = layer.layer, layer.adapter
+            x = rms_norm64(h.double(), dec.post_attention_layernorm)
+            z = attn.double() @ ad.A_proj.weight.double().T
+            g = (x @ dec.mlp.gate_proj.weight.double().T) * (0.5 + torch.sigmoid(z @ ad.B_mult.weight.double().T)) \
+                + 0.1 * (z @ ad.B_add.weight.double().T)
+            rec.update(x=x[0, -1], g=g[0, -1])
+            return originals[layer](h, attn)
+        layer.modulated_mlp = spy
+    with torch.no_grad():
+        model(input_ids=ids)
+    for layer in npt.npt_layers(model):
+        del layer.modulated_mlp
+    npt.consolidate(model, ids, token_index=-1, alpha=1.0)
+    for layer in npt.npt_layers(model):
+        rec = captures[layer.layer_idx]
+        w = layer.layer.mlp.gate_proj.weight.double()
+        assert rel_err(w @ rec["x"], rec["g"]) <= 1e-5
+        assert torch.linalg.matrix_rank((w - before[layer.layer_idx].double()).float()) == 1
+
+
+def test_consolidate_refuses_4bit(tmp_path):
+    tiny("llama", hidden=128, ffn=256).save_pretrained(tmp_path)
+    model = npt.convert_to_npt(_load_4bit(tmp_path), npt.NPTConfig(rank=4))
+    with pytest.raises(ValueError, match="quantized"):
+        npt.consolidate(model, torch.randint(1, 128, (1, 5)))
+
+
+def test_convert_refuses_twice_and_non_decoders():
+    model = npt.convert_to_npt(tiny(), npt.NPTConfig(rank=4))
+    with pytest.raises(ValueError, match="already"):
+        npt.convert_to_npt(model, npt.NPTConfig(rank=4))
+    with pytest.raises(ValueError, match="decoder layers"):
+        npt.convert_to_npt(torch.nn.Sequential(torch.nn.Linear(3, 3)), npt.NPTConfig(rank=1))
+
+
+def test_local_path_loads_like_a_hub_name(tmp_path, embedded):
+    base = tiny("llama")
+    base.save_pretrained(tmp_path)
+    embedded[1].save_pretrained(tmp_path)
+    model, tok = npt.load_base_model(str(tmp_path))
+    assert torch.equal(model.model.layers[1].mlp.up_proj.weight, base.model.layers[1].mlp.up_proj.weight)
+    assert tok.pad_token is not None
+    with pytest.raises(OSError):
+        npt.load_base_model(str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_embedded_model_cold_and_warm(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPT_CACHE", str(tmp_path))
+    t = time.perf_counter()
+    npt.load_base_model("smollm2-135m")
+    cold = time.perf_counter() - t
+    t = time.perf_counter()
+    model, tok = npt.load_base_model("smollm2-135m")
+    warm = time.perf_counter() - t
+    assert cold <= 60 and warm <= 10, (cold, warm)
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    npt.convert_to_npt(model, npt.NPTConfig())
+    batch = tok(["The capital of France is", "def main():"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+
+@pytest.mark.slow
+def test_embedded_model_4bit():
+    model, tok = npt.load_base_model("smollm2-135m", use_quantization=True)
+    mlp = model.model.layers[0].mlp
+    assert all(type(getattr(mlp, n)).__name__ == "Linear4bit" for n in ("gate_proj", "up_proj", "down_proj"))
+    npt.convert_to_npt(model, npt.NPTConfig())
+    with torch.no_grad():
+        assert torch.isfinite(model(**tok(["Hello there, NPT."], return_tensors="pt")).logits).all()
