@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import re
 import shutil
@@ -454,6 +455,8 @@ def load_base_model(model_name: str = EMBEDDED_MODEL, use_quantization: bool = F
     path = embedded_model_path() if model_name == EMBEDDED_MODEL else model_name
     dtype = dtype or resolve_dtype(use_quantization, use_fp16)
     if use_quantization:
+        # bitsandbytes' CPU backend tries to fetch a hub kernel at import; offline it falls back to its own.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         dtype = torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
