@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
@@ -129,11 +130,18 @@ class NPTLayer(nn.Module):
     """Wraps a decoder layer; runs it as NPT, or exactly as the original when disabled.
 
     Follows the installed transformers' decoder-layer contract (v5: returns a tensor), so
-    `model(...)`, `generate` and the KV cache work unchanged.
+    `model(...)`, `generate` and the KV cache work unchanged. An instance is also an instance
+    of the wrapped layer's class (e.g. `NPTLlamaDecoderLayer`), so what transformers hooks by
+    class, such as `output_hidden_states`, sees NPT layers too.
     """
 
+    def __new__(cls, *args, **kwargs):
+        if cls is NPTLayer:
+            cls = _npt_class(type(args[0] if args else kwargs["layer"]))
+        return nn.Module.__new__(cls)
+
     def __init__(self, layer: nn.Module, config: NPTConfig, layer_idx: int):
-        super().__init__()
+        nn.Module.__init__(self)  # not the wrapped class's __init__: its modules live in self.layer
         self.layer = layer
         self.layer_idx = layer_idx
         self.config = config
@@ -145,6 +153,9 @@ class NPTLayer(nn.Module):
         self.kernel = "auto"  # modulated_swiglu backend
         self.last_reg = None  # (B, T) per-token regularization of the last NPT forward
         self._signature = inspect.signature(layer.forward)
+        for hooks in _HOOK_DICTS:  # hooks already on the layer (e.g. transformers' output capture) move here
+            setattr(self, hooks, getattr(layer, hooks))
+            setattr(layer, hooks, type(getattr(self, hooks))())
 
     def attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         """attn = SelfAttn(LN1(h)), with the decoder's own attention, cache and masks."""
@@ -169,7 +180,8 @@ class NPTLayer(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         if not self.npt_enabled:
             self.last_reg = None
-            return self.layer(hidden_states, *args, **kwargs)
+            # .forward, not __call__: hooks by class already fired on this wrapper, not twice
+            return self.layer.forward(hidden_states, *args, **kwargs)
         if args:  # positional call: name the arguments as the wrapped layer does
             bound = self._signature.bind(hidden_states, *args, **kwargs)
             kwargs = dict(bound.arguments)
@@ -180,6 +192,15 @@ class NPTLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, rank={self.config.rank}, modulation={self.config.modulation}"
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+@functools.cache
+def _npt_class(base: type) -> type:
+    return type(f"NPT{base.__name__}", (NPTLayer, base), {"__module__": __name__})
 
 
 # ----------------------------------------------------------------------------- conversion

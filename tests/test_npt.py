@@ -310,3 +310,20 @@ def test_embedded_model_4bit():
     npt.convert_to_npt(model, npt.NPTConfig())
     with torch.no_grad():
         assert torch.isfinite(model(**tok(["Hello there, NPT."], return_tensors="pt")).logits).all()
+
+
+def test_output_hidden_states_sees_npt_layers():
+    base = tiny("llama")
+    ids = torch.randint(1, 128, (1, 6))
+    with torch.no_grad():
+        expected = base(input_ids=ids, output_hidden_states=True).hidden_states  # installs capture hooks first
+        model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4, layers="1"))
+        randomize_adapters(model)
+        records, handles = capture_layer_io(model)
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        assert len(hs) == len(expected) == 4 and torch.equal(hs[2], records[1]["out"])
+        assert not torch.equal(hs[2], expected[2])
+        with npt.npt_disabled(model):
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        assert all(torch.equal(a, b) for a, b in zip(hs, expected))
+    assert isinstance(model.model.layers[1], type(base.model.layers[1]))
