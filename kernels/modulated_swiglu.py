@@ -4,22 +4,26 @@
     g = gate * modulation_factor(m) + add_scale * a
     h = silu(g) * up,  add_sq = sum_F a^2,  mult_sq = sum_F m^2
 
-The plain-PyTorch reference below is the one place the math is written in PyTorch;
-the Triton kernels implement the same math fused (Liger-Kernel / Unsloth style):
+``modulated_gate`` / ``modulated_swiglu_reference`` below are the one place the math is
+written in PyTorch; the Triton kernels implement the same math fused (Liger-Kernel /
+Unsloth style: kernels, small launch helpers, one autograd.Function that saves only its
+inputs and recomputes in backward).
 
-* forward: one program per block of rows, looping over F in blocks; reads gate, up, z
-  and the (F, r) weights, writes h and the per-token sums once.  Nothing N x F is saved.
-* backward: recomputes m, a, g from (gate, up, z, weights).  Programs own one F block and
-  a group of row blocks: d_gate / d_up are written once (only when autograd needs them),
-  dW is accumulated in registers over the group's rows and written as one (F, r) partial
-  per row group, dz is written as one (N, r) partial per F block; both partial stacks are
-  then summed by a small torch reduction.  No N x F intermediate is ever written.
+* Both kernels run on a grid of (F block) x (group of row blocks).  A program loads its
+  (BLOCK_F, r) weight tiles once and reuses them for all its rows.
+* forward: reads gate, up, z, weights once; writes h once and, per F block, the partial
+  per-token sums (a (F / BLOCK_F, N) fp32 stack, summed by torch: tiny next to N x F).
+* backward: recomputes m, a, g.  d_gate / d_up are written once and only when autograd
+  needs them; dW is accumulated in registers over the group's rows and stored as one
+  (F, r) partial per row group; dz is stored as one (N, r) partial per F block; both
+  stacks are summed by torch.  No N x F intermediate is ever written or saved.
 
-All arithmetic is fp32 whatever the input dtype.  Under ``TRITON_INTERPRET=1`` the
-kernels run on CPU tensors (slow but exact), which is what the tests use.
+Arithmetic is fp32 whatever the input dtype (see DOT_PRECISION for the tensor-core dots).
+Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (slow but exact).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -38,8 +42,12 @@ def modulation_factor(m: torch.Tensor) -> torch.Tensor:
     return 0.5 + torch.sigmoid(m)
 
 
-def modulated_swiglu_reference(gate, up, z, w_add, w_mult, add_scale: float = 0.1):
-    """Plain PyTorch, fp32 arithmetic; returns (h in gate's dtype, add_sq, mult_sq)."""
+def modulated_gate(gate, z, w_add, w_mult, add_scale: float = 0.1):
+    """Plain PyTorch, fp32: the modulated gate pre-activation and the per-token sums.
+
+    Returns (g, add_sq, mult_sq) with g = gate * modulation_factor(z @ w_mult^T) + add_scale * (z @ w_add^T)
+    in fp32; a sum is None when its weight is None.  Any leading shape (also none: gate (F,), z (r,)).
+    """
     g = gate.float()
     zf = z.float()
     add_sq = mult_sq = None
@@ -51,6 +59,12 @@ def modulated_swiglu_reference(gate, up, z, w_add, w_mult, add_scale: float = 0.
         a = zf @ w_add.float().t()  # (..., F)
         g = g + add_scale * a
         add_sq = a.square().sum(-1)  # (...)
+    return g, add_sq, mult_sq
+
+
+def modulated_swiglu_reference(gate, up, z, w_add, w_mult, add_scale: float = 0.1):
+    """Plain PyTorch, fp32 arithmetic; returns (h in gate's dtype, add_sq, mult_sq)."""
+    g, add_sq, mult_sq = modulated_gate(gate, z, w_add, w_mult, add_scale)
     h = F.silu(g) * up.float()
     return h.to(gate.dtype), add_sq, mult_sq
 
@@ -66,7 +80,8 @@ def modulated_swiglu_reference(gate, up, z, w_add, w_mult, add_scale: float = 0.
 # @jit helpers are fixed to compiled mode if triton was imported before TRITON_INTERPRET was set,
 # while builtins are re-routed by the interpreter either way.
 # Kernel bodies may not call other Python helpers, so the numerically safe sigmoid
-#     s = 1 / (1 + exp(-|x|)),  sigmoid(x) = s if x >= 0 else 1 - s   (never exp(+large))
+#     e = exp(-|x|),  s = 1 / (1 + e),  sigmoid(x) = s if x >= 0 else e * s   (never exp(+large),
+#     so no inf / NaN even at |x| ~ 1e4; silu' = s (1 + x (1 - s)) is finite there too)
 # is written out inline.
 # --------------------------------------------------------------------------------------
 
@@ -317,24 +332,34 @@ def _next_pow2(x: int) -> int:
 
 
 def _block_config(N: int, F: int, R: int, device: torch.device) -> dict:
-    """The one place block sizes, warps and grid shape are chosen (untuned defaults, see the
-    register notes in benchmarks/bench_kernel.py).  Returns block sizes for the forward and
-    backward and the number of programs to aim for."""
-    block_r = min(max(16, _next_pow2(R)), 64)  # tl.dot needs K >= 16; larger r loops in chunks
+    """The one place block sizes, warps and grid shape are chosen.
+
+    Untuned on hardware (no GPU was available when this was written); picked so that the
+    sm_90 builds of both kernels compile without register spills for r <= 64 (checked with
+    the ptxas shipped in the triton wheel; the r > 64 backward still spills a little), and
+    the sm_80 backward too (smaller F tile, hence a deeper dz partial stack).
+    """
+    # tl.dot needs K >= 16: the rank is padded (masked) to a power of two >= 16.  Up to 64 it
+    # is one chunk and the weight tiles stay in registers; above, it runs in 32-wide chunks
+    # (K loop in the recompute, one program per chunk for dz / dW: a correct but slower path).
+    block_r = max(16, _next_pow2(R)) if R <= 64 else 32
     f_pow2 = max(16, _next_pow2(F))
+    bwd_block_f, bwd_warps = (128 if R <= 16 else 64), 8  # sm_90 (Hopper) choice
     if device.type == "cuda":
         target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        if torch.version.hip is None and torch.cuda.get_device_capability(device)[0] < 9:
+            bwd_block_f, bwd_warps = 32, 4  # sm_80 build spills with the larger tile
     else:  # interpreter: programs run one after another; a few keep the group logic exercised
         target_programs = 8
     return dict(
         block_r=block_r,
         r_chunks=triton.cdiv(R, block_r),
         fwd_block_m=32,
-        fwd_block_f=min(128, f_pow2),
+        fwd_block_f=min(128 if R <= 32 else 64, f_pow2),
         fwd_warps=8,
         bwd_block_m=16,
-        bwd_block_f=min(128, f_pow2),
-        bwd_warps=8,
+        bwd_block_f=min(bwd_block_f, f_pow2),
+        bwd_warps=bwd_warps,
         target_programs=target_programs,
     )
 
@@ -348,11 +373,22 @@ def _row_groups(N: int, block_m: int, other_programs: int, target_programs: int)
     return triton.cdiv(n_rb, blocks_per_group), blocks_per_group
 
 
-def _dot_precision(device: torch.device) -> str:
-    """fp32-accurate tl.dot: 3xTF32 on tensor-core NVIDIA GPUs, plain IEEE fp32 otherwise."""
+# tl.dot input precision on CUDA; None = automatic (below).  "ieee" is exact fp32 FMA math,
+# "tf32x3" is fp32-accurate on tensor cores (sm_80+), "tf32" is faster but rounds the dot
+# operands to 10-bit mantissas.  The interpreter always computes in exact fp32.
+DOT_PRECISION: str | None = None
+
+
+def _dot_precision(device: torch.device) -> tuple[str, str]:
+    """(precision of the z/W dots, precision of the dz dot).
+
+    The dz dot (dm @ W: output BLOCK_M x r, K = BLOCK_F) always uses "ieee": on tensor
+    cores that shape replicates operands across warps and made the sm_90 build spill."""
     if _interpret_mode() or device.type != "cuda" or torch.version.hip is not None:
-        return "ieee"
-    return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
+        return "ieee", "ieee"
+    if DOT_PRECISION is not None:
+        return DOT_PRECISION, "ieee"
+    return ("tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"), "ieee"
 
 
 def _check_triton_usable(t: torch.Tensor) -> None:
@@ -382,6 +418,11 @@ def _prepare(gate, up, z, w_add, w_mult):
     return gate2, up2, z2, wa, wm
 
 
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU, not whichever is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch_forward(gate2, up2, z2, wa, wm, add_scale):
     N, F_ = gate2.shape
     R_ = z2.shape[1]
@@ -393,15 +434,16 @@ def _launch_forward(gate2, up2, z2, wa, wm, add_scale):
     h = _empty((N, F_), gate2.dtype, dev)
     asq_part = _empty((n_fb, N), torch.float32, dev) if wa is not None else None
     msq_part = _empty((n_fb, N), torch.float32, dev) if wm is not None else None
-    _mswiglu_fwd_kernel.get()[(n_fb, groups)](
-        gate2, up2, z2,
-        wa if wa is not None else z2, wm if wm is not None else z2,
-        h, asq_part if asq_part is not None else h, msq_part if msq_part is not None else h,
-        N, F_, R_, float(add_scale), blocks_per_group,
-        HAS_ADD=wa is not None, HAS_MULT=wm is not None,
-        BLOCK_M=bm, BLOCK_F=bf, BLOCK_R=cfg["block_r"], R_CHUNKS=cfg["r_chunks"],
-        DOT_PRECISION=_dot_precision(dev), num_warps=cfg["fwd_warps"],
-    )
+    with _on_device(dev):
+        _mswiglu_fwd_kernel.get()[(n_fb, groups)](
+            gate2, up2, z2,
+            wa if wa is not None else z2, wm if wm is not None else z2,
+            h, asq_part if asq_part is not None else h, msq_part if msq_part is not None else h,
+            N, F_, R_, float(add_scale), blocks_per_group,
+            HAS_ADD=wa is not None, HAS_MULT=wm is not None,
+            BLOCK_M=bm, BLOCK_F=bf, BLOCK_R=cfg["block_r"], R_CHUNKS=cfg["r_chunks"],
+            DOT_PRECISION=_dot_precision(dev)[0], num_warps=cfg["fwd_warps"],
+        )
     asq = asq_part.sum(0) if asq_part is not None else None
     msq = msq_part.sum(0) if msq_part is not None else None
     return h, asq, msq
@@ -438,21 +480,23 @@ def _launch_backward(gate2, up2, z2, wa, wm, add_scale, dh2, dasq, dmsq, need):
     dwa_part = _empty((groups, F_, R_), torch.float32, dev) if need_dwa else None
     dwm_part = _empty((groups, F_, R_), torch.float32, dev) if need_dwm else None
     dummy = z2
-    _mswiglu_bwd_kernel.get()[(n_fb, groups, n_rc)](
-        gate2, up2, z2,
-        wa if wa is not None else dummy, wm if wm is not None else dummy,
-        dh2 if has_dh else dummy, dasq if has_dasq else dummy, dmsq if has_dmsq else dummy,
-        dgate if dgate is not None else dummy, dup if dup is not None else dummy,
-        dz_part if dz_part is not None else dummy,
-        dwa_part if dwa_part is not None else dummy, dwm_part if dwm_part is not None else dummy,
-        N, F_, R_, float(add_scale), blocks_per_group,
-        HAS_ADD=wa is not None, HAS_MULT=wm is not None,
-        HAS_DH=has_dh, HAS_DASQ=has_dasq, HAS_DMSQ=has_dmsq,
-        NEED_DGATE=need_dgate, NEED_DUP=need_dup, NEED_DZ=need_dz,
-        NEED_DWA=need_dwa, NEED_DWM=need_dwm,
-        BLOCK_M=bm, BLOCK_F=bf, BLOCK_R=cfg["block_r"], R_CHUNKS=cfg["r_chunks"],
-        DOT_PRECISION=_dot_precision(dev), num_warps=cfg["bwd_warps"],
-    )
+    with _on_device(dev):
+        _mswiglu_bwd_kernel.get()[(n_fb, groups, n_rc)](
+            gate2, up2, z2,
+            wa if wa is not None else dummy, wm if wm is not None else dummy,
+            dh2 if has_dh else dummy, dasq if has_dasq else dummy, dmsq if has_dmsq else dummy,
+            dgate if dgate is not None else dummy, dup if dup is not None else dummy,
+            dz_part if dz_part is not None else dummy,
+            dwa_part if dwa_part is not None else dummy, dwm_part if dwm_part is not None else dummy,
+            N, F_, R_, float(add_scale), blocks_per_group,
+            HAS_ADD=wa is not None, HAS_MULT=wm is not None,
+            HAS_DH=has_dh, HAS_DASQ=has_dasq, HAS_DMSQ=has_dmsq,
+            NEED_DGATE=need_dgate, NEED_DUP=need_dup, NEED_DZ=need_dz,
+            NEED_DWA=need_dwa, NEED_DWM=need_dwm,
+            BLOCK_M=bm, BLOCK_F=bf, BLOCK_R=cfg["block_r"], R_CHUNKS=cfg["r_chunks"],
+            DOT_PRECISION=_dot_precision(dev)[0], DZ_PRECISION=_dot_precision(dev)[1],
+            num_warps=cfg["bwd_warps"],
+        )
     dz = dz_part.sum(0) if need_dz else None
     dwa = dwa_part.sum(0) if need_dwa else None
     dwm = dwm_part.sum(0) if need_dwm else None

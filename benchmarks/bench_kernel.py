@@ -1,0 +1,198 @@
+"""Benchmark of the modulated SwiGLU (kernels.modulated_swiglu) on a CUDA GPU.
+
+Times (median of triton.testing.do_bench) the forward, the full backward, and the backward
+without input gradients (gate / up not requiring grad: only z and the adapter weights get
+gradients) for
+
+  eager     the PyTorch reference (kernels.modulated_swiglu_reference)
+  compile   torch.compile of the reference
+  liger     Liger-Kernel's SiLU*mul (LigerSiLUMulFunction) with the adapter matmuls and the
+            modulation in PyTorch (only when liger-kernel is importable)
+  triton    ours (backend="triton")
+
+and prints a markdown table with ms, achieved GB/s (bytes: forward 3 N F elements, full
+backward 5 N F, backward without input grads 3 N F) as a fraction of the device-to-device
+copy bandwidth measured in the same run, and the bytes saved for backward per layer
+(tensors packed by autograd, via torch.autograd.graph.saved_tensors_hooks).
+
+    python benchmarks/bench_kernel.py [--dtype bf16] [--shapes 8192x14336x16,8192x1536x16]
+
+Needs a CUDA GPU: on a machine without one it prints a one-line message and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: `import kernels`
+
+DEFAULT_SHAPES = "8192x14336x16,8192x14336x64,8192x1536x16"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of gate / up / h (default bf16)")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES,
+                   help=f"comma-separated NxFxr triples (default {DEFAULT_SHAPES})")
+    p.add_argument("--add-scale", type=float, default=0.1)
+    p.add_argument("--impls", default="eager,compile,liger,triton",
+                   help="comma-separated subset of eager,compile,liger,triton")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
+    args = p.parse_args(argv)
+    text = args.shapes
+    try:
+        args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
+        assert args.shapes and all(len(s) == 3 and min(s) >= 1 for s in args.shapes)
+    except (ValueError, AssertionError):
+        p.error(f"--shapes: expected comma-separated NxFxr triples, got {text!r}")
+    args.impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    unknown = set(args.impls) - {"eager", "compile", "liger", "triton"}
+    if unknown:
+        p.error(f"--impls: unknown {sorted(unknown)}")
+    return args
+
+
+# ------------------------------------------------------------------------------ implementations
+def make_impls(names, add_scale):
+    from kernels import modulated_swiglu, modulated_swiglu_reference, modulation_factor
+
+    impls = {}
+    if "eager" in names:
+        impls["eager"] = lambda g, u, z, wa, wm: modulated_swiglu_reference(g, u, z, wa, wm, add_scale)
+    if "compile" in names:
+        compiled = torch.compile(modulated_swiglu_reference)
+        impls["compile"] = lambda g, u, z, wa, wm: compiled(g, u, z, wa, wm, add_scale)
+    if "liger" in names:
+        try:
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+            print(f"liger-kernel not importable ({type(exc).__name__}: {exc}); skipping it", file=sys.stderr)
+        else:
+            def liger(g, u, z, wa, wm):
+                zf = z.float()
+                m = zf @ wm.float().t()
+                a = zf @ wa.float().t()
+                gm = (g.float() * modulation_factor(m) + add_scale * a).to(g.dtype)
+                return LigerSiLUMulFunction.apply(gm, u), a.square().sum(-1), m.square().sum(-1)
+            impls["liger"] = liger
+    if "triton" in names:
+        impls["triton"] = lambda g, u, z, wa, wm: modulated_swiglu(g, u, z, wa, wm, add_scale, backend="triton")
+    return impls
+
+
+# ------------------------------------------------------------------------------ measurements
+def saved_bytes(fn, inputs):
+    """Bytes autograd saves for backward in one call (each distinct tensor counted once)."""
+    seen = {}
+
+    def pack(t):
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        seen[key] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    del out
+    return sum(seen.values())
+
+
+def bench_one(fn, inputs, grads_out, do_bench, warmup, rep):
+    """(forward ms, backward ms) for one set of leaves (requires_grad already set)."""
+    leaves = [t for t in inputs if t.requires_grad]
+    fwd_ms = do_bench(lambda: fn(*inputs), warmup=warmup, rep=rep)
+    outs = fn(*inputs)
+    pairs = [(o, g) for o, g in zip(outs, grads_out) if o is not None]
+
+    def backward():
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], retain_graph=True)
+
+    bwd_ms = do_bench(backward, warmup=warmup, rep=rep, grad_to_none=leaves)
+    return fwd_ms, bwd_ms
+
+
+def copy_bandwidth(do_bench, warmup, rep):
+    """Device-to-device copy bandwidth in GB/s (read + write of a 1 GiB tensor)."""
+    n = 1 << 29  # bf16 elements = 1 GiB
+    src = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=warmup, rep=rep)
+    del src, dst
+    return 2 * n * 2 / (ms * 1e-3) / 1e9
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernel.py: no CUDA GPU available; this benchmark only runs on a GPU", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("bench_kernel.py: unset TRITON_INTERPRET (the interpreter is not what should be timed)",
+              file=sys.stderr)
+        return 2
+    from triton.testing import do_bench
+
+    dtype = DTYPES[args.dtype]
+    esize = torch.empty((), dtype=dtype).element_size()
+    impls = make_impls(args.impls, args.add_scale)
+    copy_gbs = copy_bandwidth(do_bench, args.warmup, args.rep)
+    dev = torch.cuda.get_device_name()
+    print(f"device: {dev}; torch {torch.__version__}; dtype {args.dtype}; add_scale {args.add_scale}; "
+          f"copy bandwidth {copy_gbs:.0f} GB/s (torch copy_ of 1 GiB, do_bench median)\n")
+    print("| N | F | r | impl | fwd ms | fwd GB/s (% copy) | bwd ms | bwd GB/s (% copy) "
+          "| bwd no-input-grad ms | GB/s (% copy) | saved for bwd MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def cell(ms, nbytes):
+        if ms is None:
+            return "n/a", "n/a"
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        return f"{ms:.3f}", f"{gbs:.0f} ({100 * gbs / copy_gbs:.0f}%)"
+
+    for N, F, r in args.shapes:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        gate = torch.randn(N, F, device="cuda", dtype=dtype, generator=gen)
+        up = torch.randn(N, F, device="cuda", dtype=dtype, generator=gen)
+        z = torch.randn(N, r, device="cuda", generator=gen)
+        w_add = 0.5 * torch.randn(F, r, device="cuda", generator=gen)
+        w_mult = 0.5 * torch.randn(F, r, device="cuda", generator=gen)
+        grads_out = (torch.randn(N, F, device="cuda", dtype=dtype, generator=gen),
+                     torch.randn(N, device="cuda", generator=gen), torch.randn(N, device="cuda", generator=gen))
+        nf_bytes = N * F * esize
+        for name, fn in impls.items():
+            def attempt(what, thunk):
+                try:
+                    return thunk()
+                except Exception as exc:  # noqa: BLE001 - report it and go on with the rest
+                    print(f"{name} {N}x{F}x{r} {what}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+                    return None
+                finally:
+                    torch.cuda.empty_cache()
+
+            full = [t.detach().clone().requires_grad_() for t in (gate, up, z, w_add, w_mult)]
+            part = [gate, up] + [t.detach().clone().requires_grad_() for t in (z, w_add, w_mult)]
+            fwd_ms, bwd_ms = attempt("fwd/bwd", lambda: bench_one(fn, full, grads_out, do_bench,
+                                                                  args.warmup, args.rep)) or (None, None)
+            bwd_ni = attempt("bwd without input grads", lambda: bench_one(fn, part, grads_out, do_bench,
+                                                                          args.warmup, args.rep))
+            bwd_ni_ms = bwd_ni[1] if bwd_ni else None
+            saved = attempt("saved bytes", lambda: saved_bytes(fn, full))
+            f_ms, f_bw = cell(fwd_ms, 3 * nf_bytes)
+            b_ms, b_bw = cell(bwd_ms, 5 * nf_bytes)
+            n_ms, n_bw = cell(bwd_ni_ms, 3 * nf_bytes)
+            saved_txt = "n/a" if saved is None else f"{saved / 2**20:.1f}"
+            print(f"| {N} | {F} | {r} | {name} | {f_ms} | {f_bw} | {b_ms} | {b_bw} | {n_ms} | {n_bw} | {saved_txt} |",
+                  flush=True)
+            del full, part
+        del gate, up, z, w_add, w_mult, grads_out
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

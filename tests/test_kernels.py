@@ -1,0 +1,309 @@
+"""Tests of kernels.modulated_swiglu: both backends against an independent float64 reference.
+
+The Triton kernels run on CPU through the Triton interpreter (TRITON_INTERPRET=1, set below
+before anything imports triton).  Expected values are computed here in float64 from the
+formulas, not with the module's own reference.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the module copes if it was)
+
+import importlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import modulated_swiglu  # noqa: E402
+
+ms = importlib.import_module("kernels.modulated_swiglu")  # the module (the package re-exports the function)
+
+BACKENDS = ["torch", "triton"]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every buffer the Triton path allocates starts as NaN, so an unwritten element fails."""
+    log = []
+
+    def _nan_empty(shape, dtype, device):
+        log.append(tuple(shape))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(ms, "_empty", _nan_empty)
+    return log
+
+
+# ------------------------------------------------------------------------------ reference
+def reference64(gate, up, z, w_add, w_mult, add_scale, dh, c_add, c_mult):
+    """float64 outputs and gradients of loss = (h*dh).sum() + (add_sq*c_add).sum() + (mult_sq*c_mult).sum()."""
+    leaves = {k: (None if t is None else t.detach().double().requires_grad_())
+              for k, t in dict(gate=gate, up=up, z=z, w_add=w_add, w_mult=w_mult).items()}
+    x, u, zz = leaves["gate"], leaves["up"], leaves["z"]
+    g = x
+    add_sq = mult_sq = None
+    loss = 0.0
+    if leaves["w_mult"] is not None:
+        m = zz @ leaves["w_mult"].t()
+        g = g * (0.5 + torch.sigmoid(m))  # torch's sigmoid: stable (also its grad) at |m| ~ 1e4
+        mult_sq = (m * m).sum(-1)
+        loss = loss + (mult_sq * c_mult.double()).sum()
+    if leaves["w_add"] is not None:
+        a = zz @ leaves["w_add"].t()
+        g = g + add_scale * a
+        add_sq = (a * a).sum(-1)
+        loss = loss + (add_sq * c_add.double()).sum()
+    h = g * torch.sigmoid(g) * u
+    loss = loss + (h * dh.double()).sum()
+    names = [k for k, v in leaves.items() if v is not None]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)  # z unused if no branch
+    return h, add_sq, mult_sq, dict(zip(names, grads))
+
+
+def rel_err(x, ref):
+    x, ref = x.detach().double(), ref.detach().double()
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    assert torch.isfinite(x).all(), "non-finite values (unwritten output?)"
+    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def make_inputs(lead, F, r, dtype=torch.float32, z_dtype=torch.float32, w_dtype=torch.float32,
+                add=True, mult=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    gate = torch.randn(*lead, F, generator=gen).to(dtype)
+    up = torch.randn(*lead, F, generator=gen).to(dtype)
+    z = torch.randn(*lead, r, generator=gen).to(z_dtype)
+    w_add = (0.5 * torch.randn(F, r, generator=gen)).to(w_dtype) if add else None
+    w_mult = (0.5 * torch.randn(F, r, generator=gen)).to(w_dtype) if mult else None
+    dh = torch.randn(*lead, F, generator=gen).to(dtype).float()  # exactly representable in h's dtype
+    c_add = torch.randn(*lead, generator=gen)
+    c_mult = torch.randn(*lead, generator=gen)
+    return gate, up, z, w_add, w_mult, dh, c_add, c_mult
+
+
+def run(backend, gate, up, z, w_add, w_mult, dh, c_add, c_mult, add_scale=0.1,
+        requires=("gate", "up", "z", "w_add", "w_mult")):
+    ins = dict(gate=gate, up=up, z=z, w_add=w_add, w_mult=w_mult)
+    ins = {k: (None if v is None else v.clone().requires_grad_(k in requires)) for k, v in ins.items()}
+    h, add_sq, mult_sq = modulated_swiglu(ins["gate"], ins["up"], ins["z"], ins["w_add"], ins["w_mult"],
+                                          add_scale, backend=backend)
+    loss = (h.float() * dh).sum()
+    if add_sq is not None:
+        loss = loss + (add_sq * c_add).sum()
+    if mult_sq is not None:
+        loss = loss + (mult_sq * c_mult).sum()
+    names = [k for k in requires if ins[k] is not None]
+    grads = torch.autograd.grad(loss, [ins[k] for k in names], allow_unused=True) if names else []
+    return h, add_sq, mult_sq, dict(zip(names, grads))
+
+
+def check_against_reference(backend, inputs, tol, add_scale=0.1, requires=("gate", "up", "z", "w_add", "w_mult")):
+    gate, up, z, w_add, w_mult, dh, c_add, c_mult = inputs
+    h, add_sq, mult_sq, grads = run(backend, *inputs, add_scale=add_scale, requires=requires)
+    rh, radd, rmult, rgrads = reference64(gate, up, z, w_add, w_mult, add_scale, dh, c_add, c_mult)
+    assert h.dtype == gate.dtype and h.shape == gate.shape
+    errs = {"h": rel_err(h, rh)}
+    for name, out, ref in (("add_sq", add_sq, radd), ("mult_sq", mult_sq, rmult)):
+        if ref is None:
+            assert out is None, f"{name} should be None when its branch is off"
+        else:
+            assert out.dtype == torch.float32 and out.shape == gate.shape[:-1]
+            errs[name] = rel_err(out, ref)
+    for name, gr in grads.items():
+        if rgrads[name] is None:  # input not used (z with both branches off)
+            assert gr is None or not gr.any(), name
+            continue
+        src = dict(gate=gate, up=up, z=z, w_add=w_add, w_mult=w_mult)[name]
+        assert gr.dtype == src.dtype and gr.shape == src.shape, name
+        errs["d_" + name] = rel_err(gr, rgrads[name])
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
+    return errs
+
+
+# ------------------------------------------------------------------------------ accuracy
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("r", [1, 8, 16, 17, 64])
+def test_fp32_ranks(backend, r):
+    # F = 200 is not a multiple of any block size; N = 100 gives several row blocks per group
+    check_against_reference(backend, make_inputs((100,), 200, r, seed=r), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("r", [1, 8, 16, 17, 64])
+def test_half_precision(backend, dtype, r):
+    check_against_reference(backend, make_inputs((2, 37), 150, r, dtype=dtype, seed=r), TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_codes_and_weights(backend):
+    """z and the weights in bf16 too: gradients come back in their dtypes."""
+    inputs = make_inputs((45,), 96, 8, dtype=torch.bfloat16, z_dtype=torch.bfloat16, w_dtype=torch.bfloat16)
+    check_against_reference(backend, inputs, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_above_block(backend):
+    """r = 80 > 64 runs the rank in two masked chunks (K loop, chunked dz / dW grid)."""
+    check_against_reference(backend, make_inputs((50,), 70, 80, seed=3), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,F", [((1,), 33), ((1, 1), 300), ((3, 1, 5), 17)])
+def test_shapes(backend, lead, F):
+    """N = 1, leading shapes of any rank, F smaller / larger than one block."""
+    check_against_reference(backend, make_inputs(lead, F, 17, seed=F), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("add,mult", [(True, False), (False, True), (False, False)])
+def test_branch_off(backend, add, mult):
+    check_against_reference(backend, make_inputs((40,), 130, 16, add=add, mult=mult), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_scale(backend):
+    check_against_reference(backend, make_inputs((20,), 64, 8), TOL[torch.float32], add_scale=0.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    gate, up, z, w_add, w_mult, dh, c_add, c_mult = make_inputs((30,), 80, 16)
+    gate = torch.cat([gate, gate], -1)[:, ::2]  # strided view, same values
+    z = z.t().contiguous().t()  # column-major
+    w_add = w_add.t().contiguous().t()
+    assert not gate.is_contiguous() and not z.is_contiguous() and not w_add.is_contiguous()
+    check_against_reference(backend, (gate, up, z, w_add, w_mult, dh, c_add, c_mult), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saturated_codes_no_nan(backend):
+    """m = +-1e4 and a = +-1e4 (so |g| ~ 1e3): outputs and gradients stay finite and exact."""
+    F, r, N = 40, 4, 6
+    gen = torch.Generator().manual_seed(1)
+    z = torch.zeros(N, r)
+    z[torch.arange(N), torch.arange(N) % r] = 1e4 * torch.tensor([1.0, -1.0]).repeat(N // 2)
+    w_mult = torch.randint(-1, 2, (F, r), generator=gen).float()
+    w_add = torch.randint(-1, 2, (F, r), generator=gen).float()
+    gate, up = torch.randn(N, F, generator=gen), torch.randn(N, F, generator=gen)
+    dh, c_add, c_mult = torch.randn(N, F, generator=gen), torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    inputs = (gate, up, z, w_add, w_mult, dh, c_add, c_mult)
+    h, add_sq, mult_sq, grads = run(backend, *inputs)
+    for t in (h, add_sq, mult_sq, *grads.values()):
+        assert torch.isfinite(t).all()
+    check_against_reference(backend, inputs, TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------------ autograd plumbing
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("requires", [("z", "w_add", "w_mult"), ("w_mult",), ("gate",), ("up", "z")])
+def test_needs_input_grad(backend, requires, poisoned_buffers):
+    inputs = make_inputs((50,), 150, 17, seed=7)
+    check_against_reference(backend, inputs, TOL[torch.float32], requires=requires)
+
+
+def test_backward_skips_unneeded_input_grads(poisoned_buffers):
+    """With gate / up not requiring grad, backward allocates (and so writes) no N x F buffer."""
+    N, F = 40, 100
+    gate, up, z, w_add, w_mult, dh, _, _ = make_inputs((N,), F, 8)
+    z, w_add, w_mult = (t.requires_grad_() for t in (z, w_add, w_mult))
+    h, add_sq, mult_sq = modulated_swiglu(gate, up, z, w_add, w_mult, backend="triton")
+    assert (N, F) in poisoned_buffers  # the forward's h
+    poisoned_buffers.clear()
+    ((h * dh).sum() + add_sq.sum() + mult_sq.sum()).backward()
+    assert poisoned_buffers and (N, F) not in poisoned_buffers, poisoned_buffers
+    assert all(torch.isfinite(t.grad).all() for t in (z, w_add, w_mult))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_sums_in_loss(backend):
+    """h unused: gradients reach z and the weights through add_sq / mult_sq only."""
+    gate, up, z, w_add, w_mult, dh, c_add, c_mult = make_inputs((30,), 90, 16)
+    zl, wal, wml = (t.clone().requires_grad_() for t in (z, w_add, w_mult))
+    _, add_sq, mult_sq = modulated_swiglu(gate, up, zl, wal, wml, backend=backend)
+    gz, gwa, gwm = torch.autograd.grad((add_sq * c_add).sum() + (mult_sq * c_mult).sum(), [zl, wal, wml])
+    *_, rgrads = reference64(gate, up, z, w_add, w_mult, 0.1, torch.zeros_like(dh), c_add, c_mult)
+    for got, name in ((gz, "z"), (gwa, "w_add"), (gwm, "w_mult")):
+        assert rel_err(got, rgrads[name]) <= TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_upstream_grads(backend):
+    """loss = h.sum() + sums.sum(): autograd hands backward stride-0 (expanded) gradients."""
+    gate, up, z, w_add, w_mult, dh, c_add, c_mult = make_inputs((2, 20), 70, 8)
+    ins = [t.clone().requires_grad_() for t in (gate, up, z, w_add, w_mult)]
+    h, add_sq, mult_sq = modulated_swiglu(*ins, backend=backend)
+    grads = torch.autograd.grad(h.sum() + add_sq.sum() + mult_sq.sum(), ins)
+    ones = torch.ones_like(c_add)
+    *_, rgrads = reference64(gate, up, z, w_add, w_mult, 0.1, torch.ones_like(dh), ones, ones)
+    for got, name in zip(grads, ("gate", "up", "z", "w_add", "w_mult")):
+        assert rel_err(got, rgrads[name]) <= TOL[torch.float32], name
+
+
+def test_backends_return_same_structure():
+    """Same output structure (shapes, dtypes, None-ness) from both backends."""
+    inputs = make_inputs((3, 7), 50, 8, dtype=torch.bfloat16, mult=False)
+    gate, up, z, w_add, w_mult = inputs[:5]
+    a = modulated_swiglu(gate, up, z, w_add, w_mult, backend="torch")
+    b = modulated_swiglu(gate, up, z, w_add, w_mult, backend="triton")
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.shape == y.shape and x.dtype == y.dtype
+
+
+# ------------------------------------------------------------------------------ backend selection
+def test_bad_backend_raises():
+    gate, up, z, w_add, w_mult = make_inputs((4,), 16, 2)[:5]
+    with pytest.raises(ValueError, match="backend"):
+        modulated_swiglu(gate, up, z, w_add, w_mult, backend="cuda")
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    gate, up, z, w_add, w_mult = make_inputs((4,), 16, 2)[:5]
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*backend='torch'"):
+        modulated_swiglu(gate, up, z, w_add, w_mult, backend="triton")
+
+
+def test_auto_uses_torch_on_cpu(monkeypatch):
+    def _boom(*args, **kwargs):
+        raise AssertionError("auto must not launch Triton on CPU tensors")
+
+    monkeypatch.setattr(ms, "_launch_forward", _boom)
+    gate, up, z, w_add, w_mult = make_inputs((4,), 16, 2)[:5]
+    h, add_sq, mult_sq = modulated_swiglu(gate, up, z, w_add, w_mult)  # backend="auto"
+    torch.testing.assert_close(h, ms.modulated_swiglu_reference(gate, up, z, w_add, w_mult)[0])
+
+
+def test_shape_mismatch_raises():
+    gate, up, z, w_add, w_mult = make_inputs((4,), 16, 2)[:5]
+    with pytest.raises(ValueError):
+        modulated_swiglu(gate, up[:, :8], z, w_add, w_mult, backend="triton")
+    with pytest.raises(ValueError):
+        modulated_swiglu(gate, up, z, w_add[:, :1], w_mult, backend="triton")
+
+
+def test_interpreter_enabled_after_triton_import():
+    """TRITON_INTERPRET set only after triton (and kernels) were imported still works."""
+    code = (
+        "import os, torch\n"
+        "import triton, kernels\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "g, u, z = torch.randn(5, 40), torch.randn(5, 40), torch.randn(5, 3)\n"
+        "wa, wm = torch.randn(40, 3), torch.randn(40, 3)\n"
+        "a = kernels.modulated_swiglu(g, u, z, wa, wm, backend='triton')\n"
+        "b = kernels.modulated_swiglu(g, u, z, wa, wm, backend='torch')\n"
+        "assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-5) for x, y in zip(a, b))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
