@@ -327,3 +327,22 @@ def test_output_hidden_states_sees_npt_layers():
             hs = model(input_ids=ids, output_hidden_states=True).hidden_states
         assert all(torch.equal(a, b) for a, b in zip(hs, expected))
     assert isinstance(model.model.layers[1], type(base.model.layers[1]))
+
+
+def test_npt_layers_run_the_triton_kernel(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton on CPU, exactly
+    model = npt.convert_to_npt(tiny("llama"), npt.NPTConfig(rank=8))
+    randomize_adapters(model)
+    ids = torch.randint(1, 128, (2, 5))
+    results = []
+    for backend in ("torch", "triton"):
+        npt.set_kernel(model, backend)
+        out = model(input_ids=ids).logits
+        (out.square().mean() + npt.regularization(model)).backward()
+        results.append((out.detach(), [p.grad.clone() for p in npt.get_adapter_params(model)]))
+        model.zero_grad()
+    (ref, ref_grads), (tri, tri_grads) = results
+    assert rel_err(tri, ref.double()) <= 1e-5
+    assert all(rel_err(a, b.double()) <= 1e-4 for a, b in zip(tri_grads, ref_grads))
+    with pytest.raises(ValueError, match="kernel"):
+        npt.set_kernel(model, "cuda")
