@@ -1,0 +1,394 @@
+#!/usr/bin/env python
+"""Forward-pass inspection of an NPT model: where do NaN / Inf values first appear?
+
+Runs one forward pass and reports, for every NPT layer (0-based, as in model.model.layers)
+and stage, min / max / mean |x| (over the finite entries of the real, non-padding tokens)
+and the NaN and Inf counts:
+
+    input_norm      LN1(h)                               hook on input_layernorm
+    attn_out        SelfAttn(LN1(h))                     hook on self_attn
+    low_rank        z = A_proj(attn)                     hook on adapter.A_proj
+    delta_add       a = B_add(z)                         adapter.B_add on the captured z
+    delta_mult      modulation_factor(B_mult(z))         adapter.B_mult + npt.modulation_factor
+    modulated_gate  g (SPEC section 1)                   kernels.modulated_gate on captured gate, z
+    mlp_out         down(silu(g) * up)                   hook on mlp.down_proj
+    layer_out       h' = h + mlp_out                     hook on the NPT layer
+
+Nothing of the layer is re-implemented: the stages are the wrapped modules' own outputs, and
+the three that the fused kernel never materializes are recomputed from the captured z and
+gate with the adapter's own modules and the kernels' reference math. Also prints the seed's
+loss-computation check (standard vs normalized MSE) and the old / new factor ranges.
+
+Exit code 1 when a non-finite value was found, 0 otherwise, 2 on bad input.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+
+import npt
+from kernels import modulated_gate
+from pretrain_npt_safe import OneLineCommand, UserError, fail, load_model_or_fail, model_options
+
+STAGES = ("input_norm", "attn_out", "low_rank", "delta_add", "delta_mult", "modulated_gate", "mlp_out",
+          "layer_out")
+DEFAULT_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "In 1905 Albert Einstein published four papers that changed physics.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+)
+LOSS_SCALES = (1.0, 1e2, 1e4)
+FACTOR_SWEEP = (-20.0, 20.0, 4001)  # m from, to, points
+
+
+def tanh_factor(m: torch.Tensor) -> torch.Tensor:
+    """The old multiplicative factor: reaches 0 at tanh(m) = -1, which zeroed activations (the NaNs)."""
+    return 1 + torch.tanh(m)
+
+
+# ----------------------------------------------------------------------------- statistics
+def tensor_stats(x: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """min / max / mean |x| over the finite entries, NaN and Inf counts; real tokens only when masked."""
+    x = x.detach()
+    if mask is not None and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(mask.shape):
+        x = x[mask.to(x.device)]  # (n_real, ...)
+    x = x.float()
+    finite = torch.isfinite(x)
+    vals = x[finite]
+    some = vals.numel() > 0
+    return {
+        "min": vals.min().item() if some else None,
+        "max": vals.max().item() if some else None,
+        "mean_abs": vals.abs().mean().item() if some else None,
+        "nan": int(torch.isnan(x).sum()),
+        "inf": int(torch.isinf(x).sum()),
+        "numel": x.numel(),
+    }
+
+
+def _nonfinite(stats: dict | None) -> bool:
+    return stats is not None and stats["nan"] + stats["inf"] > 0
+
+
+# ----------------------------------------------------------------------------- NaN injection
+def parse_injection(spec: str) -> tuple[int, str]:
+    """'LAYER:STAGE' -> (layer, stage); a user error when malformed."""
+    layer, sep, stage = spec.partition(":")
+    if not sep or not layer.strip().isdigit() or stage.strip() not in STAGES:
+        fail(f"--inject_nan {spec!r} is not LAYER:STAGE with LAYER a layer number and STAGE one of "
+             f"{', '.join(STAGES)} (e.g. 3:attn_out)")
+    return int(layer), stage.strip()
+
+
+def check_injection(model, layer_idx: int, stage: str) -> None:
+    """The layer must be an NPT layer and the stage's branch must be on."""
+    layers = {layer.layer_idx: layer for layer in npt.npt_layers(model)}
+    if layer_idx not in layers:
+        fail(f"--inject_nan: layer {layer_idx} is not an NPT layer of this model "
+             f"(NPT layers: {_ranges(sorted(layers))})")
+    adapter = layers[layer_idx].adapter
+    branch = {"delta_add": adapter.B_add, "delta_mult": adapter.B_mult}
+    if stage in branch and branch[stage] is None:
+        fail(f"--inject_nan: stage {stage} is off in this model (modulation={layers[layer_idx].config.modulation})")
+
+
+def _plant(x: torch.Tensor, token: int) -> torch.Tensor:
+    """A copy of x with one NaN at (sequence 0, token, feature 0)."""
+    x = x.clone()
+    x[(0, token) + (0,) * (x.dim() - 2)] = float("nan")
+    return x
+
+
+@contextlib.contextmanager
+def _nan_in_weight(weight: torch.Tensor):
+    """One NaN in weight[0, 0] for the duration (restored after): a and m are never materialized by
+    the fused kernel, so a NaN in delta_add / delta_mult is planted in B_add / B_mult instead."""
+    with torch.no_grad():
+        saved = weight[0, 0].clone()
+        weight[0, 0] = float("nan")
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight[0, 0] = saved
+
+
+# ----------------------------------------------------------------------------- inspection
+@contextlib.contextmanager
+def instrument(model, mask: torch.Tensor, inject: tuple[int, str] | None = None):
+    """Forward hooks that record every stage's stats into {layer_idx: {stage: stats | None}}.
+
+    `inject` = (layer, stage) plants one NaN there (first real token of sequence 0)."""
+    token = int(mask[0].nonzero()[0]) if inject else 0
+    records, handles = {}, []
+
+    def hook(layer_idx, stage, fn=None):
+        def run(module, args, out):
+            tensor = out[0] if isinstance(out, tuple) else out
+            if inject == (layer_idx, stage):
+                tensor = _plant(tensor, token)
+            if fn is not None:
+                fn(tensor)
+            else:
+                records[layer_idx][stage] = tensor_stats(tensor, mask)
+            return (tensor,) + tuple(out[1:]) if isinstance(out, tuple) else tensor
+        return run
+
+    stack = contextlib.ExitStack()
+    with stack:
+        for layer in npt.npt_layers(model):
+            i, dec, adapter = layer.layer_idx, layer.layer, layer.adapter
+            rec = records[i] = dict.fromkeys(STAGES)
+            captured = {}
+
+            def derived(out, i=i, layer=layer, adapter=adapter, rec=rec, captured=captured):
+                """delta_add / delta_mult / modulated_gate from this forward's z and gate, then mlp_out."""
+                z, gate = captured.pop("z"), captured.pop("gate")
+                with torch.no_grad():
+                    if adapter.B_add is not None:
+                        rec["delta_add"] = tensor_stats(adapter.B_add(z), mask)
+                    if adapter.B_mult is not None:
+                        rec["delta_mult"] = tensor_stats(npt.modulation_factor(adapter.B_mult(z)), mask)
+                    g = modulated_gate(gate, z, *adapter.weights(), layer.config.add_scale)[0]
+                    rec["modulated_gate"] = tensor_stats(g, mask)
+                rec["mlp_out"] = tensor_stats(out, mask)
+
+            def low_rank(z, rec=rec, captured=captured):
+                captured["z"] = z
+                rec["low_rank"] = tensor_stats(z, mask)
+
+            handles += [
+                dec.input_layernorm.register_forward_hook(hook(i, "input_norm")),
+                dec.self_attn.register_forward_hook(hook(i, "attn_out")),
+                dec.mlp.gate_proj.register_forward_hook(
+                    hook(i, "modulated_gate", lambda g, captured=captured: captured.__setitem__("gate", g))),
+                adapter.A_proj.register_forward_hook(hook(i, "low_rank", low_rank)),
+                dec.mlp.down_proj.register_forward_hook(hook(i, "mlp_out", derived)),
+                layer.register_forward_hook(hook(i, "layer_out")),
+            ]
+            if inject in ((i, "delta_add"), (i, "delta_mult")):
+                stack.enter_context(_nan_in_weight((adapter.B_add if inject[1] == "delta_add" else adapter.B_mult).weight))
+        try:
+            yield records
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def first_nonfinite(layers: list[dict]) -> dict | None:
+    """{'layer', 'stage'} of the first non-finite stage in forward order, or None."""
+    for entry in layers:
+        for stage in STAGES:
+            if _nonfinite(entry["stages"][stage]):
+                return {"layer": entry["layer"], "stage": stage}
+    return None
+
+
+def inspect_model(model, tokenizer, texts=DEFAULT_TEXTS, inject: tuple[int, str] | None = None,
+                  max_length: int = 256) -> dict:
+    """One forward pass over `texts`; the per-layer, per-stage report (see --json in the module doc)."""
+    if not npt.npt_layers(model):
+        raise ValueError("model has no NPT layers: convert_to_npt or load adapters first")
+    if inject is not None:
+        check_injection(model, *inject)
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    device = model.get_input_embeddings().weight.device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    mask = enc["attention_mask"].bool()
+    if not mask.any(-1).all():
+        fail("every --text must contain at least one token")
+    model.eval()
+    with instrument(model, mask, inject) as records, torch.no_grad():
+        logits = model(**enc, use_cache=False).logits
+    layers = [{"layer": i, "stages": records[i]} for i in sorted(records)]
+    first = first_nonfinite(layers)
+    logit_stats = tensor_stats(logits, mask)
+    if first is None and _nonfinite(logit_stats):  # only the final norm / lm_head went wrong
+        first = {"layer": None, "stage": "logits"}
+    return {"texts": list(texts), "num_tokens": int(mask.sum()), "inject_nan": _injection_json(inject),
+            "stages": list(STAGES), "layers": layers, "logits": logit_stats, "first_nonfinite": first,
+            "loss_check": loss_check(npt.npt_layers(model)[0].d_model), "factor_ranges": factor_ranges()}
+
+
+def _injection_json(inject):
+    if inject is None:
+        return None
+    layer, stage = inject
+    where = {"delta_add": "B_add.weight[0, 0]", "delta_mult": "B_mult.weight[0, 0]",
+             "modulated_gate": "gate_proj output, sequence 0, first real token, feature 0"}.get(
+        stage, f"{stage} output, sequence 0, first real token, feature 0")
+    return {"layer": layer, "stage": stage, "where": where}
+
+
+# ----------------------------------------------------------------------------- the seed's two checks
+def loss_check(d_model: int = 576, scales=LOSS_SCALES, seed: int = 0) -> dict:
+    """Standard vs normalized MSE between teacher and student hidden states scaled by 1 .. 1e4."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(2, 8, d_model, generator=gen)  # (B, T, D)
+    student = teacher + torch.randn(2, 8, d_model, generator=gen)
+    rows = [{"scale": s, "standard_mse": F.mse_loss(student * s, teacher * s).item(),
+             "normalized_mse": npt.normalized_mse(student * s, teacher * s).item()} for s in scales]
+    return {"rows": rows, "normalized_bounded": all(math.isfinite(r["normalized_mse"]) and
+                                                    r["normalized_mse"] <= 4 for r in rows)}
+
+
+def factor_ranges(sweep=FACTOR_SWEEP) -> dict:
+    """Range of the old (1 + tanh(m)) and new (npt.modulation_factor) factors over a sweep of m."""
+    m = torch.linspace(*sweep)
+    out = {"m": {"min": sweep[0], "max": sweep[1], "points": sweep[2]}}
+    for name, formula, fn in (("old", "1 + tanh(m)", tanh_factor), ("new", "0.5 + sigmoid(m)", npt.modulation_factor)):
+        f = fn(m)
+        out[name] = {"formula": formula, "min": f.min().item(), "max": f.max().item(),
+                     "at_zero": fn(torch.zeros(1)).item(), "zeros": int((f == 0).sum())}
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def _ranges(indices: list[int]) -> str:
+    parts, start = [], None
+    for k, i in enumerate(indices):
+        start = i if start is None else start
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(parts)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3e}"
+
+
+def render(report: dict) -> str:
+    lines = []
+    info = report.get("model")
+    if info:
+        lines.append(f"model: {info['name']}  precision: {info['precision']}  checkpoint: {info['checkpoint'] or '-'}")
+        cfg = info["npt_config"]
+        lines.append(f"NPT layers: {_ranges(info['npt_layers'])}  rank: {cfg['rank']}  "
+                     f"modulation: {cfg['modulation']}  add_scale: {cfg['add_scale']}")
+    lines.append(f"texts: {len(report['texts'])}  tokens: {report['num_tokens']}")
+    if report["inject_nan"]:
+        inj = report["inject_nan"]
+        lines.append(f"injected: one NaN at layer {inj['layer']} stage {inj['stage']} ({inj['where']})")
+    lines.append("")
+    header = f"{'layer':>5}  {'stage':<14} {'min':>11} {'max':>11} {'mean|x|':>11} {'nan':>8} {'inf':>8}"
+    lines += [header, "-" * len(header)]
+    for entry in report["layers"]:
+        for stage in STAGES:
+            s = entry["stages"][stage]
+            if s is None:
+                lines.append(f"{entry['layer']:>5}  {stage:<14} {'off':>11}")
+                continue
+            flag = "  <-- non-finite" if _nonfinite(s) else ""
+            lines.append(f"{entry['layer']:>5}  {stage:<14} {_fmt(s['min']):>11} {_fmt(s['max']):>11} "
+                         f"{_fmt(s['mean_abs']):>11} {s['nan']:>8} {s['inf']:>8}{flag}")
+    lg = report["logits"]
+    lines.append(f"{'':>5}  {'logits':<14} {_fmt(lg['min']):>11} {_fmt(lg['max']):>11} "
+                 f"{_fmt(lg['mean_abs']):>11} {lg['nan']:>8} {lg['inf']:>8}")
+    lines.append("")
+    first = report["first_nonfinite"]
+    if first is None:
+        lines.append("first non-finite: none found (every stage of every NPT layer and the logits are finite)")
+    elif first["layer"] is None:
+        lines.append("first non-finite: the logits (final norm / lm_head); every NPT layer stage is finite")
+    else:
+        lines.append(f"first non-finite: layer {first['layer']} stage {first['stage']}")
+    lines.append("")
+    loss = report["loss_check"]
+    lines.append("loss check (teacher vs student hidden states, both scaled):")
+    lines.append(f"  {'scale':>8} {'standard MSE':>14} {'normalized MSE':>15}")
+    for r in loss["rows"]:
+        lines.append(f"  {r['scale']:>8.0e} {r['standard_mse']:>14.4e} {r['normalized_mse']:>15.4e}")
+    lines.append(f"  normalized MSE {'stays bounded (<= 4)' if loss['normalized_bounded'] else 'is NOT bounded'}; "
+                 "standard MSE grows with the square of the scale")
+    fr = report["factor_ranges"]
+    lines.append(f"multiplicative factor over m in [{fr['m']['min']:g}, {fr['m']['max']:g}]:")
+    for name in ("old", "new"):
+        f = fr[name]
+        lines.append(f"  {name}: {f['formula']:<17} range [{f['min']:.6g}, {f['max']:.6g}]  at m=0: {f['at_zero']:g}  "
+                     f"zeros: {f['zeros']}")
+    return "\n".join(lines)
+
+
+def _precision(use_quantization: bool, use_fp16: bool) -> str:
+    if use_quantization:
+        return "4-bit NF4, fp32 compute"
+    return "fp16" if use_fp16 else "fp32"
+
+
+# ----------------------------------------------------------------------------- CLI
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@model_options
+@click.option("--checkpoint", default=None, help="Directory with trained adapters (adapter_model.safetensors + "
+              "npt_config.json), e.g. a checkpoint-<step> of pretrain_npt_safe.py.")
+@click.option("--npt_layers", default=None, help="Layers to convert when no --checkpoint: all, upper_half, "
+              "lower_half, 8-15, 1,3,5.  [default: all]")
+@click.option("--adapter_rank", type=int, default=None, help="Adapter rank when no --checkpoint.  [default: 16]")
+@click.option("--safe_mode", is_flag=True, help="Additive modulation only, when no --checkpoint.")
+@click.option("--text", "texts", multiple=True, help="Text to run (repeatable).  [default: three built-in samples]")
+@click.option("--max_length", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens per text (longer ones are truncated).")
+@click.option("--inject_nan", default=None, metavar="LAYER:STAGE",
+              help=f"Plant one NaN at that NPT layer and stage to show detection works; STAGE is one of "
+                   f"{', '.join(STAGES)}.")
+@click.option("--json", "json_file", default=None, type=click.Path(dir_okay=False),
+              help="Also write the report as JSON to this file.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh adapters' init.")
+def main(model_name, use_quantization, use_fp16, checkpoint, npt_layers, adapter_rank, safe_mode, texts,
+         max_length, inject_nan, json_file, seed):
+    """Inspect one forward pass of an NPT model and name where the first NaN / Inf appears.
+
+    Exit code 1 when a non-finite value was found, 0 otherwise."""
+    inject = parse_injection(inject_nan) if inject_nan is not None else None
+    if checkpoint is not None:
+        given = [f for f, v in (("--npt_layers", npt_layers), ("--adapter_rank", adapter_rank),
+                                ("--safe_mode", safe_mode or None)) if v is not None]
+        if given:
+            fail(f"{', '.join(given)} cannot be combined with --checkpoint: the checkpoint's npt_config.json sets them")
+        try:
+            npt.read_adapter_config(checkpoint)
+        except (OSError, ValueError) as e:
+            fail(f"--checkpoint: {e}")
+    config = None
+    if checkpoint is None:
+        try:
+            config = npt.NPTConfig(rank=16 if adapter_rank is None else adapter_rank,
+                                   modulation="additive" if safe_mode else "both", layers=npt_layers or "all")
+        except ValueError as e:
+            fail(f"{e}")
+    if json_file is not None and not Path(json_file).resolve().parent.is_dir():
+        fail(f"--json: directory {Path(json_file).parent} does not exist")
+    texts = texts or DEFAULT_TEXTS
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model, tokenizer = load_model_or_fail(model_name, use_quantization, use_fp16)
+    torch.manual_seed(seed)
+    try:
+        if checkpoint is not None:
+            npt.load_adapters(model, checkpoint)
+        else:
+            npt.convert_to_npt(model, config)
+    except (OSError, ValueError) as e:
+        fail(f"{'--checkpoint' if checkpoint else 'conversion'}: {e}")
+
+    report = {"model": {"name": model_name, "precision": _precision(use_quantization, use_fp16),
+                        "checkpoint": checkpoint, "npt_config": model.npt_config.to_dict(),
+                        "npt_layers": [layer.layer_idx for layer in npt.npt_layers(model)]}}
+    report.update(inspect_model(model, tokenizer, texts, inject, max_length))
+    click.echo(render(report))
+    if json_file is not None:
+        Path(json_file).write_text(json.dumps(report, indent=2) + "\n")
+    sys.exit(1 if report["first_nonfinite"] is not None else 0)
+
+
+if __name__ == "__main__":
+    main()
