@@ -1,0 +1,219 @@
+"""debug_nan.py on the embedded model: clean run, planted NaNs, poisoned checkpoints, bad input."""
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import debug_nan
+import npt
+from debug_nan import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_LAYERS = 30
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "debug_nan.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def run_in_process(capsys, *args) -> tuple[int, str, str]:
+    """debug_nan's CLI in this process (no model reload per subprocess): (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        debug_nan.main.main(args=list(args), prog_name="debug_nan.py")
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def fresh_npt(embedded, **config):
+    torch.manual_seed(0)
+    return npt.convert_to_npt(copy.deepcopy(embedded[0]), npt.NPTConfig(**config))
+
+
+@pytest.fixture(scope="module")
+def npt_model(embedded):
+    return fresh_npt(embedded)
+
+
+def table_rows(stdout: str) -> dict:
+    """{(layer, stage): (min, max, mean_abs, nan, inf) as printed} from the report's table."""
+    rows = {}
+    for line in stdout.splitlines():
+        m = re.fullmatch(r"\s*(\d+)\s+(\w+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\d+)\s+(\d+)(\s+<-- non-finite)?", line)
+        if m and m.group(2) in STAGES:
+            rows[int(m.group(1)), m.group(2)] = m.group(3, 4, 5, 6, 7)
+    return rows
+
+
+def verdict(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith("first non-finite:"))
+
+
+def assert_first(report, layer, stage):
+    """The report names (layer, stage), that stage really holds a non-finite value, and nothing before it does."""
+    assert report["first_nonfinite"] == {"layer": layer, "stage": stage}
+    order = [(e["layer"], s) for e in report["layers"] for s in STAGES]
+    stats = {(e["layer"], s): e["stages"][s] for e in report["layers"] for s in STAGES}
+    assert stats[layer, stage]["nan"] + stats[layer, stage]["inf"] > 0
+    for key in order[:order.index((layer, stage))]:
+        assert stats[key] is None or stats[key]["nan"] + stats[key]["inf"] == 0, key
+
+
+# ----------------------------------------------------------------------------- (1) clean run
+def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
+    out_json = tmp_path / "report.json"
+    proc = run_cli("--json", str(out_json))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert verdict(proc.stdout) == "first non-finite: none found (every stage of every NPT layer and the logits are finite)"
+    rows = table_rows(proc.stdout)
+    assert set(rows) == {(i, s) for i in range(NUM_LAYERS) for s in STAGES}
+
+    report = json.loads(out_json.read_text())
+    assert report["first_nonfinite"] is None
+    assert report["stages"] == list(STAGES)
+    assert [e["layer"] for e in report["layers"]] == list(range(NUM_LAYERS))
+    for entry in report["layers"]:
+        assert list(entry["stages"]) == list(STAGES)
+        for stage, s in entry["stages"].items():
+            assert s["nan"] == s["inf"] == 0 and s["numel"] > 0
+            assert s["min"] <= s["max"] and s["mean_abs"] >= 0
+            assert rows[entry["layer"], stage] == (f"{s['min']:.3e}", f"{s['max']:.3e}", f"{s['mean_abs']:.3e}",
+                                                   "0", "0")
+        # B_mult = 0 at init: the factor is exactly 1 everywhere
+        assert entry["stages"]["delta_mult"]["min"] == entry["stages"]["delta_mult"]["max"] == 1.0
+    assert report["model"]["npt_layers"] == list(range(NUM_LAYERS))
+    assert report["logits"]["nan"] == report["logits"]["inf"] == 0
+    loss = report["loss_check"]["rows"]
+    assert loss[-1]["scale"] == 1e4 and loss[-1]["standard_mse"] > 1e6 and loss[-1]["normalized_mse"] <= 4
+    fr = report["factor_ranges"]
+    assert fr["old"]["min"] == 0.0 and fr["old"]["zeros"] > 0
+    assert fr["new"]["min"] >= 0.5 and fr["new"]["max"] <= 1.5 and fr["new"]["zeros"] == 0
+    assert fr["new"]["at_zero"] == 1.0
+    assert "loss check" in proc.stdout and "1 + tanh(m)" in proc.stdout and "0.5 + sigmoid(m)" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- (2) planted NaNs
+@pytest.mark.parametrize("layer", [0, 13, NUM_LAYERS - 1])
+def test_injected_nan_is_found_at_exactly_that_layer_and_stage(npt_model, embedded, layer):
+    tokenizer = embedded[1]
+    for stage in STAGES:
+        report = debug_nan.inspect_model(npt_model, tokenizer, inject=(layer, stage))
+        assert_first(report, layer, stage)
+        # the NaN is real, not cosmetic: it flows on into the layer's output
+        out = report["layers"][layer]["stages"]["layer_out"]
+        assert out["nan"] > 0, stage
+    # hooks removed and planted weights restored: a clean run afterwards finds nothing
+    assert debug_nan.inspect_model(npt_model, tokenizer)["first_nonfinite"] is None
+
+
+def test_injected_nan_subprocess_exit_1_and_json(tmp_path):
+    out_json = tmp_path / "report.json"
+    proc = run_cli("--inject_nan", "7:delta_mult", "--json", str(out_json), "--text", "Hello there, NaN.")
+    assert proc.returncode == 1, proc.stderr
+    assert verdict(proc.stdout) == "first non-finite: layer 7 stage delta_mult"
+    report = json.loads(out_json.read_text())
+    assert_first(report, 7, "delta_mult")
+    assert report["inject_nan"]["layer"] == 7 and report["inject_nan"]["stage"] == "delta_mult"
+    assert report["texts"] == ["Hello there, NaN."]
+    assert "<-- non-finite" in [line for line in proc.stdout.splitlines() if re.match(r"\s*7\s+delta_mult", line)][0]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "4bit"])
+def test_other_precisions(embedded, precision):
+    model, tokenizer = npt.load_base_model(use_fp16=precision == "fp16", use_quantization=precision == "4bit")
+    torch.manual_seed(0)
+    npt.convert_to_npt(model, npt.NPTConfig(layers="0-5"))
+    assert debug_nan.inspect_model(model, tokenizer)["first_nonfinite"] is None
+    report = debug_nan.inspect_model(model, tokenizer, inject=(4, "modulated_gate"))
+    assert_first(report, 4, "modulated_gate")
+    assert [e["layer"] for e in report["layers"]] == list(range(6))
+
+
+def test_partial_conversion_and_safe_mode(embedded):
+    model = fresh_npt(embedded, modulation="additive", layers="upper_half")
+    report = debug_nan.inspect_model(model, embedded[1], inject=(20, "delta_add"))
+    assert [e["layer"] for e in report["layers"]] == list(range(15, 30))
+    assert all(e["stages"]["delta_mult"] is None for e in report["layers"])  # branch off, shown as "off"
+    assert_first(report, 20, "delta_add")
+    assert " off" in debug_nan.render(report)
+
+
+# ----------------------------------------------------------------------------- (3) poisoned checkpoints
+POISON = {"A_proj": "low_rank", "B_add": "delta_add", "B_mult": "delta_mult"}
+
+
+def poisoned_checkpoint(model, path: Path, layer: int, tensor: str) -> Path:
+    npt.save_adapters(model, path)
+    weights = path / npt.WEIGHTS_NAME
+    state = load_file(str(weights))
+    state[f"layers.{layer}.{tensor}.weight"][1, 2] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("tensor", list(POISON))
+def test_poisoned_checkpoint_names_first_affected_stage(npt_model, embedded, tmp_path, tensor):
+    ckpt = poisoned_checkpoint(npt_model, tmp_path / "ckpt", 11, tensor)
+    model = npt.load_adapters(copy.deepcopy(embedded[0]), ckpt)
+    assert_first(debug_nan.inspect_model(model, embedded[1]), 11, POISON[tensor])
+
+
+def test_poisoned_checkpoint_cli_4bit(npt_model, tmp_path):
+    ckpt = poisoned_checkpoint(npt_model, tmp_path / "checkpoint-100", 4, "B_add")
+    proc = run_cli("--checkpoint", str(ckpt), "--use_quantization")
+    assert proc.returncode == 1, proc.stderr
+    assert verdict(proc.stdout) == "first non-finite: layer 4 stage delta_add"
+    assert "checkpoint: " + str(ckpt) in proc.stdout and "4-bit" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- (4) bad input
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_bad_inputs_subprocess():
+    proc = run_cli("--inject_nan", "3:nonsense")
+    assert_one_line_error(proc.returncode, proc.stderr, "--inject_nan", "3:nonsense")
+    assert proc.stdout == ""
+    proc = run_cli("--model_name", "/nonexistent/model/dir")
+    assert_one_line_error(proc.returncode, proc.stderr, "/nonexistent/model/dir")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--inject_nan", "3"], ["LAYER:STAGE"]),
+    (["--inject_nan", "x:attn_out"], ["LAYER:STAGE"]),
+    (["--inject_nan", "-1:attn_out"], ["LAYER:STAGE"]),
+    (["--checkpoint", "/nonexistent/ckpt"], ["--checkpoint", "/nonexistent/ckpt"]),
+    (["--checkpoint", "/nonexistent/ckpt", "--adapter_rank", "4"], ["--adapter_rank", "--checkpoint"]),
+    (["--adapter_rank", "0"], ["rank"]),
+    (["--npt_layers", "banana"], ["banana"]),
+    (["--json", "/nonexistent/dir/report.json"], ["--json"]),
+    (["--no_such_flag"], ["--no_such_flag"]),
+    (["--inject_nan", "99:attn_out"], ["layer 99", "0-29"]),  # needs the model: after loading, before the forward
+    (["--safe_mode", "--inject_nan", "2:delta_mult"], ["delta_mult", "off"]),
+    (["--npt_layers", "0-40"], ["0-40"]),
+    (["--adapter_rank", "10000"], ["rank"]),
+])
+def test_bad_inputs_in_process(capsys, args, fragments):
+    code, out, err = run_in_process(capsys, *args)
+    assert_one_line_error(code, err, *fragments)
+    assert "first non-finite" not in out
+
+
+def test_corrupt_checkpoint_is_one_line(capsys, tmp_path, npt_model):
+    npt.save_adapters(npt_model, tmp_path)
+    (tmp_path / npt.WEIGHTS_NAME).write_bytes(b"not safetensors")
+    code, _, err = run_in_process(capsys, "--checkpoint", str(tmp_path))
+    assert_one_line_error(code, err, "--checkpoint", "corrupt")
