@@ -1,0 +1,377 @@
+#!/usr/bin/env python
+"""Verification of the NaN fixes of NPT_FIX_SUMMARY.md on the embedded smollm2-135m.
+
+    python test_fixed_npt.py        PASS / FAIL per check, a summary; exit 0 only if all pass
+    python -m pytest test_fixed_npt.py   the same checks (the test_* wrappers at the bottom)
+
+Each `check_*` takes the thing under test as a parameter (defaulting to the project's own)
+and raises AssertionError when it is wrong, so tests/test_fixed_checks.py can show that
+every check fails on the reverted fix. The embedded model is loaded once per process.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+import npt
+from kernels import modulated_gate
+
+SAMPLE_TEXTS = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "def add(a, b):\n    return",
+)
+EXTREME_SCALES = (1.0, 1e2, 1e4, 1e6)
+
+
+# ----------------------------------------------------------------------------- the embedded model, once
+@functools.cache
+def embedded():
+    """(base model, tokenizer); never modified: checks work on copies."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return npt.load_base_model(npt.EMBEDDED_MODEL)
+
+
+def npt_model(seed: int = 0, **config):
+    """A fresh NPT copy of the embedded model (adapters at their init)."""
+    torch.manual_seed(seed)
+    return npt.convert_to_npt(copy.deepcopy(embedded()[0]), npt.NPTConfig(**config))
+
+
+@functools.cache
+def reference_npt_model():
+    """A fresh NPT model shared by the read-only checks."""
+    return npt_model().eval()
+
+
+@functools.cache
+def quantized_model():
+    """smollm2-135m loaded the way `--use_quantization --use_fp16` loads it (the conflicting pair)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = npt.load_base_model(npt.EMBEDDED_MODEL, use_quantization=True, use_fp16=True)
+    return model
+
+
+def batch(texts=SAMPLE_TEXTS, tokenizer=None):
+    tokenizer = tokenizer or embedded()[1]
+    return dict(tokenizer(list(texts), return_tensors="pt", padding=True))
+
+
+def adapter_snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".adapter." in n}
+
+
+# ----------------------------------------------------------------------------- fix 1: the multiplicative factor
+def check_factor_range(factor_fn=npt.modulation_factor) -> str:
+    """Open range (0.5, 1.5) over a sweep of m, and the whole of it is reached (the seed text's [0.5, 1.5])."""
+    m = torch.linspace(-30, 30, 6001, dtype=torch.float64)
+    f = factor_fn(m)
+    lo, hi = f.min().item(), f.max().item()
+    assert lo > 0.5 and hi < 1.5, f"factor over m in [-30, 30] spans [{lo:.6g}, {hi:.6g}], not inside (0.5, 1.5)"
+    assert lo < 0.51 and hi > 1.49, f"factor spans only [{lo:.6g}, {hi:.6g}]: it should reach (0.5, 1.5)"
+    assert bool((f[1:] >= f[:-1]).all()), "factor is not monotone in m"
+    return f"m in [-30, 30] -> factor in [{lo:.6g}, {hi:.6g}]"
+
+
+def check_factor_never_zero(factor_fn=npt.modulation_factor) -> str:
+    """Positive and finite even at extreme m, in fp32 and fp16, with a finite gradient."""
+    for dtype in (torch.float32, torch.float16):
+        m = torch.tensor([-1e4, -100.0, -20.0, -5.0, 0.0, 5.0, 20.0, 100.0, 1e4, -math.inf, math.inf], dtype=dtype)
+        f = factor_fn(m)
+        assert bool(torch.isfinite(f).all()), f"factor is not finite at extreme m ({dtype}): {f.tolist()}"
+        assert f.min().item() >= 0.5, f"factor reaches {f.min().item():g} at extreme m ({dtype}): it must stay >= 0.5"
+    m = torch.linspace(-50, 50, 1001, requires_grad=True)
+    factor_fn(m).sum().backward()
+    assert bool(torch.isfinite(m.grad).all()), "factor's gradient is not finite"
+    return "min factor at m=-1e4 / -inf (fp32, fp16) >= 0.5; gradient finite"
+
+
+def check_identity_at_init(factor_fn=npt.modulation_factor, adapter: npt.NPTAdapter | None = None) -> str:
+    """factor(0) == 1 exactly, and a fresh adapter's multiplicative branch leaves the gate unchanged exactly."""
+    adapter = adapter or npt.npt_layers(reference_npt_model())[0].adapter
+    one = factor_fn(torch.zeros(4)).tolist()
+    assert one == [1.0] * 4, f"factor(0) = {one[0]!r}, not exactly 1: the initial model is not unmodulated"
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, adapter.A_proj.out_features, generator=gen) * 10  # (B, T, r)
+    gate = torch.randn(3, 5, adapter.B_mult.out_features, generator=gen)  # (B, T, F)
+    with torch.no_grad():
+        f = factor_fn(adapter.B_mult(z))
+        g = modulated_gate(gate, z, None, adapter.B_mult.weight)[0]
+    assert torch.equal(f, torch.ones_like(f)), \
+        f"fresh B_mult gives factors in [{f.min().item():g}, {f.max().item():g}], not exactly 1"
+    assert torch.equal(g, gate), "a fresh multiplicative branch changes the gate"
+    return "factor(0) == 1 and fresh B_mult leaves the gate bitwise unchanged"
+
+
+# ----------------------------------------------------------------------------- fix 3: initialization
+def check_init_scales(adapter: npt.NPTAdapter | None = None) -> str:
+    """A_proj ~ N(0, 0.02), B_add ~ N(0, 0.001), B_mult == 0, no biases, fp32."""
+    adapter = adapter or npt.npt_layers(reference_npt_model())[0].adapter
+    a, b = adapter.A_proj.weight.detach(), adapter.B_add.weight.detach()
+    for name, w, std in (("A_proj", a, 0.02), ("B_add", b, 0.001)):
+        assert abs(w.std().item() - std) < 0.1 * std, f"{name} std {w.std().item():.4g}, expected {std} (+-10%)"
+        assert abs(w.mean().item()) < 0.1 * std, f"{name} mean {w.mean().item():.3g}, expected 0"
+    assert not adapter.B_mult.weight.detach().any(), \
+        f"B_mult is not zero at init (max |w| {adapter.B_mult.weight.abs().max().item():.3g})"
+    for name in ("A_proj", "B_add", "B_mult"):
+        lin = getattr(adapter, name)
+        assert lin.bias is None, f"{name} has a bias"
+        assert lin.weight.dtype == torch.float32, f"{name} is {lin.weight.dtype}, adapters hold fp32 weights"
+    return f"A_proj std {a.std().item():.4f}, B_add std {b.std().item():.5f}, B_mult == 0"
+
+
+# ----------------------------------------------------------------------------- fix 4: the loss
+def check_loss_bounded(loss_fn=npt.normalized_mse) -> str:
+    """Under hidden states scaled up to 1e6 the loss stays finite, <= 4, scale-free, with a small gradient,
+    while the standard MSE of the same tensors explodes."""
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 8, 576, generator=gen)  # (B, T, D)
+    student = teacher + torch.randn(2, 8, 576, generator=gen)
+    base = loss_fn(student, teacher).item()
+    assert base > 0, "loss is 0 for different hidden states"
+    for s in EXTREME_SCALES:
+        x = (student * s).requires_grad_()
+        loss = loss_fn(x, teacher * s)
+        loss.backward()
+        value, grad = loss.item(), x.grad.norm().item()
+        assert math.isfinite(value) and value <= 4, f"loss {value:.4g} at scale {s:g}: not bounded by 4"
+        assert abs(value - base) <= 1e-3 * base, f"loss {value:.4g} at scale {s:g} vs {base:.4g} at scale 1"
+        assert math.isfinite(grad) and grad <= 1, f"gradient norm {grad:.4g} at scale {s:g}"
+    standard = F.mse_loss(student * 1e4, teacher * 1e4).item()
+    assert standard > 1e6, "the test inputs are not extreme"
+    return f"loss {base:.3e} at every scale 1..1e6 (standard MSE at 1e4: {standard:.2e})"
+
+
+# ----------------------------------------------------------------------------- fix 2: precision
+def check_precision(resolve_fn=npt.resolve_dtype) -> str:
+    """--use_quantization with --use_fp16 computes in FP32 and warns once; the other combinations as asked."""
+    expected = {(True, True): torch.float32, (True, False): torch.float32,
+                (False, True): torch.float16, (False, False): torch.float32}
+    for (quant, fp16), dtype in expected.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = resolve_fn(quant, fp16)
+        assert got == dtype, f"use_quantization={quant} use_fp16={fp16} resolves to {got}, expected {dtype}"
+        conflict = quant and fp16
+        assert len(caught) == int(conflict), \
+            f"use_quantization={quant} use_fp16={fp16}: {len(caught)} warnings, expected {int(conflict)}"
+        if conflict:
+            text = str(caught[0].message).lower()
+            assert "fp16" in text and "fp32" in text, f"the warning does not say what happens: {text!r}"
+    return "quantization + fp16 -> float32 with a warning; fp16 alone -> float16"
+
+
+def check_quantized_compute(model=None) -> str:
+    """A 4-bit load (asked for fp16 too) computes in FP32: every Linear4bit's compute dtype, every float
+    parameter, and finite fp32 logits."""
+    model = model if model is not None else quantized_model()
+    quantized = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert quantized, "no 4-bit layers: the model is not quantized"
+    bad = [(n, m.compute_dtype) for n, m in quantized if m.compute_dtype != torch.float32]
+    assert not bad, f"{len(bad)} 4-bit layers compute in {bad[0][1]}, not float32 (e.g. {bad[0][0]})"
+    half = [n for n, p in model.named_parameters() if p.dtype in (torch.float16, torch.bfloat16)]
+    assert not half, f"{len(half)} parameters are half precision (e.g. {half[0]})"
+    with torch.no_grad():
+        logits = model(**batch(SAMPLE_TEXTS[:1]), use_cache=False).logits
+    assert logits.dtype == torch.float32 and bool(torch.isfinite(logits).all()), "4-bit logits not finite fp32"
+    return f"{len(quantized)} Linear4bit layers compute in float32; logits finite"
+
+
+# ----------------------------------------------------------------------------- the NPT model works
+def check_finite_logits(model=None, tokenizer=None) -> str:
+    """Finite logits on every real token of the sample texts, and a next token for each."""
+    model = model if model is not None else reference_npt_model()
+    tokenizer = tokenizer or embedded()[1]
+    enc = batch(SAMPLE_TEXTS, tokenizer)
+    with torch.no_grad():
+        logits = model(**enc, use_cache=False).logits  # (B, T, V)
+    real = enc["attention_mask"].bool()
+    bad = (~torch.isfinite(logits[real])).sum().item()
+    assert bad == 0, f"{bad} non-finite logits on the sample texts"
+    last = real.sum(-1) - 1  # right padding: last real position per text
+    next_ids = logits[torch.arange(len(SAMPLE_TEXTS)), last].argmax(-1)  # (B,)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    assert bool(((next_ids >= 0) & (next_ids < vocab)).all())
+    with torch.no_grad(), npt.npt_disabled(model):  # the base model's choice, for comparison
+        base_ids = model(**enc, use_cache=False).logits[torch.arange(len(SAMPLE_TEXTS)), last].argmax(-1)
+    words = [f"{tokenizer.decode([int(i)])!r} (base {tokenizer.decode([int(j)])!r})" for i, j in zip(next_ids, base_ids)]
+    return "next tokens " + ", ".join(words)
+
+
+# ----------------------------------------------------------------------------- fixes in the trainer
+def _trainer():
+    import pretrain_npt_safe
+
+    missing = [f for f in ("compute_loss", "optimizer_step") if not hasattr(pretrain_npt_safe, f)]
+    assert not missing, f"pretrain_npt_safe.py has no {', '.join(missing)}"
+    return pretrain_npt_safe
+
+
+def _optimizer(model):
+    optimizer = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return optimizer, scheduler
+
+
+def check_training_step(step_fn=None, loss_fn=None, model=None) -> str:
+    """One safe step: finite loss, finite gradients on every adapter parameter and on nothing else;
+    the adapters move, the base model does not."""
+    trainer = _trainer() if step_fn is None or loss_fn is None else None
+    step_fn = step_fn or trainer.optimizer_step
+    loss_fn = loss_fn or trainer.compute_loss
+    model = model if model is not None else npt_model(seed=1).train()
+    micro = batch(SAMPLE_TEXTS[:2])
+    out = loss_fn(model, micro)
+    assert math.isfinite(out["loss"].item()), f"loss {out['loss'].item()} is not finite"
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    adapter = {n for n, _ in model.named_parameters() if ".adapter." in n}
+    assert set(grads) <= adapter, f"gradients reach base parameters (e.g. {sorted(set(grads) - adapter)[0]})"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == adapter, f"trainable parameters besides the adapters (e.g. {sorted(trainable - adapter)[0]})"
+    assert set(grads) == adapter, f"{len(adapter - set(grads))} adapter parameters get no gradient"
+    assert all(bool(torch.isfinite(g).all()) for g in grads.values()), "non-finite adapter gradients"
+    for p in model.parameters():
+        p.grad = None
+
+    before = adapter_snapshot(model)
+    optimizer, scheduler = _optimizer(model)
+    result = step_fn(model, optimizer, scheduler, [micro])
+    assert result["skipped"] == 0, f"a finite batch was skipped ({result})"
+    for key in ("loss", "grad_norm"):
+        assert math.isfinite(float(result[key])), f"{key} {result[key]} is not finite"
+    after = adapter_snapshot(model)
+    moved = sum(not torch.equal(before[n], after[n]) for n in before)
+    assert moved > 0, "the step changed no adapter parameter"
+    assert all(bool(torch.isfinite(v).all()) for v in after.values()), "adapters not finite after the step"
+    base = dict(embedded()[0].named_parameters())  # NPT names add ".layer." after the decoder index
+    changed = [n for n, p in model.named_parameters()
+               if ".adapter." not in n and not torch.equal(p, base[n.replace(".layer.", ".", 1)])]
+    assert not changed, f"the step changed base parameters (e.g. {changed[0]})"
+    return (f"loss {float(result['loss']):.4f}, grad norm {float(result['grad_norm']):.3g}, "
+            f"{moved}/{len(before)} adapter tensors moved, base unchanged")
+
+
+POISON_TOKEN = 0  # a micro-batch made only of this id gets a NaN embedding (the planted NaN batch)
+
+
+def poison_hook(model):
+    """NaN embeddings for micro-batches made only of POISON_TOKEN; returns the hook handle."""
+    def hook(module, args, out):
+        return out * float("nan") if bool((args[0] == POISON_TOKEN).all()) else out
+    return model.get_input_embeddings().register_forward_hook(hook)
+
+
+def check_nan_batch_skipped(step_fn=None, model=None) -> str:
+    """A micro-batch with a NaN loss is skipped: adapters, optimizer and scheduler unchanged, skipped == 1;
+    the next good step still trains."""
+    step_fn = step_fn or _trainer().optimizer_step
+    model = model if model is not None else npt_model(seed=2).train()
+    optimizer, scheduler = _optimizer(model)
+    bad = {"input_ids": torch.full((1, 8), POISON_TOKEN), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    before = adapter_snapshot(model)
+    lr, sched_epoch = [g["lr"] for g in optimizer.param_groups], scheduler.last_epoch
+    handle = poison_hook(model)
+    try:
+        result = step_fn(model, optimizer, scheduler, [bad])
+        assert result["skipped"] == 1, f"skipped = {result['skipped']}, expected 1 for the NaN batch"
+        after = adapter_snapshot(model)
+        changed = [n for n in before if not torch.equal(before[n], after[n])]
+        assert not changed, f"the NaN batch changed {len(changed)} adapter tensors (e.g. {changed[0]})"
+        assert not optimizer.state, "the NaN batch changed the optimizer state"
+        assert scheduler.last_epoch == sched_epoch and [g["lr"] for g in optimizer.param_groups] == lr, \
+            "the NaN batch advanced the scheduler"
+        assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in npt.get_adapter_params(model)), \
+            "NaN gradients left behind"
+        good = step_fn(model, optimizer, scheduler, [batch(SAMPLE_TEXTS[:1])])
+    finally:
+        handle.remove()
+    assert good["skipped"] == 0 and math.isfinite(float(good["loss"])), f"the next good step failed ({good})"
+    assert all(bool(torch.isfinite(v).all()) for v in adapter_snapshot(model).values())
+    return "NaN batch skipped with no state change; the next step trains"
+
+
+CHECKS = (
+    ("factor range (0.5, 1.5)", check_factor_range),
+    ("factor never zero", check_factor_never_zero),
+    ("identity at init", check_identity_at_init),
+    ("init scales", check_init_scales),
+    ("normalized MSE bounded", check_loss_bounded),
+    ("quantization + fp16 -> FP32", check_precision),
+    ("4-bit compute dtype", check_quantized_compute),
+    ("finite logits, next token", check_finite_logits),
+    ("safe training step", check_training_step),
+    ("NaN batch skipped", check_nan_batch_skipped),
+)
+
+
+def main() -> int:
+    failed = 0
+    width = max(len(name) for name, _ in CHECKS)
+    for name, check in CHECKS:
+        start = time.perf_counter()
+        try:
+            detail, status = check(), "PASS"
+        except AssertionError as e:
+            detail, status = str(e) or "assertion failed", "FAIL"
+        except Exception as e:  # a crash is a failure of that check, not of the whole run
+            detail, status = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "FAIL"
+        failed += status == "FAIL"
+        print(f"{status}  {name:<{width}}  {detail}  ({time.perf_counter() - start:.1f}s)", flush=True)
+    print(f"\n{len(CHECKS) - failed}/{len(CHECKS)} checks passed" + (f", {failed} FAILED" if failed else ""))
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- pytest collects the same checks
+def test_factor_range():
+    check_factor_range()
+
+
+def test_factor_never_zero():
+    check_factor_never_zero()
+
+
+def test_identity_at_init():
+    check_identity_at_init()
+
+
+def test_init_scales():
+    check_init_scales()
+
+
+def test_loss_bounded():
+    check_loss_bounded()
+
+
+def test_precision():
+    check_precision()
+
+
+def test_quantized_compute():
+    check_quantized_compute()
+
+
+def test_finite_logits():
+    check_finite_logits()
+
+
+def test_training_step():
+    check_training_step()
+
+
+def test_nan_batch_skipped():
+    check_nan_batch_skipped()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
