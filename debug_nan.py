@@ -326,7 +326,7 @@ def _precision(use_quantization: bool, use_fp16: bool) -> str:
 # ----------------------------------------------------------------------------- CLI
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @model_options
-@click.option("--checkpoint", default=None, help="Directory with trained adapters (adapter_model.safetensors + "
+@click.option("--checkpoint", default=None, metavar="DIR", help="Directory with trained adapters (adapter_model.safetensors + "
               "npt_config.json), e.g. a checkpoint-<step> of pretrain_npt_safe.py.")
 @click.option("--npt_layers", default=None, help="Layers to convert when no --checkpoint: all, upper_half, "
               "lower_half, 8-15, 1,3,5.  [default: all]")
@@ -337,7 +337,7 @@ def _precision(use_quantization: bool, use_fp16: bool) -> str:
               help="Tokens per text (longer ones are truncated).")
 @click.option("--inject_nan", default=None, metavar="LAYER:STAGE",
               help=f"Plant one NaN at that NPT layer and stage to show detection works; STAGE is one of "
-                   f"{', '.join(STAGES)}.")
+                   f"{', '.join(STAGES)} (delta_add / delta_mult: in B_add / B_mult.weight[0, 0], restored after).")
 @click.option("--json", "json_file", default=None, type=click.Path(dir_okay=False),
               help="Also write the report as JSON to this file.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh adapters' init.")

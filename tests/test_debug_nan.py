@@ -217,3 +217,27 @@ def test_corrupt_checkpoint_is_one_line(capsys, tmp_path, npt_model):
     (tmp_path / npt.WEIGHTS_NAME).write_bytes(b"not safetensors")
     code, _, err = run_in_process(capsys, "--checkpoint", str(tmp_path))
     assert_one_line_error(code, err, "--checkpoint", "corrupt")
+
+
+def test_stats_match_an_independent_forward(npt_model, embedded):
+    """layer_out / input_norm stats agree with output_hidden_states and a hand-made RMSNorm, real tokens only."""
+    tokenizer = embedded[1]
+    texts = ["A short one.", "A somewhat longer text, so that the first one is padded."]
+    report = debug_nan.inspect_model(npt_model, tokenizer, texts)
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    real = enc["attention_mask"].bool()
+    with torch.no_grad():
+        hidden = npt_model(**enc, output_hidden_states=True, use_cache=False).hidden_states
+    for i in range(NUM_LAYERS):
+        stats = report["layers"][i]["stages"]
+        if i < NUM_LAYERS - 1:  # the last entry of hidden_states is after the final norm
+            h = hidden[i + 1][real].double()
+            assert stats["layer_out"]["numel"] == h.numel()
+            assert stats["layer_out"]["min"] == pytest.approx(h.min().item(), rel=1e-5)
+            assert stats["layer_out"]["max"] == pytest.approx(h.max().item(), rel=1e-5)
+            assert stats["layer_out"]["mean_abs"] == pytest.approx(h.abs().mean().item(), rel=1e-4)
+        norm = npt_model.model.layers[i].layer.input_layernorm
+        x = hidden[i][real].double()
+        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.double()
+        assert stats["input_norm"]["max"] == pytest.approx(x.max().item(), rel=1e-4)
+        assert stats["input_norm"]["mean_abs"] == pytest.approx(x.abs().mean().item(), rel=1e-4)
