@@ -20,6 +20,19 @@ gate with the adapter's own modules and the kernels' reference math. Also prints
 loss-computation check (standard vs normalized MSE) and the old / new factor ranges.
 
 Exit code 1 when a non-finite value was found, 0 otherwise, 2 on bad input.
+
+--json FILE writes the printed report as one object:
+    model            {name, precision, checkpoint, npt_config, npt_layers}
+    texts, num_tokens   the inputs (num_tokens counts real tokens)
+    inject_nan       null | {layer, stage, where}
+    stages           the stage names in forward order
+    layers           [{layer, stages: {stage: null (branch off) |
+                                       {min, max, mean_abs, nan, inf, numel}}}]   in layer order
+    logits           {min, max, mean_abs, nan, inf, numel}
+    first_nonfinite  null | {layer, stage}  (layer null and stage "logits" if only the logits are)
+    loss_check       {rows: [{scale, standard_mse, normalized_mse}], normalized_bounded}
+    factor_ranges    {m: {min, max, points}, old / new: {formula, min, max, at_zero, zeros}}
+min / max / mean_abs cover the finite entries only (null when there are none).
 """
 from __future__ import annotations
 
@@ -141,14 +154,14 @@ def instrument(model, mask: torch.Tensor, inject: tuple[int, str] | None = None)
             return (tensor,) + tuple(out[1:]) if isinstance(out, tuple) else tensor
         return run
 
-    stack = contextlib.ExitStack()
-    with stack:
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [h.remove() for h in handles])
         for layer in npt.npt_layers(model):
             i, dec, adapter = layer.layer_idx, layer.layer, layer.adapter
             rec = records[i] = dict.fromkeys(STAGES)
             captured = {}
 
-            def derived(out, i=i, layer=layer, adapter=adapter, rec=rec, captured=captured):
+            def derived(out, layer=layer, adapter=adapter, rec=rec, captured=captured):
                 """delta_add / delta_mult / modulated_gate from this forward's z and gate, then mlp_out."""
                 z, gate = captured.pop("z"), captured.pop("gate")
                 with torch.no_grad():
@@ -174,12 +187,9 @@ def instrument(model, mask: torch.Tensor, inject: tuple[int, str] | None = None)
                 layer.register_forward_hook(hook(i, "layer_out")),
             ]
             if inject in ((i, "delta_add"), (i, "delta_mult")):
-                stack.enter_context(_nan_in_weight((adapter.B_add if inject[1] == "delta_add" else adapter.B_mult).weight))
-        try:
-            yield records
-        finally:
-            for h in handles:
-                h.remove()
+                branch = adapter.B_add if inject[1] == "delta_add" else adapter.B_mult
+                stack.enter_context(_nan_in_weight(branch.weight))
+        yield records
 
 
 def first_nonfinite(layers: list[dict]) -> dict | None:
@@ -193,7 +203,7 @@ def first_nonfinite(layers: list[dict]) -> dict | None:
 
 def inspect_model(model, tokenizer, texts=DEFAULT_TEXTS, inject: tuple[int, str] | None = None,
                   max_length: int = 256) -> dict:
-    """One forward pass over `texts`; the per-layer, per-stage report (see --json in the module doc)."""
+    """One forward pass over `texts`; the report (the --json schema in the module doc, less `model`)."""
     if not npt.npt_layers(model):
         raise ValueError("model has no NPT layers: convert_to_npt or load adapters first")
     if inject is not None:
