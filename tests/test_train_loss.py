@@ -1,0 +1,274 @@
+"""pretrain_npt_safe's loss and optimizer step against naive references, on a tiny random Llama.
+
+- layerwise / end_to_end loss and gradients equal a naive computation (each NPT layer run on its own)
+- k accumulated micro-batches give the gradient of one batch of the same tokens
+- a non-finite micro-batch (NaN embeddings, Inf gradient) changes nothing
+- padding never counts
+"""
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import npt
+from pretrain_npt_safe import compute_loss, optimizer_step
+
+LAYERS = [0, 2]  # of 3: a gap, and the last layer (compared before the final norm)
+LAMBDA = 0.3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only spins on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def npt_model(base, modulation="both"):
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4, modulation=modulation, layers=LAYERS))
+    torch.manual_seed(1)
+    with torch.no_grad():  # random, non-zero adapters: every branch matters
+        for p in npt.get_adapter_params(model):
+            p.normal_(0, 0.3)
+    return model
+
+
+def make_batch(lengths, seed=0, total=None):
+    """Right-padded batch of random sequences with the given real lengths."""
+    g = torch.Generator().manual_seed(seed)
+    total = total or max(lengths)
+    ids = torch.zeros(len(lengths), total, dtype=torch.long)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i] = torch.randint(1, 97, (total,), generator=g)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def ref_nmse(s, t, mask):
+    s = s / s.norm(dim=-1, keepdim=True)
+    t = t / t.norm(dim=-1, keepdim=True)
+    per_token = ((s - t) ** 2).mean(-1)
+    m = mask.float()
+    return (per_token * m).sum() / m.sum()
+
+
+def layer_outputs(model, batch):
+    """Per-layer outputs from output_hidden_states, the last one taken before the final norm."""
+    pre_norm = {}
+    h = model.model.norm.register_forward_pre_hook(lambda m, a: pre_norm.__setitem__("x", a[0]))
+    try:
+        hs = model(**batch, output_hidden_states=True, use_cache=False).hidden_states
+    finally:
+        h.remove()
+    n = len(model.model.layers)
+    return [hs[i] for i in range(n + 1)][:n] + [None], [hs[i + 1] if i < n - 1 else pre_norm["x"] for i in range(n)]
+
+
+def naive_layerwise(model, batch):
+    layers = {layer.layer_idx: layer for layer in npt.npt_layers(model)}
+    mask = batch["attention_mask"]
+    with npt.npt_disabled(model), torch.no_grad():
+        _, teacher = layer_outputs(model, batch)
+    mses, regs = [], []
+    for i, layer in layers.items():
+        for other in layers.values():  # only layer i is NPT: its input is exactly the teacher's
+            other.npt_enabled = other is layer
+        try:
+            _, student = layer_outputs(model, batch)
+        finally:
+            for other in layers.values():
+                other.npt_enabled = True
+        mses.append(ref_nmse(student[i], teacher[i], mask))
+        regs.append((layer.last_reg * mask).sum() / mask.sum())
+    mse, reg = torch.stack(mses).mean(), torch.stack(regs).mean()
+    return mse + LAMBDA * reg, mse, reg
+
+
+def naive_end_to_end(model, batch):
+    mask = batch["attention_mask"]
+    with npt.npt_disabled(model), torch.no_grad():
+        _, teacher = layer_outputs(model, batch)
+    _, student = layer_outputs(model, batch)
+    mse = torch.stack([ref_nmse(student[i], teacher[i], mask) for i in LAYERS]).mean()
+    layers = npt.npt_layers(model)
+    reg = torch.stack([(layer.last_reg * mask).sum() / mask.sum() for layer in layers]).mean()
+    return mse + LAMBDA * reg, mse, reg
+
+
+def grads_of(model, loss):
+    params = npt.get_adapter_params(model)
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("objective,naive", [("layerwise", naive_layerwise), ("end_to_end", naive_end_to_end)])
+@pytest.mark.parametrize("modulation", ["both", "additive"])
+def test_loss_and_gradient_match_naive_reference(base, objective, naive, modulation):
+    model = npt_model(base, modulation)
+    batch = make_batch([12, 7, 9])
+    out = compute_loss(model, batch, objective, LAMBDA)
+    ref_loss, ref_mse, ref_reg = naive(model, batch)
+    assert out["mse"].item() > 1e-4 and out["reg"].item() > 1e-4  # a non-trivial comparison
+    torch.testing.assert_close(out["mse"], ref_mse, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out["reg"], ref_reg, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out["loss"], ref_loss, rtol=1e-5, atol=1e-7)
+    mine, ref = grads_of(model, out["loss"]), grads_of(model, naive(model, batch)[0])
+    assert all(r.abs().max() > 0 for r in ref)
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_layerwise_differs_from_end_to_end(base):
+    """The two objectives are different things (no gradient across layers in layerwise)."""
+    model = npt_model(base)
+    batch = make_batch([10, 10])
+    a = compute_loss(model, batch, "layerwise", LAMBDA)["mse"].item()
+    b = compute_loss(model, batch, "end_to_end", LAMBDA)["mse"].item()
+    assert abs(a - b) > 1e-6
+
+
+class GradRecorder(torch.optim.Optimizer):
+    """Records the gradient handed to step(); changes nothing."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.0})
+        self.grads = None
+
+    def step(self, closure=None):
+        self.grads = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+
+
+def recorder(model):
+    opt = GradRecorder(npt.get_adapter_params(model))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+@pytest.mark.parametrize("objective", ["layerwise", "end_to_end"])
+def test_accumulation_equals_one_big_batch(base, objective):
+    model = npt_model(base)
+    lengths = [[16, 5], [11], [16, 16, 3]]  # uneven micro-batches and padding
+    micro = [make_batch(n, seed=i, total=16) for i, n in enumerate(lengths)]
+    big = {k: torch.cat([m[k] for m in micro]) for k in ("input_ids", "attention_mask")}
+    opt, sched = recorder(model)
+    out = optimizer_step(model, opt, sched, micro, max_grad_norm=1e9, objective=objective,
+                         regularization_lambda=LAMBDA)
+    assert out["skipped"] == 0 and out["tokens"] == int(big["attention_mask"].sum())
+    big_out = compute_loss(model, big, objective, LAMBDA)
+    assert out["loss"] == pytest.approx(big_out["loss"].item(), rel=1e-5)
+    for a, b in zip(opt.grads, grads_of(model, big_out["loss"])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+def test_gradient_is_clipped_at_max_grad_norm(base):
+    model = npt_model(base)
+    opt, sched = recorder(model)
+    out = optimizer_step(model, opt, sched, [make_batch([12, 12])], max_grad_norm=1e-3, regularization_lambda=LAMBDA)
+    assert out["grad_norm"] > 1e-3
+    total = torch.sqrt(sum((g ** 2).sum() for g in opt.grads))
+    assert total.item() == pytest.approx(1e-3, rel=1e-3)  # clip_grad_norm_ adds 1e-6 to the norm
+
+
+def snapshot(model, opt, sched):
+    return ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict()))
+
+
+def assert_same(a, b):
+    params_a, opt_a, sched_a = a
+    params_b, opt_b, sched_b = b
+    assert all(torch.equal(params_a[n], params_b[n]) for n in params_a), "adapters changed"
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for k in opt_a["state"]:
+        for name, v in opt_a["state"][k].items():
+            assert torch.equal(v, opt_b["state"][k][name]), f"optimizer state {k}.{name} changed"
+    assert sched_a == sched_b, "scheduler changed"
+
+
+def adam(model):
+    opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+
+
+def nan_embeddings(model, when):
+    """NaN input embeddings whenever when(input_ids) is true."""
+    return model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: out * float("nan") if when(args[0]) else out)
+
+
+def test_nan_micro_batch_is_skipped_without_state_change(base):
+    model = npt_model(base)
+    opt, sched = adam(model)
+    optimizer_step(model, opt, sched, [make_batch([8])])  # optimizer state exists before the bad step
+    before = snapshot(model, opt, sched)
+    bad = make_batch([8, 8], seed=5)
+    h = nan_embeddings(model, lambda ids: torch.equal(ids, bad["input_ids"]))
+    try:
+        out = optimizer_step(model, opt, sched, [bad, bad])
+    finally:
+        h.remove()
+    assert out["skipped"] == 2 and out["bad"] == [0, 1]
+    assert out["loss"] != out["loss"]  # NaN: no step
+    assert_same(before, snapshot(model, opt, sched))
+    assert all(p.grad is None for p in npt.get_adapter_params(model))
+    # the good micro-batches of a group still train, exactly as if the bad one were absent
+    good = make_batch([8, 6], seed=7)
+    for layer in npt.npt_layers(model):
+        layer.last_reg = None  # a graph tensor from the last forward: deepcopy refuses it
+    twin = copy.deepcopy(model)
+    twin_opt, twin_sched = adam(twin)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict shares tensors otherwise
+    twin_sched.load_state_dict(sched.state_dict())
+    h = nan_embeddings(model, lambda ids: torch.equal(ids, bad["input_ids"]))
+    try:
+        out = optimizer_step(model, opt, sched, [good, bad])
+    finally:
+        h.remove()
+    ref = optimizer_step(twin, twin_opt, twin_sched, [good])
+    assert out["skipped"] == 1 and ref["skipped"] == 0 and out["loss"] == ref["loss"]
+    assert_same(snapshot(model, opt, sched), snapshot(twin, twin_opt, twin_sched))
+
+
+def test_inf_gradient_is_skipped_without_state_change(base):
+    model = npt_model(base)
+    opt, sched = adam(model)
+    optimizer_step(model, opt, sched, [make_batch([8])])
+    before = snapshot(model, opt, sched)
+    p = npt.get_adapter_params(model)[0]
+    h = p.register_hook(lambda g: g * float("inf"))  # finite loss, infinite gradient
+    try:
+        out = optimizer_step(model, opt, sched, [make_batch([9, 4], seed=3)])
+    finally:
+        h.remove()
+    assert out["skipped"] == 1 and out["reasons"] == {0: "non-finite gradient"}
+    assert_same(before, snapshot(model, opt, sched))
+    out = optimizer_step(model, opt, sched, [make_batch([9, 4], seed=3)])  # and training goes on
+    assert out["skipped"] == 0 and out["loss"] == out["loss"]
+    assert not torch.equal(before[0][next(iter(before[0]))], dict(model.named_parameters())[next(iter(before[0]))])
+
+
+@pytest.mark.parametrize("objective", ["layerwise", "end_to_end"])
+def test_padding_never_counts(base, objective):
+    model = npt_model(base)
+    a, b = make_batch([14], seed=1), make_batch([6], seed=2, total=6)
+    padded = make_batch([14, 6], seed=0, total=14)
+    padded["input_ids"][0], padded["input_ids"][1, :6] = a["input_ids"][0], b["input_ids"][0]
+    padded["input_ids"][1, 6:] = 3  # arbitrary pad ids: they must not matter
+    out = compute_loss(model, padded, objective, LAMBDA)
+    la, lb = compute_loss(model, a, objective, LAMBDA), compute_loss(model, b, objective, LAMBDA)
+    for key in ("loss", "mse", "reg"):
+        expected = (14 * la[key] + 6 * lb[key]) / 20  # token-weighted, as one unpadded batch of 20 tokens
+        torch.testing.assert_close(out[key], expected, rtol=1e-5, atol=1e-8)
+    alone = {"input_ids": padded["input_ids"][1:], "attention_mask": padded["attention_mask"][1:]}
+    torch.testing.assert_close(compute_loss(model, alone, objective, LAMBDA)["loss"], lb["loss"], rtol=1e-5, atol=1e-8)
