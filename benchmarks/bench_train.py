@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Per-optimizer-step time and peak memory of NPT training objectives, side by side.
+
+    layerwise   one teacher forward (npt_disabled) + each NPT layer's MLP on the teacher's input
+    end_to_end  one teacher forward + one student forward/backward through the whole model
+    seed        the seed trainer's way: a second full model copy as teacher, the student forward
+                run twice (the first result thrown away), backward through the whole student
+
+Each variant runs in its own process so that peak memory is its own. On CPU, memory is the
+peak resident set size above the process's footprint after `import torch` (models included);
+on CUDA it is torch.cuda.max_memory_allocated.
+
+    python benchmarks/bench_train.py                          # smollm2-135m, 256 tokens, CPU
+    python benchmarks/bench_train.py --model llama8b-random --device cuda --dtype bf16 --seq_len 2048
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import click
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VARIANTS = ("layerwise", "end_to_end", "seed")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build_model(name: str, dtype, device):
+    import torch
+    import npt
+
+    if name == "llama8b-random":  # Llama-3.1-8B shapes, random weights: no download
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype)
+        return model, cfg.vocab_size
+    model, tok = npt.load_base_model(name, dtype=dtype, device=device)
+    return model, len(tok)
+
+
+def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device: str, dtype_name: str, rank: int):
+    import copy
+
+    import torch
+    import npt
+    from pretrain_npt_safe import compute_loss
+
+    torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    cuda = device.startswith("cuda")
+    base_mb = _current_rss_mb()
+    model, vocab = build_model(model_name, dtype, device)
+    teacher = copy.deepcopy(model) if variant == "seed" else None  # the seed loads the model twice
+    npt.convert_to_npt(model, npt.NPTConfig(rank=rank))
+    params = npt.get_adapter_params(model)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, vocab, (1, seq_len), device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def seed_step():
+        with torch.no_grad():
+            t = teacher(**batch, output_hidden_states=True).hidden_states[-1]
+        model(**batch)  # the seed ran the student forward once and threw the result away
+        s = model(**batch, output_hidden_states=True).hidden_states[-1]
+        return npt.normalized_mse(s, t, batch["attention_mask"]) + 0.01 * npt.regularization(model)
+
+    times = []
+    for i in range(steps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = seed_step() if variant == "seed" else compute_loss(model, batch, objective=variant)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb() - base_mb
+    return {"variant": variant, "step_s": statistics.median(times), "peak_mb": peak}
+
+
+@click.command()
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="smollm2-135m, a hub id / local path, or llama8b-random (Llama-3.1-8B shapes).")
+@click.option("--seq_len", default=256, show_default=True)
+@click.option("--steps", default=5, show_default=True, help="Timed optimizer steps (median reported).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", "dtype_name", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--rank", default=16, show_default=True)
+@click.option("--variants", default=",".join(VARIANTS), show_default=True)
+@click.option("--_child", hidden=True, default=None)
+def main(model_name, seq_len, steps, device, dtype_name, rank, variants, _child):
+    if _child:
+        print(json.dumps(run_variant(_child, model_name, seq_len, steps, device, dtype_name, rank)))
+        return
+    rows = []
+    for v in variants.split(","):
+        cmd = [sys.executable, __file__, "--model", model_name, "--seq_len", str(seq_len), "--steps", str(steps),
+               "--device", device, "--dtype", dtype_name, "--rank", str(rank), "--_child", v]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"{v} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    seed = next((r for r in rows if r["variant"] == "seed"), None)
+    mem = "peak MB (RSS above import)" if device == "cpu" else "peak MB (max_memory_allocated)"
+    print(f"\n{model_name}, {seq_len} tokens, {device}, {dtype_name}, rank {rank}, median of {steps} steps\n")
+    print(f"| objective | step time (s) | {mem} | time vs seed | memory vs seed |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        rt = f"{r['step_s'] / seed['step_s']:.2f}x" if seed else "-"
+        rm = f"{r['peak_mb'] / seed['peak_mb']:.2f}x" if seed else "-"
+        print(f"| {r['variant']} | {r['step_s']:.3f} | {r['peak_mb']:.0f} | {rt} | {rm} |")
+
+
+if __name__ == "__main__":
+    main()
