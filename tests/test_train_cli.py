@@ -1,0 +1,215 @@
+"""pretrain_npt_safe.py as a user runs it: subprocesses on a tiny random Llama (and the embedded
+model for the seed's recommended command)."""
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import npt
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "pretrain_npt_safe.py")
+FAST = ["--max_length", "32", "--batch_size", "2", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
+        "--warmup_steps", "2", "--log_steps", "1", "--save_steps", "0", "--seed", "3"]
+
+
+def run(*args, env=None, timeout=300, launcher=()):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, *launcher, SCRIPT, *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def rows(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_rows(out_dir):
+    return [r for r in rows(out_dir) if "loss" in r]
+
+
+def adapters(path):
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def assert_bitwise(a, b):
+    a, b = adapters(a), adapters(b)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} adapter tensors differ, e.g. {diff[0]}"
+
+
+def assert_loadable(ckpt, model_dir):
+    """A checkpoint directory loads: adapters onto a fresh model, trainer state, optimizer, RNG."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    npt.load_adapters(model, ckpt)
+    state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    assert isinstance(state["step"], int) and len(state["position"]) == 3
+    load_file(str(Path(ckpt) / "optimizer.safetensors"))
+    assert load_file(str(Path(ckpt) / "rng_state.safetensors"))["torch"].dtype == torch.uint8
+    return state
+
+
+# ----------------------------------------------------------------------------- 1. the seed's command
+SEED_COMMAND = """--model_name meta-llama/Llama-3.1-8B --adapter_rank 16 --use_quantization --share_embeddings
+    --safe_mode --streaming --batch_size 1 --gradient_accumulation_steps 8 --learning_rate 5e-5
+    --regularization_lambda 0.01 --num_epochs 1 --warmup_steps 200 --output_dir ./outputs/npt-safe-pretrained
+    --log_steps 10 --save_steps 500 --use_wandb""".split()
+
+
+@pytest.mark.slow
+def test_seed_recommended_command_4bit(tmp_path):
+    args = list(SEED_COMMAND)
+    args[args.index("--model_name") + 1] = "smollm2-135m"
+    args[args.index("--output_dir") + 1] = str(tmp_path / "out")
+    args.remove("--use_wandb")
+    proc = ok(run(*args, "--max_steps", 2, "--max_length", 64, timeout=600))
+    final = tmp_path / "out" / "checkpoint-final"
+    keys = adapters(final).keys()
+    assert keys and all(".A_proj." in k or ".B_add." in k for k in keys), "safe mode must save additive adapters only"
+    assert not any("B_mult" in k for k in keys)
+    cfg = json.loads((final / "npt_config.json").read_text())
+    assert cfg["modulation"] == "additive" and cfg["rank"] == 16 and len(cfg["layer_indices"]) == 30
+    losses = [r["loss"] for r in train_rows(tmp_path / "out")]
+    assert [r["step"] for r in train_rows(tmp_path / "out")] == [2]  # the last step is always logged
+    assert losses and all(isinstance(v, float) and math.isfinite(v) for v in losses)
+    assert "error" not in proc.stderr.lower()
+
+
+# ----------------------------------------------------------------------------- 4. non-finite micro-batches
+def test_planted_nan_micro_batch_is_skipped_and_counted(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    proc = ok(run("--model_name", tiny_llama_dir, "--output_dir", out, "--max_steps", 4, *FAST,
+                  env={"NPT_INJECT_NAN_STEPS": "2"}))
+    r = train_rows(out)
+    skips = [x for x in r if x["skipped"]]
+    assert len(skips) == 1 and skips[0]["skipped"] == 2 and skips[0]["step"] == 1 and skips[0]["loss"] is None
+    assert [x["step"] for x in r if x["loss"] is not None] == [1, 2, 3, 4]  # training went on
+    assert all(math.isfinite(x["loss"]) for x in r if x["loss"] is not None)
+    assert rows(out)[-1]["skipped_total"] == 2
+    assert "skipped micro-batch" in proc.stderr and "at step 1" in proc.stderr
+
+
+def test_consecutive_nan_stops_with_last_good_checkpoint(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    proc = run("--model_name", tiny_llama_dir, "--output_dir", out, "--max_steps", 10, *FAST,
+               "--save_steps", 1, "--gradient_accumulation_steps", 1, "--max_consecutive_nan", 3,
+               env={"NPT_INJECT_NAN_STEPS": "3-100"})
+    assert proc.returncode not in (0, 2), proc.stderr[-2000:]
+    assert "3 non-finite micro-batches in a row" in proc.stderr and "Traceback" not in proc.stderr
+    state = assert_loadable(out / "checkpoint-final", tiny_llama_dir)
+    assert state["step"] == 2 and state["skipped_total"] == 3
+    assert_bitwise(out / "checkpoint-final", out / "checkpoint-2")  # the last good adapters
+    assert not (out / "checkpoint-3").exists()
+
+
+# ----------------------------------------------------------------------------- 5. resume
+@pytest.mark.parametrize("data", ["builtin", "jsonl-streaming"])
+def test_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path, tiny_llama_dir, data):
+    extra = []
+    if data != "builtin":
+        f = tmp_path / "docs.jsonl"
+        rng = random.Random(0)
+        words = "alpha beta gamma delta modulation attention layer token gradient".split()
+        f.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))}) + "\n"
+                             for _ in range(60)))
+        extra = ["--dataset_name", f, "--streaming"]
+    common = ["--model_name", tiny_llama_dir, "--max_steps", 6, *FAST, "--save_steps", 3, *extra]
+    ok(run(*common, "--output_dir", tmp_path / "a"))
+    a = tmp_path / "a"
+    state = json.loads((a / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["position"] != [0, 0, 0]
+    with pytest.raises(AssertionError):  # training moves the adapters after the checkpoint
+        assert_bitwise(a / "checkpoint-3", a / "checkpoint-final")
+    ok(run(*common, "--output_dir", tmp_path / "b", "--resume_from_checkpoint", a / "checkpoint-3"))
+    assert_bitwise(a / "checkpoint-final", tmp_path / "b" / "checkpoint-final")
+    assert_bitwise(a / "checkpoint-6", tmp_path / "b" / "checkpoint-6")
+    la = {r["step"]: r["loss"] for r in train_rows(a)}
+    lb = {r["step"]: r["loss"] for r in train_rows(tmp_path / "b")}
+    assert set(lb) == {4, 5, 6} and all(la[s] == lb[s] for s in lb)
+
+
+def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    rng = random.Random(1)
+    args = [sys.executable, SCRIPT, "--model_name", str(tiny_llama_dir), "--output_dir", str(out),
+            "--max_steps", "100000", "--max_length", "16", "--batch_size", "1", "--gradient_accumulation_steps", "1",
+            "--save_steps", "1", "--save_total_limit", "2", "--log_steps", "1"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    steps = []
+    for kill in range(10):
+        resume = ["--resume_from_checkpoint", "latest"] if any(out.glob("checkpoint-*")) else []
+        proc = subprocess.Popen(args + resume, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:  # wait for this run's first save, then kill at a random moment of steady saving
+            deadline = time.time() + 120
+            base = max(steps, default=0)
+            while time.time() < deadline and proc.poll() is None:
+                numbered = [int(d.name.split("-")[1]) for d in out.glob("checkpoint-*") if d.name[11:].isdigit()]
+                if max(numbered, default=0) > base:
+                    break
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0, 1.0))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        present = sorted(d for d in out.iterdir() if d.name.startswith("checkpoint-"))
+        numbered = [d for d in present if d.name[11:].isdigit()]
+        assert numbered, "no checkpoint after a kill"
+        newest = max(numbered, key=lambda d: int(d.name[11:]))
+        for d in present:  # every visible checkpoint, the newest above all, loads
+            assert_loadable(d, tiny_llama_dir)
+        steps.append(int(newest.name[11:]))
+    assert steps == sorted(steps) and steps[-1] > steps[0], f"resumed runs did not progress: {steps}"
+
+
+# ----------------------------------------------------------------------------- 7. DDP
+def test_torchrun_two_processes_match_one_process(tmp_path, tiny_llama_dir):
+    common = ["--model_name", tiny_llama_dir, "--max_steps", 4, *FAST, "--gradient_accumulation_steps", 2]
+    ddp = ok(run(*common, "--batch_size", 1, "--output_dir", tmp_path / "ddp",
+                 launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"), timeout=400))
+    ok(run(*common, "--batch_size", 2, "--output_dir", tmp_path / "one"))
+    final = rows(tmp_path / "ddp")[-1]
+    assert final["event"] == "final" and final["world_size"] == 2 and final["ranks_identical"] is True
+    ld = {r["step"]: r["loss"] for r in train_rows(tmp_path / "ddp")}
+    lo = {r["step"]: r["loss"] for r in train_rows(tmp_path / "one")}
+    assert set(ld) == set(lo) == {1, 2, 3, 4}
+    for s in ld:
+        assert abs(ld[s] - lo[s]) < 1e-5 * max(1.0, abs(lo[s])) and ld[s] == pytest.approx(lo[s], rel=1e-4)
+    a, b = adapters(tmp_path / "ddp" / "checkpoint-final"), adapters(tmp_path / "one" / "checkpoint-final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert ddp.stderr.count("NPT pre-training:") == 1  # rank 0 logs, once
+
+
+# ----------------------------------------------------------------------------- 9. eval and sinks
+def test_eval_metrics_curve_and_tensorboard(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    ok(run("--model_name", tiny_llama_dir, "--output_dir", out, "--max_steps", 4, *FAST, "--eval_steps", 2,
+           "--eval_samples", 3, "--use_tensorboard", "--log_file", tmp_path / "train.log"))
+    evals = [r for r in rows(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]  # at start, every 2 steps, at the end
+    for r in evals:
+        assert r["eval_teacher_ppl"] > 1 and r["eval_student_ppl"] > 1 and 0 <= r["eval_agreement"] <= 1
+        assert len(r["eval_layer_mse"]) == 2 and all(v >= 0 for v in r["eval_layer_mse"])
+    for r in train_rows(out):
+        assert {"step", "loss", "mse", "reg", "grad_norm", "lr", "skipped"} <= set(r)
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert "eval @ step 2" in (tmp_path / "train.log").read_text()
+    for name in ("checkpoint-final", "checkpoint-best"):
+        assert_loadable(out / name, tiny_llama_dir)
