@@ -333,6 +333,20 @@ def main() -> int:
 
 
 # ----------------------------------------------------------------------------- pytest collects the same checks
+try:
+    import pytest
+
+    @pytest.fixture(autouse=True, scope="module")
+    def one_torch_thread():
+        """One intra-op thread under pytest: on a shared 2-core machine, spinning OpenMP threads of several
+        processes slow small forward passes down by 10-50x."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+except ImportError:  # running as a script without pytest installed
+    pass
+
 def test_factor_range():
     check_factor_range()
 

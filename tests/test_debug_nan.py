@@ -1,6 +1,7 @@
 """debug_nan.py on the embedded model: clean run, planted NaNs, poisoned checkpoints, bad input."""
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,11 +17,22 @@ from debug_nan import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_LAYERS = 30
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_torch_thread
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads of several processes
+    slow a small forward pass down by 10-50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_cli(*args, timeout=120):
     return subprocess.run([sys.executable, str(ROOT / "debug_nan.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=ENV)
 
 
 def run_in_process(capsys, *args) -> tuple[int, str, str]:

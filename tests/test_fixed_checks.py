@@ -1,5 +1,6 @@
 """Every check of test_fixed_npt.py fails when its fix is reverted, and the script passes as a whole."""
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,16 @@ from debug_nan import tanh_factor
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads of several processes
+    slow a small forward pass down by 10-50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def seed_code_factor(m):
     """What the seed's code wrote: range (0.5, 1.0), 0.75 at m = 0."""
     return 0.5 * torch.sigmoid(m) + 0.5
@@ -27,7 +38,8 @@ def fresh_adapter():
 
 def test_script_passes_without_input():
     proc = subprocess.run([sys.executable, "test_fixed_npt.py"], cwd=ROOT, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=170)
+                          capture_output=True, text=True, timeout=170,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # see one_torch_thread
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert len(lines) == len(checks.CHECKS) and all(line.startswith("PASS") for line in lines), proc.stdout
