@@ -963,7 +963,7 @@ def train(**a) -> int:
         if main_proc:
             bar.set_postfix(loss=f"{out['loss']:.4g}", mse=f"{out['mse']:.3g}", reg=f"{out['reg']:.3g}",
                             gnorm=f"{out['grad_norm']:.3g}", tok_s=f"{tokens_since / elapsed:.0f}", refresh=False)
-        if out["skipped"] or (stepped and (st["step"] % a["log_steps"] == 0 or st["step"] == total_steps)):
+        if out["skipped"] or (stepped and (st["step"] % a["log_steps"] == 0 or st["step"] in (1, total_steps))):
             sinks.row({"step": st["step"], "loss": out["loss"], "mse": out["mse"], "reg": out["reg"],
                        "grad_norm": out["grad_norm"], "lr": scheduler.get_last_lr()[0], "skipped": out["skipped"],
                        "skipped_total": st["skipped_total"], "tokens": st["tokens"],

@@ -1,0 +1,110 @@
+"""Bad input to pretrain_npt_safe.py: one line `error: ...`, exit 2, no traceback, nothing written."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+import npt
+import pretrain_npt_safe as trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_llama_dir):
+    """Files the bad inputs point at, and a real checkpoint with a corrupt adapter file."""
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "empty.txt").write_text("")
+    (d / "blank.jsonl").write_text('{"text": ""}\n{"text": "   "}\n')
+    (d / "other_column.jsonl").write_text('{"content": "some text"}\n')
+    (d / "a_file").write_text("not a directory")
+    model = npt.convert_to_npt(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), npt.NPTConfig())
+    opt = torch.optim.AdamW(npt.get_adapter_params(model))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    (d / "run").mkdir()
+    ckpt = trainer.save_checkpoint(d / "run", "checkpoint-1", model, opt, sched, {"step": 1, "position": [0, 0, 0]})
+    blob = (ckpt / "adapter_model.safetensors").read_bytes()
+    (ckpt / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2])  # truncated by a crash
+    return d
+
+
+def bad_cases(d, model):
+    return {
+        "nonexistent model": ["--model_name", str(d / "no-such-model")],
+        "nonexistent dataset": ["--model_name", model, "--dataset_name", str(d / "no-such.jsonl")],
+        "nonexistent checkpoint": ["--model_name", model, "--resume_from_checkpoint", str(d / "no-such-ckpt")],
+        "latest without checkpoints": ["--model_name", model, "--resume_from_checkpoint", "latest"],
+        "corrupt adapter file": ["--model_name", model, "--resume_from_checkpoint", str(d / "run" / "checkpoint-1")],
+        "empty dataset file": ["--model_name", model, "--dataset_name", str(d / "empty.txt")],
+        "dataset of blank texts": ["--model_name", model, "--dataset_name", str(d / "blank.jsonl")],
+        "missing text column": ["--model_name", model, "--dataset_name", str(d / "other_column.jsonl")],
+        "rank 0": ["--model_name", model, "--adapter_rank", "0"],
+        "negative rank": ["--model_name", model, "--adapter_rank", "-4"],
+        "rank above d_model": ["--model_name", model, "--adapter_rank", "65"],
+        "batch size 0": ["--model_name", model, "--batch_size", "0"],
+        "accumulation 0": ["--model_name", model, "--gradient_accumulation_steps", "0"],
+        "max_length 1": ["--model_name", model, "--max_length", "1"],
+        "negative learning rate": ["--model_name", model, "--learning_rate", "-1e-5"],
+        "unknown objective": ["--model_name", model, "--objective", "distill"],
+        "npt_layers out of range": ["--model_name", model, "--npt_layers", "1,5"],
+        "npt_layers unparsable": ["--model_name", model, "--npt_layers", "top"],
+        "output dir under a file": ["--model_name", model, "--output_dir", str(d / "a_file" / "out")],
+        "wandb missing": ["--model_name", model, "--use_wandb"],
+        "streaming without max_steps": ["--model_name", model, "--streaming", "--max_steps", "0"],
+        "unknown mixed precision": ["--model_name", model, "--mixed_precision", "fp8"],
+    }
+
+
+CASES = list(bad_cases(Path("/x"), "m"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_nothing_written(case, inputs, tiny_llama_dir, tmp_path):
+    pytest.importorskip("click")
+    if case == "wandb missing":
+        try:
+            import wandb  # noqa: F401
+            pytest.skip("wandb is installed here")
+        except ImportError:
+            pass
+    out = tmp_path / "out"
+    args = bad_cases(inputs, str(tiny_llama_dir))[case]
+    if "--output_dir" not in args:
+        args = args + ["--output_dir", str(out)]
+    before = sorted(p.name for p in inputs.rglob("*"))
+    result = CliRunner().invoke(trainer.main, args, catch_exceptions=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, f"{case}: exit {result.exit_code}\n{result.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{case}: {result.stderr!r}"
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not out.exists(), f"{case}: {out} was created"
+    assert sorted(p.name for p in inputs.rglob("*")) == before, f"{case}: files were written"
+
+
+@pytest.mark.parametrize("case", ["nonexistent model", "corrupt adapter file", "rank above d_model"])
+def test_bad_input_as_a_process(case, inputs, tiny_llama_dir, tmp_path):
+    """The same, through a real interpreter: no traceback, no warning noise, one line."""
+    args = bad_cases(inputs, str(tiny_llama_dir))[case] + ["--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_npt_safe.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_flag():
+    text = CliRunner().invoke(trainer.main, ["--help"]).output
+    flags = """model_name adapter_rank use_quantization use_fp16 share_embeddings safe_mode streaming batch_size
+        gradient_accumulation_steps learning_rate regularization_lambda num_epochs warmup_steps output_dir log_steps
+        save_steps use_wandb dataset_name dataset_split num_samples max_length weight_decay max_steps max_grad_norm
+        optimizer_type scheduler_type log_file use_tensorboard run_name mixed_precision npt_layers objective kernel
+        text_column eval_steps resume_from_checkpoint save_total_limit seed max_consecutive_nan""".split()
+    missing = [f for f in flags if f"--{f}" not in text]
+    assert not missing, missing
+    assert "default: 0.5" in " ".join(text.split()).replace("[", "").replace("]", "")  # --max_grad_norm
