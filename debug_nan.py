@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 import npt
 from kernels import modulated_gate
-from pretrain_npt_safe import OneLineCommand, UserError, fail, load_model_or_fail, model_options
+from pretrain_npt_safe import OneLineCommand, fail, load_model_config_or_fail, load_model_or_fail, model_options
 
 STAGES = ("input_norm", "attn_out", "low_rank", "delta_add", "delta_mult", "modulated_gate", "mlp_out",
           "layer_out")
@@ -363,11 +363,11 @@ def main(model_name, use_quantization, use_fp16, checkpoint, npt_layers, adapter
         if given:
             fail(f"{', '.join(given)} cannot be combined with --checkpoint: the checkpoint's npt_config.json sets them")
         try:
-            npt.read_adapter_config(checkpoint)
-        except (OSError, ValueError) as e:
+            meta = npt.read_adapter_config(checkpoint)
+            config = npt.NPTConfig.from_dict(meta)
+        except (OSError, ValueError, TypeError) as e:
             fail(f"--checkpoint: {e}")
-    config = None
-    if checkpoint is None:
+    else:
         try:
             config = npt.NPTConfig(rank=16 if adapter_rank is None else adapter_rank,
                                    modulation="additive" if safe_mode else "both", layers=npt_layers or "all")
@@ -376,6 +376,18 @@ def main(model_name, use_quantization, use_fp16, checkpoint, npt_layers, adapter
     if json_file is not None and not Path(json_file).resolve().parent.is_dir():
         fail(f"--json: directory {Path(json_file).parent} does not exist")
     texts = texts or DEFAULT_TEXTS
+    # layers, rank and injection point checked against the model's config before its weights load
+    num_layers = getattr(load_model_config_or_fail(model_name), "num_hidden_layers", None)
+    if num_layers is not None and checkpoint is None:
+        try:
+            indices = config.layer_indices(num_layers)
+        except ValueError as e:
+            fail(f"--npt_layers: {e}")
+        if inject is not None and inject[0] not in indices:
+            fail(f"--inject_nan: layer {inject[0]} is not an NPT layer of this model (NPT layers: {_ranges(indices)})")
+    if inject is not None and inject[1] in ("delta_add", "delta_mult") and \
+            not (config.additive if inject[1] == "delta_add" else config.multiplicative):
+        fail(f"--inject_nan: stage {inject[1]} is off in this model (modulation={config.modulation})")
 
     from transformers.utils import logging as hf_logging
 
