@@ -133,6 +133,22 @@ def _decoder_pass(model, batch, inputs: bool = False, teacher: bool = False):
     return store
 
 
+def keep_4bit_differentiable(model) -> None:
+    """bitsandbytes (0.50, CPU with AVX512-BF16) repacks a 4-bit weight for inference on the first no-grad
+    forward of a Linear4bit in eval mode, and the repacked path (gemv_4bit) has no autograd: gradients
+    through the frozen 4-bit MLP to the adapters would silently be wrong. Training-mode Linear4bit never
+    repacks; weights already repacked are unpacked."""
+    for m in model.modules():
+        if type(m).__name__ != "Linear4bit" or not type(m).__module__.startswith("bitsandbytes"):
+            continue
+        m.training = True
+        qs = getattr(m.weight, "quant_state", None)
+        if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+
+
 def compute_loss(model, batch, objective: str = "layerwise", regularization_lambda: float = 0.01) -> dict:
     """Equivalence loss of one micro-batch: {loss, mse, reg, layer_mse (list), tokens}.
 
@@ -144,6 +160,7 @@ def compute_loss(model, batch, objective: str = "layerwise", regularization_lamb
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     mask = batch["attention_mask"]
     layers = npt.npt_layers(model)
+    keep_4bit_differentiable(model)
     teacher = _decoder_pass(model, batch, inputs=objective == "layerwise", teacher=True)
     if objective == "layerwise":
         student = {layer.layer_idx: layer.modulated_mlp(teacher[layer.layer_idx]["h"],
