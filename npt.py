@@ -291,13 +291,18 @@ def regularization(model: nn.Module, attention_mask: torch.Tensor | None = None)
     return torch.stack(per_layer).mean()
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| per token in fp32; scaling by max|x| first keeps the norm from overflowing
+    (huge states stay comparable instead of collapsing to 0; an Inf still gives NaN, which is reported)."""
+    x = x.float()
+    x = x / x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 def normalized_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between per-token L2-normalized hidden vectors, averaged over real tokens (the seed's fix 4):
     bounded whatever the scale, so large early differences cannot explode the gradients."""
-    s = student.float()
-    t = teacher.float()
-    s = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    t = t / t.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    s, t = _unit(student), _unit(teacher)
     per_token = (s - t).square().mean(-1)  # (B, T)
     if mask is None:
         return per_token.mean()

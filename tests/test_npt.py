@@ -346,3 +346,15 @@ def test_npt_layers_run_the_triton_kernel(monkeypatch):
     assert all(rel_err(a, b.double()) <= 1e-4 for a, b in zip(tri_grads, ref_grads))
     with pytest.raises(ValueError, match="kernel"):
         npt.set_kernel(model, "cuda")
+
+
+def test_normalized_mse_matches_reference_at_any_scale():
+    s, t = torch.randn(2, 5, 64, dtype=torch.float64), torch.randn(2, 5, 64, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)
+    per_token = (unit(s) - unit(t)).pow(2).mean(-1)
+    ref = (per_token * mask).sum() / mask.sum()
+    for scale in (1e-20, 1.0, 1e18, 1e30):  # fp32 norms over/underflow at the extremes
+        got = npt.normalized_mse((s * scale).float(), (t * scale).float(), mask)
+        assert abs(got.item() - ref.item()) <= 1e-5 * ref.item(), scale
+    assert torch.isnan(npt.normalized_mse(s.float().index_fill(-1, torch.tensor([0]), float("inf")), t.float()))
