@@ -179,9 +179,10 @@ def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path, tiny_ll
 
 # ----------------------------------------------------------------------------- 7. DDP
 def test_torchrun_two_processes_match_one_process(tmp_path, tiny_llama_dir):
-    common = ["--model_name", tiny_llama_dir, "--max_steps", 4, *FAST, "--gradient_accumulation_steps", 2]
-    ddp = ok(run(*common, "--batch_size", 1, "--output_dir", tmp_path / "ddp",
-                 launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"), timeout=400))
+    common = ["--model_name", tiny_llama_dir, "--max_steps", 4, *FAST, "--gradient_accumulation_steps", 2,
+              "--save_steps", 2]
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    ddp = ok(run(*common, "--batch_size", 1, "--output_dir", tmp_path / "ddp", launcher=torchrun, timeout=400))
     ok(run(*common, "--batch_size", 2, "--output_dir", tmp_path / "one"))
     final = rows(tmp_path / "ddp")[-1]
     assert final["event"] == "final" and final["world_size"] == 2 and final["ranks_identical"] is True
@@ -194,6 +195,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_llama_dir):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert ddp.stderr.count("NPT pre-training:") == 1  # rank 0 logs, once
+    # resumed on two processes from the step-2 checkpoint: the same adapters, bit for bit
+    ok(run(*common, "--batch_size", 1, "--output_dir", tmp_path / "ddp2", "--resume_from_checkpoint",
+           tmp_path / "ddp" / "checkpoint-2", launcher=torchrun, timeout=400))
+    assert_bitwise(tmp_path / "ddp" / "checkpoint-final", tmp_path / "ddp2" / "checkpoint-final")
 
 
 # ----------------------------------------------------------------------------- 9. eval and sinks
