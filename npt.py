@@ -157,6 +157,9 @@ class NPTLayer(nn.Module):
             setattr(self, hooks, getattr(layer, hooks))
             setattr(layer, hooks, type(getattr(self, hooks))())
 
+    def __getstate__(self):  # copies and pickles drop the last forward's graph
+        return {**self.__dict__, "last_reg": None}
+
     def attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         """attn = SelfAttn(LN1(h)), with the decoder's own attention, cache and masks."""
         return self.layer.self_attn(hidden_states=self.layer.input_layernorm(hidden_states), **kwargs)[0]

@@ -358,3 +358,11 @@ def test_normalized_mse_matches_reference_at_any_scale():
         got = npt.normalized_mse((s * scale).float(), (t * scale).float(), mask)
         assert abs(got.item() - ref.item()) <= 1e-5 * ref.item(), scale
     assert torch.isnan(npt.normalized_mse(s.float().index_fill(-1, torch.tensor([0]), float("inf")), t.float()))
+
+
+def test_deepcopy_after_a_training_forward():
+    model = npt.convert_to_npt(tiny("llama"), npt.NPTConfig(rank=4))
+    model(input_ids=torch.randint(1, 128, (1, 5)))  # last_reg now holds a graph
+    clone = copy.deepcopy(model)
+    assert all(layer.last_reg is None for layer in npt.npt_layers(clone))
+    assert npt.regularization(model).requires_grad
