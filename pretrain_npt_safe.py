@@ -119,18 +119,20 @@ def _capture(model, inputs: bool):
     return store, handles
 
 
-def _decoder_pass(model, batch, inputs: bool = False, teacher: bool = False):
-    """Run the decoder stack (no lm_head) and return the captured per-layer tensors."""
+def _decoder_pass(model, batch, inputs: bool = False, teacher: bool = False, logits: bool = False):
+    """Run the decoder stack (with the lm_head only when `logits`) and return the captured per-layer
+    tensors, and the logits when asked."""
     store, handles = _capture(model, inputs)
     try:
         ctx = npt.npt_disabled(model) if teacher else contextlib.nullcontext()
         grad = torch.no_grad() if teacher else contextlib.nullcontext()
         with ctx, grad:
-            model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            out = (model if logits else model.base_model)(input_ids=batch["input_ids"],
+                                                          attention_mask=batch["attention_mask"], use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return store
+    return (store, out.logits) if logits else store
 
 
 def keep_4bit_differentiable(model) -> None:
@@ -255,11 +257,8 @@ def evaluate(model, batches, objective: str = "layerwise", regularization_lambda
     for b in batches:
         with autocast():
             out = compute_loss(model, b, objective, regularization_lambda)
-            with npt.npt_disabled(model):
-                t_logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-            s_logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-            t_store = _decoder_pass(model, b, teacher=True)
-            s_store = _decoder_pass(model, b)
+            t_store, t_logits = _decoder_pass(model, b, teacher=True, logits=True)
+            s_store, s_logits = _decoder_pass(model, b, logits=True)
         mask = b["attention_mask"]
         n = int(mask.sum())
         tot["tokens"] += n
