@@ -59,7 +59,7 @@ def make_batch(lengths, seed=0, total=None):
 def ref_nmse(s, t, mask):
     s = s / s.norm(dim=-1, keepdim=True)
     t = t / t.norm(dim=-1, keepdim=True)
-    per_token = ((s - t) ** 2).mean(-1)
+    per_token = ((s - t) ** 2).sum(-1)
     m = mask.float()
     return (per_token * m).sum() / m.sum()
 
