@@ -4,6 +4,21 @@ import pytest
 import npt
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread(request):
+    """One intra-op thread for the modules that ask (ONE_TORCH_THREAD = True): on a shared 2-core machine,
+    spinning OpenMP threads of several processes slow a small forward pass down by 10-50x."""
+    if not getattr(request.module, "ONE_TORCH_THREAD", False):
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def embedded():
     """(model, tokenizer) of the embedded smollm2-135m, unconverted: copy before converting."""

@@ -16,18 +16,9 @@ import npt
 from debug_nan import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
+ONE_TORCH_THREAD = True
 NUM_LAYERS = 30
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_torch_thread
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads of several processes
-    slow a small forward pass down by 10-50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(*args, timeout=120):

@@ -15,16 +15,7 @@ import test_fixed_npt as checks
 from debug_nan import tanh_factor
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads of several processes
-    slow a small forward pass down by 10-50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ONE_TORCH_THREAD = True
 
 
 def seed_code_factor(m):

@@ -18,13 +18,7 @@ LAYERS = [0, 2]  # of 3: a gap, and the last layer (compared before the final no
 LAMBDA = 0.3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only spins on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
 
 
 @pytest.fixture(scope="module")
