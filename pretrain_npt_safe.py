@@ -619,7 +619,9 @@ class Sinks:
         rows = [json.loads(r) for r in self.metrics.read_text().splitlines() if r.strip()]
         train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "eval_loss" not in r]
         evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        layer_evals = [r for r in rows if r.get("eval_layer_mse")]
+        fig, axes = plt.subplots(1, 2 if layer_evals else 1, figsize=(12 if layer_evals else 7, 4), squeeze=False)
+        ax = axes[0, 0]
         if train:
             ax.plot(*zip(*train), label="train loss")
         if evals:
@@ -629,6 +631,16 @@ class Sinks:
         ax.set_yscale("log")
         ax.legend()
         ax.set_title("NPT equivalence pre-training")
+        if layer_evals:  # the student's own trajectory vs the teacher's, layer by layer
+            ax = axes[0, 1]
+            for r in dict.fromkeys([layer_evals[0]["step"], layer_evals[-1]["step"]]):
+                row = next(e for e in layer_evals if e["step"] == r)
+                ax.plot(row["eval_layer_mse"], "o-", ms=3, label=f"step {r}: student ppl {row['eval_student_ppl']:.3g}"
+                        f" (teacher {row['eval_teacher_ppl']:.3g}), agreement {row['eval_agreement']:.2f}")
+            ax.set_xlabel("NPT layer (position among converted layers)")
+            ax.set_ylabel("held-out normalized MSE")
+            ax.legend(fontsize=8)
+            ax.set_title("per-layer fidelity (eval)")
         fig.tight_layout()
         tmp = self.dir / ".loss_curve.png.tmp"
         fig.savefig(tmp, format="png")
