@@ -45,6 +45,15 @@ def fail(message: str):
     raise UserError(message)
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line (its type when it has no message), for one-line errors."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _cannot_load_model(model_name: str, e: BaseException):
+    fail(f"cannot load model {model_name!r}: {first_line(e)} (give a hub id, a local model directory, or smollm2-135m)")
+
+
 class OneLineCommand(click.Command):
     """Bad input (click's own or ours) prints one 'error: ...' line and exits 2: no usage dump, no traceback."""
 
@@ -78,8 +87,7 @@ def load_model_or_fail(model_name: str, use_quantization: bool = False, use_fp16
     try:
         return npt.load_base_model(model_name, use_quantization=use_quantization, use_fp16=use_fp16, **kwargs)
     except (OSError, ValueError) as e:
-        fail(f"cannot load model {model_name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-             "(give a hub id, a local model directory, or smollm2-135m)")
+        _cannot_load_model(model_name, e)
 
 
 def model_path(model_name: str) -> str:
@@ -96,8 +104,7 @@ def load_model_config_or_fail(model_name: str):
     try:
         return AutoConfig.from_pretrained(model_path(model_name))
     except (OSError, ValueError) as e:
-        fail(f"cannot load model {model_name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-             "(give a hub id, a local model directory, or smollm2-135m)")
+        _cannot_load_model(model_name, e)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -332,8 +339,7 @@ def load_text_dataset(name: str, split: str, streaming: bool, text_column: str):
     except UserError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError...)
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        fail(f"cannot load dataset {name!r} (split {split!r}): {first}")
+        fail(f"cannot load dataset {name!r} (split {split!r}): {first_line(e)}")
     return ds, text_column
 
 
@@ -526,8 +532,7 @@ def read_checkpoint_or_fail(path: Path) -> dict:
     except FileNotFoundError as e:
         fail(f"checkpoint {str(path)!r} is incomplete: {Path(e.filename).name if e.filename else e} is missing")
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        fail(f"checkpoint {str(path)!r} is corrupt: {first}")
+        fail(f"checkpoint {str(path)!r} is corrupt: {first_line(e)}")
     state["_adapter_meta"] = meta
     return state
 
@@ -802,7 +807,7 @@ def train(**a) -> int:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path(a["model_name"]))
     except (OSError, ValueError) as e:
-        fail(f"cannot load the tokenizer of {a['model_name']!r}: {str(e).splitlines()[0]}")
+        fail(f"cannot load the tokenizer of {a['model_name']!r}: {first_line(e)}")
     ds, text_column = load_text_dataset(a["dataset_name"], a["dataset_split"], a["streaming"], a["text_column"])
     check_text_column(ds, text_column, a["dataset_name"])
     if a["streaming"]:
