@@ -33,12 +33,13 @@ from kernels import modulated_gate, modulated_swiglu, modulation_factor
 __all__ = [
     "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt",
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "regularization",
-    "normalized_mse",
+    "normalized_mse", "update_error", "masked_mean",
     "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype",
     "EMBEDDED_MODEL",
 ]
 
 MODULATIONS = ("both", "additive", "multiplicative")
+TARGETS = ("gate", "down", "gate+down")
 CONFIG_NAME = "npt_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 EMBEDDED_MODEL = "smollm2-135m"
@@ -51,20 +52,30 @@ class NPTConfig:
     modulation: str = "both"  # both | additive | multiplicative
     layers: str | list[int] = "all"  # all | upper_half | lower_half | "8-15" | "1,3,5" | [ints]
     add_scale: float = 0.1
+    modulation_target: str = "gate"  # gate | down | gate+down
+    down_rank: int = 4  # K of the per-token rank-K modulation of down_proj
 
     def __post_init__(self):
         if self.modulation not in MODULATIONS:
             raise ValueError(f"modulation must be one of {', '.join(MODULATIONS)}, got {self.modulation!r}")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.modulation_target not in TARGETS:
+            raise ValueError(f"modulation_target must be one of {', '.join(TARGETS)}, got {self.modulation_target!r}")
+        for name in ("rank", "down_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @property
     def additive(self) -> bool:
-        return self.modulation in ("both", "additive")
+        return self.modulation in ("both", "additive") and "gate" in self.modulation_target
 
     @property
     def multiplicative(self) -> bool:
-        return self.modulation in ("both", "multiplicative")
+        return self.modulation in ("both", "multiplicative") and "gate" in self.modulation_target
+
+    @property
+    def down(self) -> bool:
+        return "down" in self.modulation_target
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """The 0-based decoder layers this config converts, validated against `num_layers`."""
@@ -104,14 +115,20 @@ class NPTConfig:
 
 # ----------------------------------------------------------------------------- adapter
 class NPTAdapter(nn.Module):
-    """Low-rank code z = A_proj(attn) (fp32) and its expansions B_add, B_mult (F, r)."""
+    """Low-rank code z = A_proj(attn) (fp32) and its expansions: B_add, B_mult (F, r) modulate the
+    gate; for the down target, B_down (K*D, r) gives the per-token vectors v_k and down_u (K, F) the
+    static input vectors u_k of dW_down = sum_k v_k u_k^T."""
 
     def __init__(self, d_model: int, d_ffn: int, config: NPTConfig):
         super().__init__()
         r = config.rank
         self.A_proj = nn.Linear(d_model, r, bias=False)
         nn.init.normal_(self.A_proj.weight, std=0.02)
-        self.B_add = self.B_mult = None
+        self.B_add = self.B_mult = self.B_down = self.down_u = None
+        if config.down:
+            self.B_down = nn.Linear(r, config.down_rank * d_model, bias=False)
+            nn.init.zeros_(self.B_down.weight)  # dW_down exactly 0 at init: no initial effect
+            self.down_u = nn.Parameter(torch.randn(config.down_rank, d_ffn) * d_ffn ** -0.5)  # unit-norm rows
         if config.additive:
             self.B_add = nn.Linear(r, d_ffn, bias=False)
             nn.init.normal_(self.B_add.weight, std=0.001)
@@ -123,6 +140,10 @@ class NPTAdapter(nn.Module):
         """(w_add, w_mult) for the kernel, None for a branch that is off."""
         return (None if self.B_add is None else self.B_add.weight,
                 None if self.B_mult is None else self.B_mult.weight)
+
+    def down_vectors(self, z: torch.Tensor) -> torch.Tensor:
+        """v = the per-token output vectors v_k of dW_down, from the code z."""
+        return self.B_down(z).unflatten(-1, (self.down_u.shape[0], -1))  # (..., K, D)
 
 
 # ----------------------------------------------------------------------------- layer
@@ -169,15 +190,19 @@ class NPTLayer(nn.Module):
         mlp = self.layer.mlp
         x = self.layer.post_attention_layernorm(hidden_states)  # (B, T, D)
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # (B, T, F)
-        z = self.adapter.A_proj(attn.float())  # (B, T, r) fp32
-        w_add, w_mult = self.adapter.weights()
-        act, add_sq, mult_sq = modulated_swiglu(gate, up, z, w_add, w_mult, self.config.add_scale,
-                                                backend=self.kernel)
-        terms = [s for s in (add_sq, mult_sq) if s is not None]
+        ad = self.adapter
+        z = ad.A_proj(attn.float())  # (B, T, r) fp32
+        act, add_sq, mult_sq, *down_s = modulated_swiglu(gate, up, z, *ad.weights(), self.config.add_scale,
+                                                         backend=self.kernel, down_u=ad.down_u)
+        out = mlp.down_proj(act).float()  # (B, T, D)
+        terms = [sq / self.d_ffn for sq in (add_sq, mult_sq) if sq is not None]  # mean squares: no growth with F
+        if down_s:  # + sum_k v_k (u_k . act): a per-token rank-K update of W_down, never an N x K x F tensor
+            v = ad.down_vectors(z)  # (B, T, K, D)
+            out = out + torch.einsum("btk,btkd->btd", down_s[0], v)
+            terms.append(v.square().mean((-2, -1)))
         self.last_reg = sum(terms) / len(terms)  # (B, T)
         if capture is not None:
             capture.update(x=x, gate=gate, z=z)
-        out = mlp.down_proj(act)
         return hidden_states + out.to(hidden_states.dtype)
 
     def forward(self, hidden_states, *args, **kwargs):
@@ -194,7 +219,9 @@ class NPTLayer(nn.Module):
         return self.modulated_mlp(hidden_states, attn)
 
     def extra_repr(self) -> str:
-        return f"layer_idx={self.layer_idx}, rank={self.config.rank}, modulation={self.config.modulation}"
+        c = self.config
+        return (f"layer_idx={self.layer_idx}, rank={c.rank}, modulation={c.modulation}, target={c.modulation_target}"
+                + (f", down_rank={c.down_rank}" if c.down else ""))
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -284,14 +311,7 @@ def regularization(model: nn.Module, attention_mask: torch.Tensor | None = None)
     regs = [layer.last_reg for layer in layers]
     if not layers or any(r is None for r in regs):
         raise RuntimeError("regularization() needs an NPT forward pass first (none ran, or NPT was disabled)")
-    per_layer = []
-    for reg in regs:
-        if attention_mask is None:
-            per_layer.append(reg.mean())
-        else:
-            mask = attention_mask[..., -reg.shape[-1]:].to(reg.dtype)  # with a KV cache: the new tokens
-            per_layer.append((reg * mask).sum() / mask.sum().clamp_min(1))
-    return torch.stack(per_layer).mean()
+    return torch.stack([masked_mean(reg, attention_mask) for reg in regs]).mean()
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -313,6 +333,37 @@ def normalized_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
         return per_token.mean()
     mask = mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+
+UPDATE_FLOOR = 1e-4  # a teacher update below 1% of the output's norm is measured against that 1%
+
+
+def update_error(student: torch.Tensor, teacher: torch.Tensor, layer_input: torch.Tensor,
+                 mask: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+    """How much of the layer's update the student misses: per token |y_s - y_t|^2 / |y_t - h|^2.
+
+    1 for a student whose output is its input (it adds nothing), 0 for an exact match; each token weighs
+    the same, so massive-activation tokens cannot dominate. Two guards keep it finite at any scale:
+    every token is first divided by its teacher-side max |.| (so 1e-20 and 1e20 states give the same
+    value as unit ones), and the denominator is floored at UPDATE_FLOOR * |y_t|^2 (a token whose update
+    is tiny next to its state cannot blow the loss up). Averaged over real tokens (mask), or (B, T)."""
+    t, h = teacher.detach().float(), layer_input.detach().float()
+    scale = torch.maximum(t.abs().amax(-1, keepdim=True), h.abs().amax(-1, keepdim=True))
+    scale = scale.clamp_min(torch.finfo(torch.float32).tiny)  # (B, T, 1)
+    t, h = t / scale, h / scale
+    miss = (student.float() / scale - t).square().sum(-1)  # (B, T)
+    update = (t - h).square().sum(-1)
+    floor = (UPDATE_FLOOR * t.square().sum(-1)).clamp_min(torch.finfo(torch.float32).tiny)
+    err = miss / torch.maximum(update, floor)  # (B, T)
+    return err if per_token else masked_mean(err, mask)
+
+
+def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over real tokens; padding never counts, even where its value is not finite."""
+    if mask is None:
+        return per_token.mean()
+    real = mask[..., -per_token.shape[-1]:].bool()  # with a KV cache: the new tokens
+    return torch.where(real, per_token, 0).sum() / real.sum().clamp_min(1)
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -366,7 +417,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         convert_to_npt(model, config)
     layers = npt_layers(model)
     mine = model.npt_config
-    for field in ("rank", "modulation", "add_scale"):
+    for field in ("rank", "modulation", "add_scale", "modulation_target", "down_rank"):
         if getattr(mine, field) != getattr(config, field):
             raise ValueError(f"adapters at {path} have {field}={getattr(config, field)!r}, "
                              f"the model's NPT layers have {field}={getattr(mine, field)!r}")
@@ -405,16 +456,18 @@ def _is_quantized(linear: nn.Module) -> bool:
 def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1, alpha: float = 1.0,
                 attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """Permanent update: add to each NPT layer's W_gate the rank-1 matrix that reproduces the
-    chosen token's modulation, dW = alpha (g_t - gate_t) x_t^T / ||x_t||^2, x_t = LN2(h_t).
+    chosen token's modulation, dW = alpha (g_t - gate_t) x_t^T / ||x_t||^2, x_t = LN2(h_t); for the
+    down target, add alpha sum_k v_k u_k^T of that token to W_down (exact for any input).
 
-    All updates come from one forward pass. Returns {layer_idx: dW}.
+    All updates come from one forward pass. Returns {layer_idx: dW_gate} ({layer_idx: dW_down} for
+    the down target alone).
     """
     layers = npt_layers(model)
     if not layers:
         raise ValueError("model has no NPT layers: convert_to_npt first")
     for layer in layers:
-        if _is_quantized(layer.layer.mlp.gate_proj):
-            raise ValueError("consolidate needs full-precision gate_proj weights; this model is quantized "
+        if _is_quantized(layer.layer.mlp.gate_proj) or _is_quantized(layer.layer.mlp.down_proj):
+            raise ValueError("consolidate needs full-precision MLP weights; this model is quantized "
                              "(4-bit): reload it without use_quantization")
     captures = {layer.layer_idx: {} for layer in layers}
     originals = {layer: layer.modulated_mlp for layer in layers}
@@ -427,15 +480,25 @@ def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1
             del layer.modulated_mlp
     updates = {}
     for layer in layers:
-        c = captures[layer.layer_idx]
+        c, ad = captures[layer.layer_idx], layer.adapter
+        z = c["z"][0, token_index]  # (r,)
+        if ad.down_u is not None:  # before W_gate changes: the update does not depend on the input
+            delta = alpha * ad.down_vectors(z).t() @ ad.down_u  # (D, K) @ (K, F) = sum_k v_k u_k^T
+            _add_to_weight(layer.layer.mlp.down_proj.weight, delta)
+            updates[layer.layer_idx] = delta
+        if ad.B_add is None and ad.B_mult is None:
+            continue
         x = c["x"][0, token_index].float()  # (D,)
         gate = c["gate"][0, token_index].float()  # (F,)
-        g = modulated_gate(gate, c["z"][0, token_index], *layer.adapter.weights(), layer.config.add_scale)[0]
+        g = modulated_gate(gate, z, *ad.weights(), layer.config.add_scale)[0]
         delta = alpha * torch.outer(g - gate, x) / x.square().sum()  # (F, D)
-        w = layer.layer.mlp.gate_proj.weight
-        w.copy_((w.float() + delta).to(w.dtype))
+        _add_to_weight(layer.layer.mlp.gate_proj.weight, delta)
         updates[layer.layer_idx] = delta
     return updates
+
+
+def _add_to_weight(w: torch.Tensor, delta: torch.Tensor) -> None:
+    w.copy_((w.float() + delta).to(w.dtype))
 
 
 # ----------------------------------------------------------------------------- base models

@@ -62,11 +62,14 @@ def modulated_gate(gate, z, w_add, w_mult, add_scale: float = 0.1):
     return g, add_sq, mult_sq
 
 
-def modulated_swiglu_reference(gate, up, z, w_add, w_mult, add_scale: float = 0.1):
-    """Plain PyTorch, fp32 arithmetic; returns (h in gate's dtype, add_sq, mult_sq)."""
+def modulated_swiglu_reference(gate, up, z, w_add, w_mult, add_scale: float = 0.1, down_u=None):
+    """Plain PyTorch, fp32 arithmetic; returns (h in gate's dtype, add_sq, mult_sq), plus
+    down_s = h32 @ down_u^T (fp32, (..., K)) when down_u (K, F) is given."""
     g, add_sq, mult_sq = modulated_gate(gate, z, w_add, w_mult, add_scale)
     h = F.silu(g) * up.float()
-    return h.to(gate.dtype), add_sq, mult_sq
+    if down_u is None:
+        return h.to(gate.dtype), add_sq, mult_sq
+    return h.to(gate.dtype), add_sq, mult_sq, h @ down_u.float().t()
 
 
 # --------------------------------------------------------------------------------------
@@ -536,7 +539,7 @@ class _ModulatedSwiGLUFunction(torch.autograd.Function):
                 None)
 
 
-def modulated_swiglu(gate, up, z, w_add, w_mult, add_scale: float = 0.1, backend: str = "auto"):
+def modulated_swiglu(gate, up, z, w_add, w_mult, add_scale: float = 0.1, backend: str = "auto", down_u=None):
     """Returns (h, add_sq, mult_sq); see the module docstring. backend: auto | triton | torch.
 
     "auto" uses the Triton kernels for CUDA tensors (when triton is installed) and the
@@ -546,8 +549,8 @@ def modulated_swiglu(gate, up, z, w_add, w_mult, add_scale: float = 0.1, backend
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":
         backend = "triton" if (gate.is_cuda and triton is not None) else "torch"
-    if backend == "torch":
-        return modulated_swiglu_reference(gate, up, z, w_add, w_mult, add_scale)
+    if backend == "torch" or down_u is not None:  # TEMP: the fused down path lands with the kernels branch
+        return modulated_swiglu_reference(gate, up, z, w_add, w_mult, add_scale, down_u)
     _check_triton_usable(gate)
     if gate.numel() == 0:  # nothing to launch; the reference handles empty shapes
         return modulated_swiglu_reference(gate, up, z, w_add, w_mult, add_scale)

@@ -61,11 +61,11 @@ def reference_layer64(layer, h, attn, add_scale):
     if ad.B_mult is not None:
         m = z @ ad.B_mult.weight.double().T
         g = g * (0.5 + 1 / (1 + torch.exp(-m)))
-        terms.append((m ** 2).sum(-1))
+        terms.append((m ** 2).mean(-1))
     if ad.B_add is not None:
         a = z @ ad.B_add.weight.double().T
         g = g + add_scale * a
-        terms.append((a ** 2).sum(-1))
+        terms.append((a ** 2).mean(-1))
     out = h + (g * torch.sigmoid(g) * up) @ dec.mlp.down_proj.weight.double().T
     return out, sum(terms) / len(terms)
 

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Fit NPT layers of smollm2-135m on cached teacher tensors: a fast way to compare adapter designs.
+
+The teacher's input h, attention output and output y of each chosen layer are captured once, in one
+forward pass per batch, for packed 128-token windows of the builtin corpus (Python's reference text).
+Each variant then trains the adapters of those layers jointly with the layerwise objective (the mean
+over layers of npt.update_error on the teacher's inputs, + lambda * regularization; Adam, warmup then
+linear decay, clipping at 0.5: what `pretrain_npt_safe.py --objective layerwise` computes, without a
+teacher pass per step) and reports, on 16 held-out windows, the update error per layer at start and
+end, and the converted model's perplexity and top-1 agreement against the teacher's.
+
+    python benchmarks/layer_fit.py --layers 15 --target gate --target down --lam 0 --lam 1e-2
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+import click
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import npt  # noqa: E402
+
+HELD_OUT = 16
+
+
+def windows(tokenizer, length: int, count: int) -> torch.Tensor:
+    from pydoc_data.topics import topics
+
+    ids = tokenizer("\n\n".join(topics[k] for k in sorted(topics)), add_special_tokens=False)["input_ids"]
+    n = min(count, len(ids) // length)
+    return torch.tensor(ids[:n * length]).view(n, length)  # (n, length)
+
+
+@torch.no_grad()
+def capture(model, indices: list[int], ids: torch.Tensor, batch: int = 8) -> dict[int, dict[str, torch.Tensor]]:
+    """{layer: {h, attn, y}} of the teacher for every window (forwards stop after the last chosen layer)."""
+    layers = model.model.layers
+    keep = layers[max(indices) + 1:]
+    del layers[max(indices) + 1:]
+    rec = {i: {} for i in indices}
+    hooks = []
+    for i in indices:
+        r = rec[i]
+        hooks += [layers[i].register_forward_pre_hook(lambda m, a, kw, r=r: r.update(h=a[0] if a else kw["hidden_states"]),
+                                                       with_kwargs=True),
+                  layers[i].self_attn.register_forward_hook(lambda m, a, o, r=r: r.update(attn=o[0])),
+                  layers[i].register_forward_hook(lambda m, a, o, r=r: r.update(y=o[0] if isinstance(o, tuple) else o))]
+    out = {i: {"h": [], "attn": [], "y": []} for i in indices}
+    try:
+        for b in range(0, len(ids), batch):
+            model.model(input_ids=ids[b:b + batch], use_cache=False)
+            for i in indices:
+                for k in out[i]:
+                    out[i][k].append(rec[i][k].clone())
+    finally:
+        for hk in hooks:
+            hk.remove()
+        layers.extend(keep)
+    return {i: {k: torch.cat(v) for k, v in d.items()} for i, d in out.items()}
+
+
+def layer_errors(model, data, rows=None) -> torch.Tensor:
+    """(L,) update error of each NPT layer on the cached teacher tensors (rows: a subset of windows)."""
+    errs = []
+    for layer in npt.npt_layers(model):
+        h, attn, y = (data[layer.layer_idx][k] if rows is None else data[layer.layer_idx][k][rows]
+                      for k in ("h", "attn", "y"))
+        errs.append(npt.update_error(layer.modulated_mlp(h, attn), y, h))
+    return torch.stack(errs)
+
+
+@torch.no_grad()
+def agreement(model, ids) -> dict:
+    """Teacher and student perplexity and top-1 agreement on held-out windows."""
+    logits = {}
+    for who in ("teacher", "student"):
+        ctx = npt.npt_disabled(model) if who == "teacher" else torch.no_grad()
+        with ctx:
+            logits[who] = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    targets = ids[:, 1:].reshape(-1)
+    ppl = {w: math.exp(F.cross_entropy(v.reshape(-1, v.shape[-1]), targets).item()) for w, v in logits.items()}
+    agree = (logits["teacher"].argmax(-1) == logits["student"].argmax(-1)).float().mean().item()
+    return {"teacher_ppl": ppl["teacher"], "student_ppl": ppl["student"], "agreement": agree}
+
+
+def fit(config: npt.NPTConfig, data, held, held_ids, steps, lr, lam, batch, seed=0) -> dict:
+    model, _ = npt.load_base_model(npt.EMBEDDED_MODEL)
+    model.eval()
+    torch.manual_seed(seed)
+    npt.convert_to_npt(model, config)
+    params = npt.get_adapter_params(model)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / steps))
+    with torch.no_grad():
+        start, start_eval = layer_errors(model, held), agreement(model, held_ids)
+    n = len(next(iter(data.values()))["h"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    t0 = time.time()
+    for step in range(steps):
+        rows = order[torch.arange(step * batch, (step + 1) * batch) % n]
+        loss = layer_errors(model, data, rows).mean() + lam * npt.regularization(model)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        opt.step()
+        sched.step()
+    seconds = time.time() - t0
+    with torch.no_grad():
+        end, end_eval = layer_errors(model, held), agreement(model, held_ids)
+        reg = npt.regularization(model).item()
+    return {"target": config.modulation_target, "layers": [la.layer_idx for la in npt.npt_layers(model)],
+            "rank": config.rank, "down_rank": config.down_rank, "lam": lam, "lr": lr, "steps": steps,
+            "update_error_start": start.tolist(), "update_error_final": end.tolist(),
+            "mean_start": start.mean().item(), "mean_final": end.mean().item(), "reg_final": reg,
+            "teacher_ppl": start_eval["teacher_ppl"], "student_ppl_start": start_eval["student_ppl"],
+            "student_ppl_final": end_eval["student_ppl"], "agreement_start": start_eval["agreement"],
+            "agreement_final": end_eval["agreement"], "train_seconds": seconds}
+
+
+@click.command()
+@click.option("--layers", default="15", show_default=True, help="NPT layers, as --npt_layers takes them.")
+@click.option("--steps", type=int, default=300, show_default=True)
+@click.option("--batch", type=int, default=4, show_default=True, help="Windows per step (4 x 128: the trainer's default).")
+@click.option("--windows", "n_windows", type=int, default=400, show_default=True, help="Training windows cached.")
+@click.option("--target", "targets", multiple=True, default=("gate", "down"), show_default=True)
+@click.option("--lam", "lams", type=float, multiple=True, default=(0.01,), show_default=True)
+@click.option("--lr", "lrs", type=float, multiple=True, default=(1e-3,), show_default=True)
+@click.option("--rank", "ranks", type=int, multiple=True, default=(16,), show_default=True)
+@click.option("--down_rank", "down_ranks", type=int, multiple=True, default=(4,), show_default=True)
+@click.option("--json", "json_file", default=None, help="Also write the rows to this file.")
+def main(layers, steps, batch, n_windows, targets, lams, lrs, ranks, down_ranks, json_file):
+    model, tok = npt.load_base_model(npt.EMBEDDED_MODEL)
+    model.eval().requires_grad_(False)
+    indices = npt.NPTConfig(layers=layers).layer_indices(model.config.num_hidden_layers)
+    ids = windows(tok, 128, n_windows + HELD_OUT)
+    data = capture(model, indices, ids)
+    held = {i: {k: v[-HELD_OUT:] for k, v in d.items()} for i, d in data.items()}
+    data = {i: {k: v[:-HELD_OUT] for k, v in d.items()} for i, d in data.items()}
+    del model
+    rows = []
+    for target, lam, lr, rank, k in itertools.product(targets, lams, lrs, ranks, down_ranks):
+        cfg = npt.NPTConfig(rank=rank, modulation_target=target, down_rank=k, layers=indices)
+        rows.append(fit(cfg, data, held, ids[-HELD_OUT:], steps, lr, lam, batch))
+        print(json.dumps(rows[-1]), flush=True)
+    if json_file:
+        with open(json_file, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
