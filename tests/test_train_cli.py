@@ -95,7 +95,7 @@ def test_seed_recommended_command_4bit(tmp_path):
 def test_planted_nan_micro_batch_is_skipped_and_counted(tmp_path, tiny_llama_dir):
     out = tmp_path / "out"
     proc = ok(run("--model_name", tiny_llama_dir, "--output_dir", out, "--max_steps", 4, *FAST,
-                  env={"NPT_INJECT_NAN_STEPS": "2"}))
+                  "--inject_nan_steps", "2"))
     r = train_rows(out)
     skips = [x for x in r if x["skipped"]]
     assert len(skips) == 1 and skips[0]["skipped"] == 2 and skips[0]["step"] == 1 and skips[0]["loss"] is None
@@ -109,7 +109,7 @@ def test_consecutive_nan_stops_with_last_good_checkpoint(tmp_path, tiny_llama_di
     out = tmp_path / "out"
     proc = run("--model_name", tiny_llama_dir, "--output_dir", out, "--max_steps", 10, *FAST,
                "--save_steps", 1, "--gradient_accumulation_steps", 1, "--max_consecutive_nan", 3,
-               env={"NPT_INJECT_NAN_STEPS": "3-100"})
+               "--inject_nan_steps", "3-100")
     assert proc.returncode not in (0, 2), proc.stderr[-2000:]
     assert "3 non-finite micro-batches in a row" in proc.stderr and "Traceback" not in proc.stderr
     state = assert_loadable(out / "checkpoint-final", tiny_llama_dir)
