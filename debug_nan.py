@@ -5,14 +5,14 @@ Runs one forward pass and reports, for every NPT layer (0-based, as in model.mod
 and stage, min / max / mean |x| (over the finite entries of the real, non-padding tokens)
 and the NaN and Inf counts:
 
-    input_norm      LN1(h)                               hook on input_layernorm
-    attn_out        SelfAttn(LN1(h))                     hook on self_attn
-    low_rank        z = A_proj(attn)                     hook on adapter.A_proj
+    input_norm      LN1(h)                               npt.capture "input_norm"
+    attn_out        SelfAttn(LN1(h))                     npt.capture "attn"
+    low_rank        z = A_proj(attn)                     npt.capture "z"
     delta_add       a = B_add(z)                         adapter.B_add on the captured z
     delta_mult      modulation_factor(B_mult(z))         adapter.B_mult + npt.modulation_factor
-    modulated_gate  g (SPEC section 1)                   kernels.modulated_gate on captured gate, z
-    mlp_out         down(silu(g) * up)                   hook on mlp.down_proj
-    layer_out       h' = h + mlp_out                     hook on the NPT layer
+    modulated_gate  g (SPEC section 1)                   npt.modulated_gate on the captured gate, z
+    mlp_out         down(silu(g) * up)                   npt.capture "mlp_out"
+    layer_out       h' = h + mlp_out                     npt.capture "output"
 
 Nothing of the layer is re-implemented: the stages are the wrapped modules' own outputs, and
 the three that the fused kernel never materializes are recomputed from the captured z and
@@ -47,8 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import npt
-from kernels import modulated_gate
-from pretrain_npt_safe import OneLineCommand, fail, load_model_config_or_fail, load_model_or_fail, model_options
+from npt_cli import command, fail, load_model_config_or_fail, load_model_or_fail, model_options, precision_name
 
 STAGES = ("input_norm", "attn_out", "low_rank", "delta_add", "delta_mult", "modulated_gate", "mlp_out",
           "layer_out")
@@ -134,61 +133,51 @@ def _nan_in_weight(weight: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------- inspection
+# capture point (npt.capture) -> the stage it shows; delta_add / delta_mult / modulated_gate are derived
+# from the captured z and gate, which the fused kernel never materializes
+STAGE_OF = {"input_norm": "input_norm", "attn": "attn_out", "z": "low_rank", "gate": "modulated_gate",
+            "mlp_out": "mlp_out", "output": "layer_out"}
+
+
+def derived_stages(layer, z: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor) -> dict:
+    """delta_add / delta_mult / modulated_gate stats from one forward's z and gate, with the adapter's
+    own modules and the kernels' reference math."""
+    adapter = layer.adapter
+    with torch.no_grad():
+        g = npt.modulated_gate(gate, z, *adapter.weights(), layer.config.add_scale)[0]
+        return {"delta_add": None if adapter.B_add is None else tensor_stats(adapter.B_add(z), mask),
+                "delta_mult": (None if adapter.B_mult is None else
+                               tensor_stats(npt.modulation_factor(adapter.B_mult(z)), mask)),
+                "modulated_gate": tensor_stats(g, mask)}
+
+
 @contextlib.contextmanager
 def instrument(model, mask: torch.Tensor, inject: tuple[int, str] | None = None):
-    """Forward hooks that record every stage's stats into {layer_idx: {stage: stats | None}}.
+    """Record every stage's stats of the forwards run inside into {layer_idx: {stage: stats | None}}.
 
     `inject` = (layer, stage) plants one NaN there (first real token of sequence 0)."""
     token = int(mask[0].nonzero()[0]) if inject else 0
-    records, handles = {}, []
+    layers = {layer.layer_idx: layer for layer in npt.npt_layers(model)}
+    records = {i: dict.fromkeys(STAGES) for i in layers}
+    held = {}  # the current layer's z and gate, until its mlp_out
 
-    def hook(layer_idx, stage, fn=None):
-        def run(module, args, out):
-            tensor = out[0] if isinstance(out, tuple) else out
-            if inject == (layer_idx, stage):
-                tensor = _plant(tensor, token)
-            if fn is not None:
-                fn(tensor)
-            else:
-                records[layer_idx][stage] = tensor_stats(tensor, mask)
-            return (tensor,) + tuple(out[1:]) if isinstance(out, tuple) else tensor
-        return run
+    def observe(layer_idx, name, tensor):
+        stage = STAGE_OF[name]
+        planted = _plant(tensor, token) if inject == (layer_idx, stage) else None
+        tensor = tensor if planted is None else planted
+        if name in ("z", "gate"):
+            held[name] = tensor
+        if name == "mlp_out":
+            records[layer_idx].update(derived_stages(layers[layer_idx], held.pop("z"), held.pop("gate"), mask))
+        if name != "gate":
+            records[layer_idx][stage] = tensor_stats(tensor, mask)
+        return planted
 
     with contextlib.ExitStack() as stack:
-        stack.callback(lambda: [h.remove() for h in handles])
-        for layer in npt.npt_layers(model):
-            i, dec, adapter = layer.layer_idx, layer.layer, layer.adapter
-            rec = records[i] = dict.fromkeys(STAGES)
-            captured = {}
-
-            def derived(out, layer=layer, adapter=adapter, rec=rec, captured=captured):
-                """delta_add / delta_mult / modulated_gate from this forward's z and gate, then mlp_out."""
-                z, gate = captured.pop("z"), captured.pop("gate")
-                with torch.no_grad():
-                    if adapter.B_add is not None:
-                        rec["delta_add"] = tensor_stats(adapter.B_add(z), mask)
-                    if adapter.B_mult is not None:
-                        rec["delta_mult"] = tensor_stats(npt.modulation_factor(adapter.B_mult(z)), mask)
-                    g = modulated_gate(gate, z, *adapter.weights(), layer.config.add_scale)[0]
-                    rec["modulated_gate"] = tensor_stats(g, mask)
-                rec["mlp_out"] = tensor_stats(out, mask)
-
-            def low_rank(z, rec=rec, captured=captured):
-                captured["z"] = z
-                rec["low_rank"] = tensor_stats(z, mask)
-
-            handles += [
-                dec.input_layernorm.register_forward_hook(hook(i, "input_norm")),
-                dec.self_attn.register_forward_hook(hook(i, "attn_out")),
-                dec.mlp.gate_proj.register_forward_hook(
-                    hook(i, "modulated_gate", lambda g, captured=captured: captured.__setitem__("gate", g))),
-                adapter.A_proj.register_forward_hook(hook(i, "low_rank", low_rank)),
-                dec.mlp.down_proj.register_forward_hook(hook(i, "mlp_out", derived)),
-                layer.register_forward_hook(hook(i, "layer_out")),
-            ]
-            if inject in ((i, "delta_add"), (i, "delta_mult")):
-                branch = adapter.B_add if inject[1] == "delta_add" else adapter.B_mult
-                stack.enter_context(_nan_in_weight(branch.weight))
+        if inject is not None and inject[1] in ("delta_add", "delta_mult"):
+            adapter = layers[inject[0]].adapter
+            stack.enter_context(_nan_in_weight((adapter.B_add if inject[1] == "delta_add" else adapter.B_mult).weight))
+        stack.enter_context(npt.capture(model, tuple(STAGE_OF), edit=observe, keep=False))
         yield records
 
 
@@ -327,14 +316,8 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _precision(use_quantization: bool, use_fp16: bool) -> str:
-    if use_quantization:
-        return "4-bit NF4, fp32 compute"
-    return "fp16" if use_fp16 else "fp32"
-
-
 # ----------------------------------------------------------------------------- CLI
-@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@command()
 @model_options
 @click.option("--checkpoint", default=None, metavar="DIR", help="Directory with trained adapters (adapter_model.safetensors + "
               "npt_config.json), e.g. a checkpoint-<step> of pretrain_npt_safe.py.")
@@ -357,37 +340,10 @@ def main(model_name, use_quantization, use_fp16, checkpoint, npt_layers, adapter
 
     Exit code 1 when a non-finite value was found, 0 otherwise."""
     inject = parse_injection(inject_nan) if inject_nan is not None else None
-    if checkpoint is not None:
-        given = [f for f, v in (("--npt_layers", npt_layers), ("--adapter_rank", adapter_rank),
-                                ("--safe_mode", safe_mode or None)) if v is not None]
-        if given:
-            fail(f"{', '.join(given)} cannot be combined with --checkpoint: the checkpoint's npt_config.json sets them")
-        try:
-            meta = npt.read_adapter_config(checkpoint)
-            config = npt.NPTConfig.from_dict(meta)
-        except (OSError, ValueError, TypeError) as e:
-            fail(f"--checkpoint: {e}")
-    else:
-        try:
-            config = npt.NPTConfig(rank=16 if adapter_rank is None else adapter_rank,
-                                   modulation="additive" if safe_mode else "both", layers=npt_layers or "all")
-        except ValueError as e:
-            fail(f"{e}")
+    config = config_from_flags(checkpoint, npt_layers, adapter_rank, safe_mode)
     if json_file is not None and not Path(json_file).resolve().parent.is_dir():
         fail(f"--json: directory {Path(json_file).parent} does not exist")
-    texts = texts or DEFAULT_TEXTS
-    # layers, rank and injection point checked against the model's config before its weights load
-    num_layers = getattr(load_model_config_or_fail(model_name), "num_hidden_layers", None)
-    if num_layers is not None and checkpoint is None:
-        try:
-            indices = config.layer_indices(num_layers)
-        except ValueError as e:
-            fail(f"--npt_layers: {e}")
-        if inject is not None and inject[0] not in indices:
-            fail(f"--inject_nan: layer {inject[0]} is not an NPT layer of this model (NPT layers: {_ranges(indices)})")
-    if inject is not None and inject[1] in ("delta_add", "delta_mult") and \
-            not (config.additive if inject[1] == "delta_add" else config.multiplicative):
-        fail(f"--inject_nan: stage {inject[1]} is off in this model (modulation={config.modulation})")
+    check_against_model(config, load_model_config_or_fail(model_name), inject, checkpoint)
 
     from transformers.utils import logging as hf_logging
 
@@ -402,14 +358,47 @@ def main(model_name, use_quantization, use_fp16, checkpoint, npt_layers, adapter
     except (OSError, ValueError) as e:
         fail(f"{'--checkpoint' if checkpoint else 'conversion'}: {e}")
 
-    report = {"model": {"name": model_name, "precision": _precision(use_quantization, use_fp16),
+    report = {"model": {"name": model_name, "precision": precision_name(use_quantization, use_fp16),
                         "checkpoint": checkpoint, "npt_config": model.npt_config.to_dict(),
                         "npt_layers": [layer.layer_idx for layer in npt.npt_layers(model)]}}
-    report.update(inspect_model(model, tokenizer, texts, inject, max_length))
+    report.update(inspect_model(model, tokenizer, texts or DEFAULT_TEXTS, inject, max_length))
     click.echo(render(report))
     if json_file is not None:
         Path(json_file).write_text(json.dumps(report, indent=2) + "\n")
     sys.exit(1 if report["first_nonfinite"] is not None else 0)
+
+
+def config_from_flags(checkpoint, npt_layers, adapter_rank, safe_mode) -> npt.NPTConfig:
+    """The checkpoint's NPT config, or the one the flags ask for (not both)."""
+    if checkpoint is not None:
+        given = [f for f, v in (("--npt_layers", npt_layers), ("--adapter_rank", adapter_rank),
+                                ("--safe_mode", safe_mode or None)) if v is not None]
+        if given:
+            fail(f"{', '.join(given)} cannot be combined with --checkpoint: the checkpoint's npt_config.json sets them")
+        try:
+            return npt.NPTConfig.from_dict(npt.read_adapter_config(checkpoint))
+        except (OSError, ValueError, TypeError) as e:
+            fail(f"--checkpoint: {e}")
+    try:
+        return npt.NPTConfig(rank=16 if adapter_rank is None else adapter_rank,
+                             modulation="additive" if safe_mode else "both", layers=npt_layers or "all")
+    except ValueError as e:
+        fail(f"{e}")
+
+
+def check_against_model(config: npt.NPTConfig, model_config, inject, checkpoint) -> None:
+    """Layers and the injection point checked against the model's config before its weights load."""
+    num_layers = getattr(model_config, "num_hidden_layers", None)
+    if num_layers is not None:
+        try:
+            indices = config.layer_indices(num_layers)
+        except ValueError as e:
+            fail(f"{'--checkpoint' if checkpoint else '--npt_layers'}: {e}")
+        if inject is not None and inject[0] not in indices:
+            fail(f"--inject_nan: layer {inject[0]} is not an NPT layer of this model (NPT layers: {_ranges(indices)})")
+    if inject is not None and inject[1] in ("delta_add", "delta_mult") and \
+            not (config.additive if inject[1] == "delta_add" else config.multiplicative):
+        fail(f"--inject_nan: stage {inject[1]} is off in this model (modulation={config.modulation})")
 
 
 if __name__ == "__main__":

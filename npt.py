@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -32,9 +33,11 @@ from kernels import modulated_gate, modulated_swiglu, modulation_factor
 
 __all__ = [
     "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt",
-    "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "regularization",
-    "normalized_mse", "update_error", "masked_mean",
-    "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype",
+    "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
+    "regularization",
+    "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured", "layer_error", "EquivalenceLoss",
+    "equivalence_loss", "OBJECTIVES", "LOSSES", "StepResult", "optimizer_step", "nan_embeddings", "is_4bit",
+    "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype", "model_path",
     "EMBEDDED_MODEL",
 ]
 
@@ -103,6 +106,19 @@ class NPTConfig:
             raise ValueError(f"layers {spec!r} name layers {bad or '(none)'} but the model has layers "
                              f"0-{num_layers - 1}")
         return sorted(set(idx))
+
+    def check_compatible(self, other: "NPTConfig", num_layers: int, what: str = "the adapters") -> None:
+        """Adapters made under `other` fit NPT layers made under this config (on a model of `num_layers`
+        layers) only if these agree; otherwise a ValueError naming every field that differs."""
+        mine, theirs = self._fingerprint(num_layers), other._fingerprint(num_layers)
+        diff = [f"{name} is {theirs[name]!r} there, {mine[name]!r} here" for name in mine if mine[name] != theirs[name]]
+        if diff:
+            raise ValueError(f"{what} do not fit this model's NPT layers: {'; '.join(diff)}")
+
+    def _fingerprint(self, num_layers: int) -> dict:
+        return {"rank": self.rank, "modulation": self.modulation, "add_scale": self.add_scale,
+                "modulation_target": self.modulation_target, "down_rank": self.down_rank,
+                "layers": self.layer_indices(num_layers)}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,7 +201,7 @@ class NPTLayer(nn.Module):
         """attn = SelfAttn(LN1(h)), with the decoder's own attention, cache and masks."""
         return self.layer.self_attn(hidden_states=self.layer.input_layernorm(hidden_states), **kwargs)[0]
 
-    def modulated_mlp(self, hidden_states: torch.Tensor, attn: torch.Tensor, capture: dict | None = None):
+    def modulated_mlp(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """h' = h + down(silu(g) * up); the MLP reads LN2(h), not LN2(h + attn)."""
         mlp = self.layer.mlp
         x = self.layer.post_attention_layernorm(hidden_states)  # (B, T, D)
@@ -201,8 +217,6 @@ class NPTLayer(nn.Module):
             out = out + torch.einsum("btk,btkd->btd", down_s[0], v)
             terms.append(v.square().mean((-2, -1)))
         self.last_reg = sum(terms) / len(terms)  # (B, T)
-        if capture is not None:
-            capture.update(x=x, gate=gate, z=z)
         return hidden_states + out.to(hidden_states.dtype)
 
     def forward(self, hidden_states, *args, **kwargs):
@@ -255,6 +269,27 @@ def npt_layers(model: nn.Module) -> list[NPTLayer]:
     return [m for m in model.modules() if isinstance(m, NPTLayer)]
 
 
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear layer (what load_base_model(use_quantization=True) makes)."""
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def keep_4bit_differentiable(model: nn.Module) -> None:
+    """bitsandbytes (0.50, CPU with AVX512-BF16) repacks a 4-bit weight for inference on the first no-grad
+    eval-mode forward, and the repacked path (gemv_4bit) has no autograd: gradients through the frozen
+    4-bit MLP to the adapters would silently be wrong. Done once at conversion: repacking is turned off
+    for good (eval() does not undo it) and weights already repacked are unpacked."""
+    for m in model.modules():
+        if not is_4bit(m):
+            continue
+        m.support_avx512bf16_for_cpu = False
+        qs = getattr(m.weight, "quant_state", None)
+        if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+
+
 def convert_to_npt(model: nn.Module, config: NPTConfig | None = None) -> nn.Module:
     """Wrap the selected decoder layers in NPTLayer, in place; freezes every base parameter."""
     config = config or NPTConfig()
@@ -272,6 +307,7 @@ def convert_to_npt(model: nn.Module, config: NPTConfig | None = None) -> nn.Modu
         p.requires_grad_(False)
     for i in indices:
         layers[i] = NPTLayer(layers[i], config, i)
+    keep_4bit_differentiable(model)
     model.npt_config = config
     return model
 
@@ -366,6 +402,219 @@ def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None = None) -> to
     return torch.where(real, per_token, 0).sum() / real.sum().clamp_min(1)
 
 
+# ----------------------------------------------------------------------------- capture
+_CAPTURE_MODULES = {  # name -> the module (under an NPTLayer) whose output it is
+    "input_norm": "layer.input_layernorm",  # LN1(h)
+    "attn": "layer.self_attn",  # SelfAttn(LN1(h))
+    "mlp_input": "layer.post_attention_layernorm",  # x = LN2(h) (NPT) or LN2(h + attn) (disabled)
+    "gate": "layer.mlp.gate_proj",  # W_gate x, before modulation
+    "up": "layer.mlp.up_proj",
+    "z": "adapter.A_proj",  # low-rank code (NPT only)
+    "mlp_out": "layer.mlp.down_proj",  # down(silu(g) * up)
+    "output": "",  # the layer's output h'
+}
+CAPTURE_NAMES = ("input", *_CAPTURE_MODULES)  # "input": the layer's input h
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, names=CAPTURE_NAMES, edit=None, keep: bool = True):
+    """Record named per-layer tensors of the forwards run inside: yields {layer_idx: {name: tensor}}.
+
+    `names` come from CAPTURE_NAMES. `edit(layer_idx, name, tensor)`, if given, sees every output as it
+    is produced; a tensor it returns replaces that module's output (and is what is recorded). With
+    keep=False nothing is stored (edit alone observes). Hooks are removed on exit, even on errors.
+    """
+    unknown = sorted(set(names) - set(CAPTURE_NAMES))
+    if unknown:
+        raise ValueError(f"cannot capture {unknown}: choose from {', '.join(CAPTURE_NAMES)}")
+    records = {}
+    with contextlib.ExitStack() as stack:
+        for layer in npt_layers(model):
+            rec = records[layer.layer_idx] = {}
+            for name in names:
+                if name == "input":
+                    handle = layer.register_forward_pre_hook(functools.partial(_record_input, rec, keep),
+                                                             with_kwargs=True)
+                else:
+                    hook = functools.partial(_record_output, rec, keep, edit, layer.layer_idx, name)
+                    handle = layer.get_submodule(_CAPTURE_MODULES[name]).register_forward_hook(hook)
+                stack.callback(handle.remove)
+        yield records
+
+
+def _record_input(rec, keep, module, args, kwargs):
+    if keep:
+        rec["input"] = args[0] if args else kwargs["hidden_states"]
+
+
+def _record_output(rec, keep, edit, layer_idx, name, module, args, out):
+    tensor = out[0] if isinstance(out, (tuple, list)) else out
+    edited = edit(layer_idx, name, tensor) if edit is not None else None
+    if keep:
+        rec[name] = tensor if edited is None else edited
+    if edited is not None:
+        return (edited, *out[1:]) if isinstance(out, (tuple, list)) else edited
+
+
+def run_captured(model: nn.Module, batch: dict, names=("input", "output"), teacher: bool = False,
+                 logits: bool = False):
+    """One forward of `batch` (input_ids, attention_mask) capturing `names` of every NPT layer:
+    (records, logits or None). teacher=True runs the original layers (npt_disabled) without gradients;
+    without `logits` the lm_head is skipped."""
+    ctx = npt_disabled(model) if teacher else contextlib.nullcontext()
+    grad = torch.no_grad() if teacher else contextlib.nullcontext()
+    with capture(model, names) as records, ctx, grad:
+        out = (model if logits else model.base_model)(input_ids=batch["input_ids"],
+                                                      attention_mask=batch["attention_mask"], use_cache=False)
+    return records, (out.logits if logits else None)
+
+
+# ----------------------------------------------------------------------------- equivalence loss
+OBJECTIVES = ("layerwise", "end_to_end")
+LOSSES = ("update", "cosine")  # update_error (the layer's update) | normalized_mse (2 - 2 cos of whole states)
+
+
+@dataclasses.dataclass
+class EquivalenceLoss:
+    """The equivalence loss of one batch and its parts."""
+    loss: torch.Tensor  # fit + regularization_lambda * reg: what backward runs on
+    fit: torch.Tensor  # mean over NPT layers of layer_error
+    reg: torch.Tensor  # regularization(model, attention_mask)
+    layer_fit: torch.Tensor  # (L,) layer_error per NPT layer, detached
+    tokens: int  # real (non-padding) tokens
+
+
+def layer_error(student: torch.Tensor, teacher: dict[str, torch.Tensor], mask: torch.Tensor,
+                loss: str = "update") -> torch.Tensor:
+    """How far one NPT layer's output is from the original layer's: the one per-layer comparison of the
+    loss and of eval. `teacher` holds the original layer's captured "input" (h) and "output" (y).
+    update: update_error (1 = the layer's update not reproduced, 0 = exact); cosine: normalized_mse."""
+    if loss == "update":
+        return update_error(student, teacher["output"], teacher["input"], mask)
+    if loss == "cosine":
+        return normalized_mse(student, teacher["output"], mask)
+    raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+
+
+def equivalence_loss(model: nn.Module, batch: dict, objective: str = "layerwise",
+                     regularization_lambda: float = 0.01, loss: str = "update") -> EquivalenceLoss:
+    """Equivalence loss of one batch (input_ids, attention_mask): mean layer_error over NPT layers and
+    real tokens, + regularization_lambda * regularization.
+
+    layerwise: one teacher pass (npt_disabled, no_grad) captures each NPT layer's input h, attention
+    output and output y; each NPT layer's modulated MLP then runs on (h, attn) and is compared to y
+    (no gradient crosses layers). end_to_end: the student runs its own trajectory.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    mask = batch["attention_mask"]
+    layers = npt_layers(model)
+    layerwise = objective == "layerwise"
+    teacher, _ = run_captured(model, batch, ("input", "attn", "output") if layerwise else ("input", "output"),
+                              teacher=True)
+    if layerwise:
+        student = {layer.layer_idx: layer.modulated_mlp(teacher[layer.layer_idx]["input"],
+                                                        teacher[layer.layer_idx]["attn"]) for layer in layers}
+    else:
+        student = {i: c["output"] for i, c in run_captured(model, batch, ("output",))[0].items()}
+    layer_fit = torch.stack([layer_error(student[layer.layer_idx], teacher[layer.layer_idx], mask, loss)
+                             for layer in layers])  # (L,)
+    fit = layer_fit.mean()
+    reg = regularization(model, mask)
+    return EquivalenceLoss(loss=fit + regularization_lambda * reg, fit=fit, reg=reg, layer_fit=layer_fit.detach(),
+                           tokens=int(mask.sum()))
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+@dataclasses.dataclass
+class StepResult:
+    """One optimizer step: token-weighted means over the micro-batches that counted (NaN if none)."""
+    loss: float = math.nan
+    fit: float = math.nan
+    reg: float = math.nan
+    grad_norm: float = math.nan
+    skipped: int = 0  # micro-batches skipped (non-finite loss or gradient)
+    tokens: int = 0
+    bad: list[int] = dataclasses.field(default_factory=list)  # indices of the skipped micro-batches
+    reasons: dict[int, str] = dataclasses.field(default_factory=dict)  # why (this process's micro-batches)
+
+    @property
+    def stepped(self) -> bool:
+        return math.isfinite(self.loss)
+
+
+def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float = 0.5,
+                   objective: str = "layerwise", regularization_lambda: float = 0.01,
+                   autocast=contextlib.nullcontext, reduce=None, loss: str = "update") -> StepResult:
+    """One optimizer step over `micro_batches` (dicts with input_ids, attention_mask).
+
+    Gradients are token-weighted, so k micro-batches give the gradient of one batch of all their
+    tokens. Each micro-batch's gradient is computed on its own (autograd.grad) and added only if its
+    loss and gradient are finite; a skipped micro-batch changes nothing. If every micro-batch is
+    skipped, weights, optimizer and scheduler stay exactly as they were.
+    `reduce(tensor)` sums a tensor over processes (DDP); None in a single process.
+    """
+    params = [p for p in get_adapter_params(model) if p.requires_grad]
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    sums = torch.zeros(4, dtype=torch.float64)  # tokens, loss*tokens, fit*tokens, reg*tokens
+    bad = torch.zeros(len(micro_batches), dtype=torch.float64)
+    reasons = {}
+    for i, mb in enumerate(micro_batches):
+        n = int(mb["attention_mask"].sum())
+        if n == 0:  # an empty shard (the tail of a stream under DDP): nothing to learn from
+            continue
+        with autocast():
+            out = equivalence_loss(model, mb, objective, regularization_lambda, loss)
+        value = out.loss.float()
+        grads = torch.autograd.grad(value, params, allow_unused=True) if bool(torch.isfinite(value)) else None
+        if grads is None or not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            bad[i], reasons[i] = 1, "non-finite loss" if grads is None else "non-finite gradient"
+            continue
+        for a, g in zip(acc, grads):
+            if g is not None:
+                a.add_(g.float(), alpha=n)
+        sums += torch.tensor([n, n * value.item(), n * out.fit.item(), n * out.reg.item()], dtype=torch.float64)
+    if reduce is not None:  # one gradient sync per optimizer step, as DDP's no_sync accumulation does
+        acc, sums, bad = _reduce_all(reduce, acc, sums, bad)
+    result = StepResult(skipped=int((bad > 0).sum()), tokens=int(sums[0]),
+                        bad=[i for i in range(len(micro_batches)) if bad[i] > 0], reasons=reasons)
+    total = float(sums[0])
+    if total == 0:
+        return result
+    for p, a in zip(params, acc):
+        p.grad = (a / total).to(p.dtype)
+    result.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    if not math.isfinite(result.grad_norm):  # finite parts summing to a non-finite whole: skip the step
+        for p in params:
+            p.grad = None
+        result.skipped, result.bad = len(micro_batches), list(range(len(micro_batches)))
+        return result
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    result.loss, result.fit, result.reg = (float(v) / total for v in sums[1:])
+    return result
+
+
+def _reduce_all(reduce, acc: list[torch.Tensor], sums: torch.Tensor, bad: torch.Tensor):
+    """Sum gradients, loss sums and skip flags over processes in one call."""
+    flat = reduce(torch.cat([a.flatten() for a in acc] + [sums.float(), bad.float()]))
+    parts = flat.split([a.numel() for a in acc] + [len(sums), len(bad)])
+    return [p.view_as(a) for p, a in zip(parts[:len(acc)], acc)], parts[-2].double(), parts[-1].double()
+
+
+@contextlib.contextmanager
+def nan_embeddings(model: nn.Module, when=lambda input_ids: True):
+    """NaN input embeddings for the forwards whose input_ids satisfy `when`: plants a non-finite
+    micro-batch, to exercise the skipping above (tests and the trainer's hidden --inject_nan_steps)."""
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: out * float("nan") if when(args[0]) else out)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # ----------------------------------------------------------------------------- save / load
 def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"layers.{layer.layer_idx}.{k}": v for layer in npt_layers(model)
@@ -415,16 +664,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          f"this model has {num_layers}")
     if not npt_layers(model):
         convert_to_npt(model, config)
-    layers = npt_layers(model)
-    mine = model.npt_config
-    for field in ("rank", "modulation", "add_scale", "modulation_target", "down_rank"):
-        if getattr(mine, field) != getattr(config, field):
-            raise ValueError(f"adapters at {path} have {field}={getattr(config, field)!r}, "
-                             f"the model's NPT layers have {field}={getattr(mine, field)!r}")
-    saved_idx = meta.get("layer_indices", config.layer_indices(num_layers))
-    if saved_idx != [layer.layer_idx for layer in layers]:
-        raise ValueError(f"adapters at {path} cover layers {saved_idx}, the model's NPT layers are "
-                         f"{[layer.layer_idx for layer in layers]}")
+    model.npt_config.check_compatible(config, num_layers, f"adapters at {path}")
     f = Path(path) / WEIGHTS_NAME
     if not f.is_file():
         raise FileNotFoundError(f"no NPT adapters at {path}: {WEIGHTS_NAME} is missing")
@@ -448,10 +688,6 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- consolidation
-def _is_quantized(linear: nn.Module) -> bool:
-    return type(linear).__module__.startswith("bitsandbytes") or not torch.is_floating_point(linear.weight)
-
-
 @torch.no_grad()
 def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1, alpha: float = 1.0,
                 attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
@@ -466,18 +702,12 @@ def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1
     if not layers:
         raise ValueError("model has no NPT layers: convert_to_npt first")
     for layer in layers:
-        if _is_quantized(layer.layer.mlp.gate_proj) or _is_quantized(layer.layer.mlp.down_proj):
+        mlp = layer.layer.mlp
+        if any(is_4bit(w) or not torch.is_floating_point(w.weight) for w in (mlp.gate_proj, mlp.down_proj)):
             raise ValueError("consolidate needs full-precision MLP weights; this model is quantized "
                              "(4-bit): reload it without use_quantization")
-    captures = {layer.layer_idx: {} for layer in layers}
-    originals = {layer: layer.modulated_mlp for layer in layers}
-    for layer in layers:  # record (x, gate, z) of every NPT layer during one forward
-        layer.modulated_mlp = (lambda lyr: lambda h, a: originals[lyr](h, a, captures[lyr.layer_idx]))(layer)
-    try:
+    with capture(model, ("mlp_input", "gate", "z")) as captures:  # (x, gate, z) of every NPT layer, one forward
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        for layer in layers:
-            del layer.modulated_mlp
     updates = {}
     for layer in layers:
         c, ad = captures[layer.layer_idx], layer.adapter
@@ -488,7 +718,7 @@ def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1
             updates[layer.layer_idx] = delta
         if ad.B_add is None and ad.B_mult is None:
             continue
-        x = c["x"][0, token_index].float()  # (D,)
+        x = c["mlp_input"][0, token_index].float()  # (D,)
         gate = c["gate"][0, token_index].float()  # (F,)
         g = modulated_gate(gate, z, *ad.weights(), layer.config.add_scale)[0]
         delta = alpha * torch.outer(g - gate, x) / x.square().sum()  # (F, D)
@@ -541,12 +771,18 @@ def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return cache
 
 
+def model_path(model_name: str) -> str:
+    """What transformers loads for `model_name`: the embedded model's cache directory for `smollm2-135m`,
+    otherwise the name itself (a hub id or a local path)."""
+    return str(embedded_model_path()) if model_name == EMBEDDED_MODEL else model_name
+
+
 def load_base_model(model_name: str = EMBEDDED_MODEL, use_quantization: bool = False, use_fp16: bool = False,
                     device: str | torch.device | None = None, dtype: torch.dtype | None = None, **kwargs):
     """(model, tokenizer) for a hub id, a local path, or the embedded `smollm2-135m`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    path = embedded_model_path() if model_name == EMBEDDED_MODEL else model_name
+    path = model_path(model_name)
     dtype = dtype or resolve_dtype(use_quantization, use_fp16)
     if use_quantization:
         # bitsandbytes' CPU backend tries to fetch a hub kernel at import; offline it falls back to its own.

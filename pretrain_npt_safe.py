@@ -2,23 +2,28 @@
 """Safe NPT equivalence pre-training (../shared/SPEC.md section 4).
 
 The student is the NPT model, the teacher the same model under `npt.npt_disabled` (one copy in
-memory). Loss = normalized MSE between student and teacher layer outputs (before the final norm)
-averaged over NPT layers and real tokens, + lambda * regularization. A micro-batch whose loss or
-gradients are not finite is skipped without touching weights, optimizer or scheduler.
+memory). The loss is `npt.equivalence_loss` (per-layer fit, averaged over NPT layers and real tokens,
++ lambda * regularization); `npt.optimizer_step` skips a micro-batch whose loss or gradients are not
+finite without touching weights, optimizer or scheduler.
 
     python pretrain_npt_safe.py                       # smollm2-135m on the builtin corpus
     torchrun --nproc_per_node 2 pretrain_npt_safe.py  # DDP (gloo on CPU, nccl on GPU)
 
-Test hook: NPT_INJECT_NAN_STEPS="3,5-7" plants NaN input embeddings in those micro-batch groups
-(1-based count of micro-batch groups drawn, resumed runs included), to exercise the skip logic.
+`train(TrainArgs(...))` runs in phases a test can call one by one: TrainArgs.validate, load_data,
+start_processes, build_model, restore, loop, finish. Test hook: the hidden --inject_nan_steps 3,5-7
+plants NaN input embeddings in those micro-batch groups (1-based count of groups drawn, resumed runs
+included), to exercise the skip logic.
 
-References: the user's NPT_FIX_SUMMARY.md (the fixes), nanoGPT train.py (one readable loop),
-Hugging Face Trainer (flags, checkpoint-<step> directories, token-weighted gradient accumulation).
+References: the user's NPT_FIX_SUMMARY.md (the fixes), nanoGPT train.py (one readable loop), TRL
+(typed argument dataclasses), Hugging Face Trainer (flags, checkpoint-<step> directories,
+token-weighted gradient accumulation).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -34,243 +39,223 @@ import click
 import torch
 
 import npt
+from npt_cli import (UserError, check_output_dir_or_fail, command, fail, first_line, load_model_config_or_fail,
+                     load_model_or_fail, load_tokenizer_or_fail, model_options)
+
+EVAL_DOCS_STREAM = 8  # documents held out at the head of a stream
 
 
-# ----------------------------------------------------------------------------- CLI plumbing shared by the scripts
-class UserError(Exception):
-    """Bad input a user can fix: reported as one line, exit code 2."""
+# ----------------------------------------------------------------------------- arguments
+def flag(default, help=None, **click_kwargs):
+    """A TrainArgs field and its click option (help text, type) in one place."""
+    return dataclasses.field(default=default, metadata={"help": help, **click_kwargs})
 
 
-def fail(message: str):
-    raise UserError(message)
+@dataclasses.dataclass
+class TrainArgs:
+    """The trainer's arguments, one field per flag (`--help` shows them); `validate()` is the one place
+    bad flags are refused."""
+    model_name: str = npt.EMBEDDED_MODEL  # with use_quantization and use_fp16: npt_cli.model_options
+    use_quantization: bool = False
+    use_fp16: bool = False
+    adapter_rank: int = flag(16, "Rank r of the NPT adapters (1..d_model).", type=click.IntRange(min=1))
+    share_embeddings: bool = flag(False, "Accepted for compatibility: the teacher is always the same model "
+                                         "(npt_disabled), so embeddings are always shared.")
+    safe_mode: bool = flag(False, "Additive modulation only (no multiplicative branch).")
+    npt_layers: str = flag("all", "Layers to convert: all, upper_half, lower_half, a range like 8-15 or a list "
+                                  "like 1,3,5 (0-based).")
+    kernel: str = flag("auto", "Modulated-SwiGLU backend (auto: Triton on CUDA, torch otherwise).",
+                       type=click.Choice(["auto", "triton", "torch"]))
+    objective: str = flag("layerwise", "layerwise: each NPT layer on the teacher's input and attention; "
+                                       "end_to_end: the student's own trajectory.", type=click.Choice(npt.OBJECTIVES))
+    loss: str = flag("update", "Per-layer fit: update (|y_s - y_t|^2 / |y_t - h|^2 per token: the share of the "
+                               "layer's update missed) or cosine (2 - 2 cos of whole states).",
+                     type=click.Choice(npt.LOSSES))
+    modulation_target: str = flag("gate", "What the attention code modulates: gate (the seed's form), down (a "
+                                          "per-token rank-K update of W_down) or gate+down.",
+                                  type=click.Choice(npt.TARGETS))
+    down_rank: int = flag(4, "K, the rank of the per-token down_proj modulation.", type=click.IntRange(min=1))
+    dataset_name: str = flag("builtin", "builtin (pydoc_data.topics), a hub dataset, or a local "
+                                        ".txt/.jsonl/.json/.parquet file.")
+    dataset_split: str = flag("train", "Split of a hub dataset.")
+    text_column: str = flag("text", "Column holding the text.")
+    streaming: bool = flag(False, "Stream the dataset instead of loading it (needs --max_steps > 0).")
+    num_samples: int = flag(-1, "Use only the first N training documents (-1: all).", type=int)
+    max_length: int = flag(128, "Tokens per packed sequence.", type=click.IntRange(min=2))
+    batch_size: int = flag(2, "Sequences per micro-batch (per process).", type=click.IntRange(min=1))
+    gradient_accumulation_steps: int = flag(2, "Micro-batches per optimizer step.", type=click.IntRange(min=1))
+    learning_rate: float = flag(3e-3, "Peak learning rate (the adapters start at no effect and learn fast; "
+                                      "see benchmarks/RESULTS.md).", type=click.FloatRange(min=0))
+    weight_decay: float = flag(0.0, type=click.FloatRange(min=0))
+    optimizer_type: str = flag("adamw", type=click.Choice(["adamw", "adam"]))
+    scheduler_type: str = flag("linear", "Learning-rate schedule after warmup.",
+                               type=click.Choice(["linear", "cosine", "constant"]))
+    warmup_steps: int = flag(10, "Linear warmup, in optimizer steps.", type=click.IntRange(min=0))
+    max_grad_norm: float = flag(0.5, "Gradient clipping norm.", type=click.FloatRange(min=0, min_open=True))
+    regularization_lambda: float = flag(0.01, "Weight of the modulation regularizer.", type=click.FloatRange(min=0))
+    num_epochs: float = flag(1.0, "Epochs over the data (used when --max_steps <= 0).",
+                             type=click.FloatRange(min=0, min_open=True))
+    max_steps: int = flag(80, "Optimizer steps to train (overrides --num_epochs; <= 0: train --num_epochs epochs).",
+                          type=int)
+    mixed_precision: str = flag("no", "Autocast precision (off with --use_quantization).",
+                                type=click.Choice(["no", "fp16", "bf16"]))
+    output_dir: str = flag("./outputs/npt-safe-pretrained")
+    run_name: str | None = flag(None, "Run name for TensorBoard/wandb (default: output dir name).")
+    log_steps: int = flag(5, "Log every N optimizer steps.", type=click.IntRange(min=1))
+    log_file: str | None = flag(None, "Also append log lines and metrics to this file.")
+    save_steps: int = flag(50, "Save checkpoint-<step> every N optimizer steps (0: only best and final).",
+                           type=click.IntRange(min=0))
+    save_total_limit: int | None = flag(None, "Keep at most N checkpoint-<step> directories (best and final are "
+                                              "kept).", type=click.IntRange(min=1))
+    eval_steps: int = flag(20, "Evaluate on held-out text every N steps, and at start and end (0: off).",
+                           type=click.IntRange(min=0))
+    eval_samples: int = flag(16, "Held-out sequences per evaluation.", type=click.IntRange(min=1))
+    resume_from_checkpoint: str | None = flag(None, "A checkpoint directory, or 'latest' (the newest in --output_dir).")
+    seed: int = flag(42, type=int)
+    max_consecutive_nan: int = flag(10, "Stop (with a final good checkpoint, non-zero exit) after this many "
+                                        "non-finite micro-batches in a row.", type=click.IntRange(min=1))
+    use_tensorboard: bool = flag(False, "Log to TensorBoard in OUTPUT_DIR/tensorboard.")
+    use_wandb: bool = flag(False, "Log to Weights & Biases (WANDB_MODE=offline works).")
+    inject_nan_steps: str = flag("", "Tests: NaN input embeddings in these micro-batch groups, e.g. 3,5-7.",
+                                 hidden=True)
 
-
-def first_line(e: BaseException) -> str:
-    """An exception's first line (its type when it has no message), for one-line errors."""
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def _cannot_load_model(model_name: str, e: BaseException):
-    fail(f"cannot load model {model_name!r}: {first_line(e)} (give a hub id, a local model directory, or smollm2-135m)")
-
-
-class OneLineCommand(click.Command):
-    """Bad input (click's own or ours) prints one 'error: ...' line and exits 2: no usage dump, no traceback."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    def validate(self) -> "Plan":
+        """Refuse bad flags (one line, exit 2) before any model or data loads or any file is written; what
+        they resolve to. Reads the model's config and a checkpoint to resume, never weights."""
+        wandb = self._wandb_or_fail()
+        if self.learning_rate == 0:
+            fail("--learning_rate must be positive")
+        if self.num_samples == 0 or self.num_samples < -1:
+            fail("--num_samples must be a positive number of documents, or -1 for all")
+        if self.streaming and self.max_steps <= 0:
+            fail("--streaming needs --max_steps > 0 (the length of a stream is unknown)")
         try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("error: aborted", err=True)
-            sys.exit(1)
-        except (click.ClickException, UserError) as e:
-            msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
-            click.echo(f"error: {' '.join(msg.split())}", err=True)
-            sys.exit(2)
+            inject = parse_steps(self.inject_nan_steps)
+        except ValueError:
+            fail(f"--inject_nan_steps {self.inject_nan_steps!r} not understood: use e.g. 3,5-7")
+        output_dir = check_output_dir_or_fail(self.output_dir)
+        resume = self._resume_or_fail(output_dir)
+        config = load_model_config_or_fail(self.model_name)
+        if not 1 <= self.adapter_rank <= config.hidden_size:
+            fail(f"--adapter_rank {self.adapter_rank} is out of range: it must lie in 1..{config.hidden_size} "
+                 "(the model's d_model)")
+        npt_config = npt.NPTConfig(rank=self.adapter_rank, modulation="additive" if self.safe_mode else "both",
+                                   layers=self.npt_layers, modulation_target=self.modulation_target,
+                                   down_rank=self.down_rank)
+        try:
+            layer_indices = npt_config.layer_indices(config.num_hidden_layers)
+        except ValueError as e:
+            fail(f"--npt_layers: {e}")
+        if resume is not None:
+            try:
+                npt_config.check_compatible(resume.npt_config, config.num_hidden_layers,
+                                            f"the adapters in checkpoint {str(resume.path)!r}")
+            except ValueError as e:
+                fail(f"{e}: pass the same --adapter_rank/--safe_mode/--npt_layers/--modulation_target/--down_rank")
+        if self.kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            fail("--kernel triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --kernel auto")
+        return Plan(output_dir, npt_config, layer_indices, resume, inject, wandb)
+
+    def _wandb_or_fail(self):
+        if not self.use_wandb:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            fail("--use_wandb needs the wandb package: pip install wandb (or drop --use_wandb)")
+        return wandb
+
+    def _resume_or_fail(self, output_dir: Path) -> "Resume | None":
+        if not self.resume_from_checkpoint:
+            return None
+        if self.resume_from_checkpoint == "latest":
+            path = latest_checkpoint(output_dir)
+            if path is None:
+                fail(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir!r}")
+        else:
+            path = Path(self.resume_from_checkpoint).expanduser()
+        return read_checkpoint_or_fail(path)
+
+    def saved(self) -> dict:
+        """The arguments as trainer_state.json records them."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "resume_from_checkpoint"}
 
 
-def model_options(f):
-    """The model and precision flags every script takes."""
-    options = [
-        click.option("--model_name", default=npt.EMBEDDED_MODEL, show_default=True,
-                     help="Hub id, local directory, or the embedded 'smollm2-135m'."),
-        click.option("--use_quantization", is_flag=True, help="Load the base model in 4-bit NF4 (FP32 compute)."),
-        click.option("--use_fp16", is_flag=True, help="Load the base model in fp16 (ignored with --use_quantization)."),
-    ]
-    return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
-
-
-def load_model_or_fail(model_name: str, use_quantization: bool = False, use_fp16: bool = False, **kwargs):
-    """load_base_model, with a missing or unreadable model reported as a user error."""
-    try:
-        return npt.load_base_model(model_name, use_quantization=use_quantization, use_fp16=use_fp16, **kwargs)
-    except (OSError, ValueError) as e:
-        _cannot_load_model(model_name, e)
-
-
-def model_path(model_name: str) -> str:
-    return str(npt.embedded_model_path()) if model_name == npt.EMBEDDED_MODEL else model_name
-
-
-def load_model_config_or_fail(model_name: str):
-    """The model's transformers config (cheap: no weights), so shapes are validated before loading."""
-    from transformers import AutoConfig
-
-    if model_name != npt.EMBEDDED_MODEL and not Path(model_name).is_dir() and (
-            Path(model_name).exists() or model_name.startswith((".", "/", "~")) or model_name.count("/") > 1):
-        fail(f"model {model_name!r} not found: give a hub id, a local model directory, or smollm2-135m")
-    try:
-        return AutoConfig.from_pretrained(model_path(model_name))
-    except (OSError, ValueError) as e:
-        _cannot_load_model(model_name, e)
-
-
-# ----------------------------------------------------------------------------- loss
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
-def _capture(model, inputs: bool):
-    """Forward hooks on every NPT layer: {layer_idx: {h: input, attn: attention output, y: output}}."""
-    store, handles = {}, []
-    for layer in npt.npt_layers(model):
-        c = store.setdefault(layer.layer_idx, {})
-        handles.append(layer.register_forward_hook(lambda m, a, out, c=c: c.__setitem__("y", _first(out))))
-        if inputs:
-            handles.append(layer.register_forward_pre_hook(
-                lambda m, a, kw, c=c: c.__setitem__("h", a[0] if a else kw["hidden_states"]), with_kwargs=True))
-            handles.append(layer.layer.self_attn.register_forward_hook(
-                lambda m, a, out, c=c: c.__setitem__("attn", _first(out))))
-    return store, handles
-
-
-def _decoder_pass(model, batch, inputs: bool = False, teacher: bool = False, logits: bool = False):
-    """Run the decoder stack (with the lm_head only when `logits`) and return the captured per-layer
-    tensors, and the logits when asked."""
-    store, handles = _capture(model, inputs)
-    try:
-        ctx = npt.npt_disabled(model) if teacher else contextlib.nullcontext()
-        grad = torch.no_grad() if teacher else contextlib.nullcontext()
-        with ctx, grad:
-            out = (model if logits else model.base_model)(input_ids=batch["input_ids"],
-                                                          attention_mask=batch["attention_mask"], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return (store, out.logits) if logits else store
-
-
-def keep_4bit_differentiable(model) -> None:
-    """bitsandbytes (0.50, CPU with AVX512-BF16) repacks a 4-bit weight for inference on the first no-grad
-    forward of a Linear4bit in eval mode, and the repacked path (gemv_4bit) has no autograd: gradients
-    through the frozen 4-bit MLP to the adapters would silently be wrong. Training-mode Linear4bit never
-    repacks; weights already repacked are unpacked."""
-    for m in model.modules():
-        if type(m).__name__ != "Linear4bit" or not type(m).__module__.startswith("bitsandbytes"):
+def train_options(f):
+    """One click option per TrainArgs field (the model and precision flags come from npt_cli.model_options)."""
+    for field in reversed(dataclasses.fields(TrainArgs)):
+        if field.name in ("model_name", "use_quantization", "use_fp16"):
             continue
-        m.training = True
-        qs = getattr(m.weight, "quant_state", None)
-        if qs is not None and getattr(qs, "packing_format_for_cpu", False):
-            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
-
-
-def compute_loss(model, batch, objective: str = "layerwise", regularization_lambda: float = 0.01) -> dict:
-    """Equivalence loss of one micro-batch: {loss, mse, reg, layer_mse (list), tokens}.
-
-    layerwise: one teacher pass (npt_disabled, no_grad) captures each NPT layer's input h, attention
-    output and output y; each NPT layer's modulated MLP then runs on (h, attn) and is compared to y
-    (no gradient crosses layers). end_to_end: the student runs its own trajectory.
-    """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    mask = batch["attention_mask"]
-    layers = npt.npt_layers(model)
-    keep_4bit_differentiable(model)
-    teacher = _decoder_pass(model, batch, inputs=objective == "layerwise", teacher=True)
-    if objective == "layerwise":
-        student = {layer.layer_idx: layer.modulated_mlp(teacher[layer.layer_idx]["h"],
-                                                        teacher[layer.layer_idx]["attn"]) for layer in layers}
-    else:
-        student = {i: c["y"] for i, c in _decoder_pass(model, batch).items()}
-    layer_mse = torch.stack([npt.normalized_mse(student[layer.layer_idx], teacher[layer.layer_idx]["y"], mask)
-                             for layer in layers])  # (L,)
-    mse = layer_mse.mean()
-    reg = npt.regularization(model, mask)
-    return {"loss": mse + regularization_lambda * reg, "mse": mse, "reg": reg,
-            "layer_mse": layer_mse.detach(), "tokens": int(mask.sum())}
+        kwargs = dict(field.metadata)
+        if field.type == "bool":
+            kwargs["is_flag"] = True
+        else:
+            kwargs.update(default=field.default, show_default=field.default is not None)
+        f = click.option(f"--{field.name}", **kwargs)(f)
+    return model_options(f)
 
 
-OBJECTIVES = ("layerwise", "end_to_end")
+def parse_steps(spec: str) -> set[int]:
+    out = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
-# ----------------------------------------------------------------------------- one optimizer step
-def optimizer_step(model, optimizer, scheduler, micro_batches, max_grad_norm: float = 0.5,
-                   objective: str = "layerwise", regularization_lambda: float = 0.01,
-                   autocast=contextlib.nullcontext, reduce=None) -> dict:
-    """One optimizer step over `micro_batches` (dicts with input_ids, attention_mask).
+@dataclasses.dataclass
+class Plan:
+    """What validation established, before any work: where to write, the NPT layers, what to resume."""
+    output_dir: Path
+    npt_config: npt.NPTConfig
+    layer_indices: list[int]
+    resume: "Resume | None"
+    inject: set[int]  # micro-batch groups to poison (tests)
+    wandb: object | None  # the wandb module when --use_wandb
 
-    Gradients are token-weighted, so k micro-batches give the gradient of one batch of all their
-    tokens. Each micro-batch's gradient is computed on its own (autograd.grad) and added only if its
-    loss and gradient are finite; a skipped micro-batch changes nothing. If every micro-batch is
-    skipped, weights, optimizer and scheduler stay exactly as they were.
-    `reduce(tensor)` sums a tensor over processes (DDP); None in a single process.
-    Returns {loss, mse, reg, grad_norm, skipped, tokens, bad: [micro-batch indices skipped], reasons}.
-    """
-    params = [p for p in npt.get_adapter_params(model) if p.requires_grad]
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    sums = torch.zeros(4, dtype=torch.float64)  # tokens, loss*tokens, mse*tokens, reg*tokens
-    bad = torch.zeros(len(micro_batches), dtype=torch.float64)
-    reasons = {}
-    for i, mb in enumerate(micro_batches):
-        n = int(mb["attention_mask"].sum())
-        if n == 0:  # an empty shard (the tail of a stream under DDP): nothing to learn from
-            continue
-        with autocast():
-            out = compute_loss(model, mb, objective, regularization_lambda)
-        loss = out["loss"].float()
-        if not bool(torch.isfinite(loss)):
-            bad[i], reasons[i] = 1, "non-finite loss"
-            continue
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
-            bad[i], reasons[i] = 1, "non-finite gradient"
-            continue
-        for a, g in zip(acc, grads):
-            a.add_(g.float(), alpha=n)
-        sums += torch.tensor([n, n * loss.item(), n * out["mse"].item(), n * out["reg"].item()], dtype=torch.float64)
-    if reduce is not None:  # one gradient sync per optimizer step, as DDP's no_sync accumulation does
-        flat = reduce(torch.cat([a.flatten() for a in acc] + [sums.float(), bad.float()]))
-        sizes = [a.numel() for a in acc]
-        parts = flat.split(sizes + [4, len(micro_batches)])
-        acc = [p.view_as(a) for p, a in zip(parts[:len(acc)], acc)]
-        sums, bad = parts[-2].double(), parts[-1].double()
-    skipped = int((bad > 0).sum())
-    nan = float("nan")
-    result = {"loss": nan, "mse": nan, "reg": nan, "grad_norm": nan, "skipped": skipped,
-              "tokens": int(sums[0]), "bad": [i for i in range(len(micro_batches)) if bad[i] > 0],
-              "reasons": reasons}
-    total = float(sums[0])
-    if total == 0:
-        return result
-    for p, a in zip(params, acc):
-        p.grad = (a / total).to(p.dtype)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    if not math.isfinite(grad_norm):  # finite parts summing to a non-finite whole: skip the step
-        for p in params:
-            p.grad = None
-        result.update(skipped=len(micro_batches), bad=list(range(len(micro_batches))), grad_norm=grad_norm)
-        return result
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    result.update(loss=float(sums[1]) / total, mse=float(sums[2]) / total, reg=float(sums[3]) / total,
-                  grad_norm=grad_norm)
-    return result
+
+# ----------------------------------------------------------------------------- state
+@dataclasses.dataclass
+class TrainerState:
+    """The loop's progress; round-trips through trainer_state.json (with the optimizer's param groups,
+    the scheduler and the RNG states, which save_checkpoint adds beside it)."""
+    step: int = 0  # optimizer steps taken
+    micro_groups: int = 0  # micro-batch groups drawn (stepped or skipped)
+    position: list[int] = dataclasses.field(default_factory=lambda: [0, 0, 0])  # TextStream (epoch, doc, offset)
+    skipped_total: int = 0
+    consecutive_nan: int = 0
+    best: float | None = None  # best eval loss (or mean train loss) seen at a save
+    tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainerState":
+        """From a trainer_state.json; missing fields keep their defaults."""
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
 
 
 # ----------------------------------------------------------------------------- eval
 @torch.no_grad()
 def evaluate(model, batches, objective: str = "layerwise", regularization_lambda: float = 0.01,
-             autocast=contextlib.nullcontext) -> dict:
-    """Held-out metrics: objective loss, teacher/student perplexity, top-1 next-token agreement,
-    per-layer normalized MSE of the student's own trajectory (token-weighted over batches)."""
+             autocast=contextlib.nullcontext, loss: str = "update") -> dict:
+    """Held-out metrics (token-weighted over batches): the training loss; the update error of each NPT
+    layer on the teacher's input (npt.update_error: 1 = the layer's update not reproduced, 0 = exact) and
+    its mean over layers; teacher and student perplexity; top-1 next-token agreement."""
     tot = {"tokens": 0, "loss": 0.0, "t_nll": 0.0, "s_nll": 0.0, "agree": 0.0, "pred": 0}
     layer_sum = None
     for b in batches:
         with autocast():
-            out = compute_loss(model, b, objective, regularization_lambda)
-            t_store, t_logits = _decoder_pass(model, b, teacher=True, logits=True)
-            s_store, s_logits = _decoder_pass(model, b, logits=True)
+            out = npt.equivalence_loss(model, b, objective, regularization_lambda, loss)
+            per_layer = (out if (objective, loss) == ("layerwise", "update")
+                         else npt.equivalence_loss(model, b, "layerwise", 0.0, "update")).layer_fit
+            _, t_logits = npt.run_captured(model, b, (), teacher=True, logits=True)
+            _, s_logits = npt.run_captured(model, b, (), logits=True)
         mask = b["attention_mask"]
         n = int(mask.sum())
         tot["tokens"] += n
-        tot["loss"] += n * out["loss"].item()
-        per_layer = torch.stack([npt.normalized_mse(s_store[i]["y"], t_store[i]["y"], mask) for i in sorted(s_store)])
+        tot["loss"] += n * out.loss.item()
         layer_sum = per_layer * n if layer_sum is None else layer_sum + per_layer * n
         pm = (mask[:, 1:] * mask[:, :-1]).bool()  # positions whose next token is real
         targets = b["input_ids"][:, 1:][pm]
@@ -282,7 +267,10 @@ def evaluate(model, batches, objective: str = "layerwise", regularization_lambda
     n, p = max(tot["tokens"], 1), max(tot["pred"], 1)
     return {"eval_loss": tot["loss"] / n, "eval_teacher_ppl": math.exp(min(tot["t_nll"] / p, 700)),
             "eval_student_ppl": math.exp(min(tot["s_nll"] / p, 700)), "eval_agreement": tot["agree"] / p,
-            "eval_layer_mse": [float(v) for v in (layer_sum / n)] if layer_sum is not None else []}
+            "eval_update_error": float(layer_sum.mean() / n) if layer_sum is not None else math.nan,
+            "eval_layer_update_error": [float(v) for v in (layer_sum / n)] if layer_sum is not None else []}
+
+
 
 
 # ----------------------------------------------------------------------------- data
@@ -444,8 +432,10 @@ def _json_safe(x):
     return x
 
 
-def save_checkpoint(output_dir: Path, name: str, model, optimizer, scheduler, state: dict) -> Path:
-    """Adapters (npt format) + trainer state without pickle, written to a temp dir then renamed."""
+def save_checkpoint(output_dir: Path, name: str, model, optimizer, scheduler, state: TrainerState,
+                    meta: dict | None = None) -> Path:
+    """Adapters (npt format) + trainer state without pickle, written to a temp dir then renamed.
+    `meta` (the arguments, the world size) is recorded beside the state."""
     from safetensors.torch import save_file
 
     final = output_dir / name
@@ -461,7 +451,7 @@ def save_checkpoint(output_dir: Path, name: str, model, optimizer, scheduler, st
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / RNG_NAME))
     py = random.getstate()
-    full = {**state, "optimizer_param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
+    full = {**state.to_dict(), **(meta or {}), "optimizer_param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
             "python_rng": [py[0], list(py[1]), py[2]]}
     (tmp / STATE_NAME).write_text(json.dumps(_json_safe(full), indent=1) + "\n")
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
@@ -518,43 +508,52 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return best
 
 
-def read_checkpoint_or_fail(path: Path) -> dict:
+@dataclasses.dataclass
+class Resume:
+    """A checkpoint to resume from, read and checked before anything else loads."""
+    path: Path
+    state: TrainerState
+    saved: dict  # the whole trainer_state.json: optimizer param groups, scheduler, Python RNG
+    npt_config: npt.NPTConfig
+
+
+def read_checkpoint_or_fail(path: Path) -> Resume:
     """Validate a checkpoint before anything is loaded: trainer state, optimizer and adapter files readable."""
     from safetensors.torch import load_file
 
     if not path.is_dir():
         fail(f"checkpoint {str(path)!r} not found")
     try:
-        state = json.loads((path / STATE_NAME).read_text())
-        meta = npt.read_adapter_config(path)
+        saved = json.loads((path / STATE_NAME).read_text())
+        config = npt.NPTConfig.from_dict(npt.read_adapter_config(path))
         for f in (npt.WEIGHTS_NAME, OPTIM_NAME, RNG_NAME):
             load_file(str(path / f))
     except FileNotFoundError as e:
         fail(f"checkpoint {str(path)!r} is incomplete: {Path(e.filename).name if e.filename else e} is missing")
     except Exception as e:
         fail(f"checkpoint {str(path)!r} is corrupt: {first_line(e)}")
-    state["_adapter_meta"] = meta
-    return state
+    return Resume(path, TrainerState.from_dict(saved), saved, config)
 
 
-def restore_checkpoint(path: Path, model, optimizer, scheduler, state: dict):
+def restore_checkpoint(resume: Resume, model, optimizer, scheduler) -> None:
+    """Adapters, optimizer, scheduler and RNG states as the checkpoint holds them."""
     from safetensors.torch import load_file
 
-    npt.load_adapters(model, path)
-    tensors = load_file(str(path / OPTIM_NAME))
+    npt.load_adapters(model, resume.path)
+    tensors = load_file(str(resume.path / OPTIM_NAME))
     opt_state = {}
     for key, v in tensors.items():
         pid, name = key.split(".", 1)
         opt_state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer_param_groups"]})
-    scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(str(path / RNG_NAME))
+    optimizer.load_state_dict({"state": opt_state, "param_groups": resume.saved["optimizer_param_groups"]})
+    scheduler.load_state_dict(resume.saved["scheduler"])
+    rng = load_file(str(resume.path / RNG_NAME))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
-    py = state["python_rng"]
+    py = resume.saved["python_rng"]
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
@@ -563,8 +562,8 @@ class Sinks:
     """metrics.jsonl, log file, loss-curve PNG, TensorBoard, wandb; only the main process writes."""
 
     def __init__(self, output_dir: Path, main: bool, log_file, tensorboard: bool, wandb_mod, run_name, config,
-                 resume_step: int | None):
-        self.dir, self.main = output_dir, main
+                 resume_step: int | None, layers: list[int] | None = None):
+        self.dir, self.main, self.layers = output_dir, main, layers
         self.metrics = output_dir / "metrics.jsonl"
         self.log_file = Path(log_file) if log_file else None
         self.tb = self.wandb = None
@@ -608,8 +607,8 @@ class Sinks:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(("eval/" if k.startswith("eval_") else "train/") + k, v, row["step"])
-            for i, v in enumerate(row.get("eval_layer_mse") or []):
-                self.tb.add_scalar(f"eval/layer_mse/{i}", v, row["step"])
+            for i, v in zip(self.layers or itertools.count(), row.get("eval_layer_update_error") or []):
+                self.tb.add_scalar(f"eval/layer_update_error/{i}", v, row["step"])
         if self.wandb is not None:
             self.wandb.log(scalars, step=row["step"])
 
@@ -624,7 +623,7 @@ class Sinks:
         rows = [json.loads(r) for r in self.metrics.read_text().splitlines() if r.strip()]
         train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "eval_loss" not in r]
         evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
-        layer_evals = [r for r in rows if r.get("eval_layer_mse")]
+        layer_evals = [r for r in rows if r.get("eval_layer_update_error")]
         fig, axes = plt.subplots(1, 2 if layer_evals else 1, figsize=(12 if layer_evals else 7, 4), squeeze=False)
         ax = axes[0, 0]
         if train:
@@ -632,20 +631,21 @@ class Sinks:
         if evals:
             ax.plot(*zip(*evals), "o-", label="eval loss")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("normalized MSE + lambda * reg")
+        ax.set_ylabel("loss (per-layer fit + lambda * reg)")
         ax.set_yscale("log")
         ax.legend()
         ax.set_title("NPT equivalence pre-training")
-        if layer_evals:  # the student's own trajectory vs the teacher's, layer by layer
+        if layer_evals:  # the equivalence report: each layer's held-out update error at start and end
             ax = axes[0, 1]
-            for r in dict.fromkeys([layer_evals[0]["step"], layer_evals[-1]["step"]]):
-                row = next(e for e in layer_evals if e["step"] == r)
-                ax.plot(row["eval_layer_mse"], "o-", ms=3, label=f"step {r}: student ppl {row['eval_student_ppl']:.3g}"
-                        f" (teacher {row['eval_teacher_ppl']:.3g}), agreement {row['eval_agreement']:.2f}")
-            ax.set_xlabel("NPT layer (position among converted layers)")
-            ax.set_ylabel("held-out normalized MSE")
+            for row in {id(r): r for r in (layer_evals[0], layer_evals[-1])}.values():
+                ax.plot(self.layers or range(len(row["eval_layer_update_error"])), row["eval_layer_update_error"],
+                        "o-", ms=3, label=f"step {row['step']}: student ppl {row['eval_student_ppl']:.3g} (teacher "
+                        f"{row['eval_teacher_ppl']:.3g}), agreement {row['eval_agreement']:.2f}")
+            ax.axhline(1.0, color="grey", lw=0.5)
+            ax.set_xlabel("NPT layer")
+            ax.set_ylabel("held-out update error (1 = not reproduced)")
             ax.legend(fontsize=8)
-            ax.set_title("per-layer fidelity (eval)")
+            ax.set_title("equivalence per layer (eval)")
         fig.tight_layout()
         tmp = self.dir / ".loss_curve.png.tmp"
         fig.savefig(tmp, format="png")
@@ -659,185 +659,82 @@ class Sinks:
             self.wandb.finish()
 
 
-# ----------------------------------------------------------------------------- validation helpers
-def check_output_dir_or_fail(output_dir: str) -> Path:
-    path = Path(output_dir).expanduser().resolve()
-    if path.exists() and not path.is_dir():
-        fail(f"--output_dir {output_dir!r} is a file, not a directory")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        fail(f"--output_dir {output_dir!r} is not writable ({probe} does not allow writing)")
-    return path
+
+# ----------------------------------------------------------------------------- phases
+@dataclasses.dataclass
+class Data:
+    """Training text and held-out windows, checked before the model loads."""
+    stream: TextStream
+    eval_windows: list[list[int]]
+    pad_id: int
+    windows_per_epoch: int | None  # counted only when --num_epochs sets the length (--max_steps <= 0)
 
 
-def parse_steps(spec: str) -> set[int]:
-    out = set()
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-# ----------------------------------------------------------------------------- CLI
-@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@model_options
-@click.option("--adapter_rank", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Rank r of the NPT adapters (1..d_model).")
-@click.option("--share_embeddings", is_flag=True,
-              help="Accepted for compatibility: the teacher is always the same model (npt_disabled), so embeddings are always shared.")
-@click.option("--safe_mode", is_flag=True, help="Additive modulation only (no multiplicative branch).")
-@click.option("--npt_layers", default="all", show_default=True,
-              help="Layers to convert: all, upper_half, lower_half, a range like 8-15 or a list like 1,3,5 (0-based).")
-@click.option("--kernel", type=click.Choice(["auto", "triton", "torch"]), default="auto", show_default=True,
-              help="Modulated-SwiGLU backend (auto: Triton on CUDA, torch otherwise).")
-@click.option("--objective", type=click.Choice(OBJECTIVES), default="layerwise", show_default=True,
-              help="layerwise: each NPT layer on the teacher's input and attention; end_to_end: the student's own trajectory.")
-@click.option("--dataset_name", default="builtin", show_default=True,
-              help="builtin (pydoc_data.topics), a hub dataset, or a local .txt/.jsonl/.json/.parquet file.")
-@click.option("--dataset_split", default="train", show_default=True, help="Split of a hub dataset.")
-@click.option("--text_column", default="text", show_default=True, help="Column holding the text.")
-@click.option("--streaming", is_flag=True, help="Stream the dataset instead of loading it (needs --max_steps > 0).")
-@click.option("--num_samples", type=int, default=-1, show_default=True,
-              help="Use only the first N training documents (-1: all).")
-@click.option("--max_length", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Tokens per packed sequence.")
-@click.option("--batch_size", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Sequences per micro-batch (per process).")
-@click.option("--gradient_accumulation_steps", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Micro-batches per optimizer step.")
-@click.option("--learning_rate", type=click.FloatRange(min=0), default=5e-5, show_default=True,
-              help="Peak learning rate (above 5e-5 is honoured with a warning).")
-@click.option("--weight_decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--optimizer_type", type=click.Choice(["adamw", "adam"]), default="adamw", show_default=True)
-@click.option("--scheduler_type", type=click.Choice(["linear", "cosine", "constant"]), default="linear",
-              show_default=True, help="Learning-rate schedule after warmup.")
-@click.option("--warmup_steps", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Linear warmup, in optimizer steps.")
-@click.option("--max_grad_norm", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
-              help="Gradient clipping norm.")
-@click.option("--regularization_lambda", type=click.FloatRange(min=0), default=0.01, show_default=True,
-              help="Weight of the modulation regularizer.")
-@click.option("--num_epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Epochs over the data (used when --max_steps <= 0).")
-@click.option("--max_steps", type=int, default=80, show_default=True,
-              help="Optimizer steps to train (overrides --num_epochs; <= 0: train --num_epochs epochs).")
-@click.option("--mixed_precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
-              help="Autocast precision (off with --use_quantization).")
-@click.option("--output_dir", default="./outputs/npt-safe-pretrained", show_default=True)
-@click.option("--run_name", default=None, help="Run name for TensorBoard/wandb (default: output dir name).")
-@click.option("--log_steps", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Log every N optimizer steps.")
-@click.option("--log_file", default=None, help="Also append log lines and metrics to this file.")
-@click.option("--save_steps", type=click.IntRange(min=0), default=50, show_default=True,
-              help="Save checkpoint-<step> every N optimizer steps (0: only best and final).")
-@click.option("--save_total_limit", type=click.IntRange(min=1), default=None,
-              help="Keep at most N checkpoint-<step> directories (best and final are kept).")
-@click.option("--eval_steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Evaluate on held-out text every N steps, and at start and end (0: off).")
-@click.option("--eval_samples", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Held-out sequences per evaluation.")
-@click.option("--resume_from_checkpoint", default=None,
-              help="A checkpoint directory, or 'latest' (the newest in --output_dir).")
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--max_consecutive_nan", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Stop (with a final good checkpoint, non-zero exit) after this many non-finite micro-batches in a row.")
-@click.option("--use_tensorboard", is_flag=True, help="Log to TensorBoard in OUTPUT_DIR/tensorboard.")
-@click.option("--use_wandb", is_flag=True, help="Log to Weights & Biases (WANDB_MODE=offline works).")
-def main(**args):
-    """Safe NPT equivalence pre-training: the NPT student learns to reproduce the base model's layers."""
-    sys.exit(train(**args))
-
-
-def train(**a) -> int:
-    # ---- validation that needs no model or data
-    wandb_mod = None
-    if a["use_wandb"]:
-        try:
-            import wandb as wandb_mod
-        except ImportError:
-            fail("--use_wandb needs the wandb package: pip install wandb (or drop --use_wandb)")
-    if a["learning_rate"] == 0:
-        fail("--learning_rate must be positive")
-    if a["num_samples"] == 0 or a["num_samples"] < -1:
-        fail("--num_samples must be a positive number of documents, or -1 for all")
-    if a["streaming"] and a["max_steps"] <= 0:
-        fail("--streaming needs --max_steps > 0 (the length of a stream is unknown)")
-    inject = os.environ.get("NPT_INJECT_NAN_STEPS", "")
-    try:
-        inject = parse_steps(inject)
-    except ValueError:
-        fail(f"NPT_INJECT_NAN_STEPS={inject!r} not understood: use e.g. 3,5-7")
-    output_dir = check_output_dir_or_fail(a["output_dir"])
-    resume_path = resume_state = None
-    if a["resume_from_checkpoint"]:
-        if a["resume_from_checkpoint"] == "latest":
-            resume_path = latest_checkpoint(output_dir)
-            if resume_path is None:
-                fail(f"--resume_from_checkpoint latest: no checkpoint in {a['output_dir']!r}")
-        else:
-            resume_path = Path(a["resume_from_checkpoint"]).expanduser()
-        resume_state = read_checkpoint_or_fail(resume_path)
-    modulation = "additive" if a["safe_mode"] else "both"
-    config = load_model_config_or_fail(a["model_name"])
-    text_cfg = getattr(config, "text_config", None) or config
-    d_model, num_layers = text_cfg.hidden_size, text_cfg.num_hidden_layers
-    if not 1 <= a["adapter_rank"] <= d_model:
-        fail(f"--adapter_rank {a['adapter_rank']} is out of range: it must lie in 1..{d_model} (the model's d_model)")
-    npt_config = npt.NPTConfig(rank=a["adapter_rank"], modulation=modulation, layers=a["npt_layers"])
-    try:
-        layer_idx = npt_config.layer_indices(num_layers)
-    except ValueError as e:
-        fail(f"--npt_layers: {e}")
-    if resume_state is not None:
-        meta = resume_state["_adapter_meta"]
-        theirs = (meta.get("rank"), meta.get("modulation"), meta.get("layer_indices"))
-        if theirs != (npt_config.rank, modulation, layer_idx):
-            fail(f"checkpoint {str(resume_path)!r} has rank {theirs[0]}, modulation {theirs[1]}, layers {theirs[2]}; "
-                 f"this run asks for rank {npt_config.rank}, modulation {modulation}, layers {layer_idx}: "
-                 "pass the same --adapter_rank/--safe_mode/--npt_layers")
-    if a["kernel"] == "triton":
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            fail("--kernel triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --kernel auto")
-
-    # ---- data (validated before the model loads)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path(a["model_name"]))
-    except (OSError, ValueError) as e:
-        fail(f"cannot load the tokenizer of {a['model_name']!r}: {first_line(e)}")
-    ds, text_column = load_text_dataset(a["dataset_name"], a["dataset_split"], a["streaming"], a["text_column"])
-    check_text_column(ds, text_column, a["dataset_name"])
-    if a["streaming"]:
-        eval_ds, train_ds = ds.take(EVAL_DOCS_STREAM), ds.skip(EVAL_DOCS_STREAM)
-        if a["num_samples"] > 0:
-            train_ds = train_ds.take(a["num_samples"])
-        if next(iter(train_ds), None) is None:
-            fail(f"dataset {a['dataset_name']!r} has too little text: nothing left after holding out "
-                 f"{EVAL_DOCS_STREAM} documents for eval")
-    else:
-        ds = ds.filter(lambda ex: isinstance(ex[text_column], str) and bool(ex[text_column].strip()))
-        n_eval = max(1, min(len(ds) // 50, 64)) if len(ds) >= 2 else 0
-        eval_ds, train_ds = ds.select(range(len(ds) - n_eval, len(ds))), ds.select(range(len(ds) - n_eval))
-        if a["num_samples"] > 0:
-            train_ds = train_ds.select(range(min(a["num_samples"], len(train_ds))))
-        if len(train_ds) == 0:
-            fail(f"dataset {a['dataset_name']!r} has too little text: nothing left after holding out eval text")
+def load_data(args: TrainArgs) -> Data:
+    """The tokenizer, the dataset split into training documents and held-out text, as token windows."""
+    tokenizer = load_tokenizer_or_fail(args.model_name)
+    ds, text_column = load_text_dataset(args.dataset_name, args.dataset_split, args.streaming, args.text_column)
+    check_text_column(ds, text_column, args.dataset_name)
+    train_ds, eval_ds = split_held_out(ds, text_column, args)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    stream = TextStream(train_ds, text_column, tokenizer, args.max_length, args.seed, shuffle=not args.streaming,
+                        epochs=None if args.max_steps > 0 else math.ceil(args.num_epochs))  # max_steps: cycle
+    eval_windows = []
+    if args.eval_steps:
+        held_out = TextStream(eval_ds, text_column, tokenizer, args.max_length, args.seed, False, epochs=1)
+        eval_windows = list(itertools.islice((w for w, _ in held_out.windows()), args.eval_samples))
+        if not eval_windows:
+            fail(f"dataset {args.dataset_name!r} has no held-out text to evaluate on: use --eval_steps 0")
+    n_windows = None
+    if args.max_steps <= 0:
+        n_windows = count_windows(stream)
+        if n_windows == 0:
+            fail(f"dataset {args.dataset_name!r} yields no sequence of at least 2 tokens")
+    return Data(stream, eval_windows, pad_id, n_windows)
 
-    # ---- processes, precision
+
+def split_held_out(ds, text_column: str, args: TrainArgs):
+    """(training documents, held-out documents): the head of a stream, or the tail of a dataset."""
+    if args.streaming:
+        eval_ds, train_ds = ds.take(EVAL_DOCS_STREAM), ds.skip(EVAL_DOCS_STREAM)
+        if args.num_samples > 0:
+            train_ds = train_ds.take(args.num_samples)
+        if next(iter(train_ds), None) is None:
+            fail(f"dataset {args.dataset_name!r} has too little text: nothing left after holding out "
+                 f"{EVAL_DOCS_STREAM} documents for eval")
+        return train_ds, eval_ds
+    ds = ds.filter(lambda ex: isinstance(ex[text_column], str) and bool(ex[text_column].strip()))
+    n_eval = max(1, min(len(ds) // 50, 64)) if len(ds) >= 2 else 0
+    eval_ds, train_ds = ds.select(range(len(ds) - n_eval, len(ds))), ds.select(range(len(ds) - n_eval))
+    if args.num_samples > 0:
+        train_ds = train_ds.select(range(min(args.num_samples, len(train_ds))))
+    if len(train_ds) == 0:
+        fail(f"dataset {args.dataset_name!r} has too little text: nothing left after holding out eval text")
+    return train_ds, eval_ds
+
+
+@dataclasses.dataclass
+class Processes:
+    """This process among the others (accelerate / torchrun), and its precision."""
+    accelerator: object
+    world: int
+    rank: int
+    main: bool
+    device: torch.device
+    autocast: object  # a context-manager factory: torch.autocast for --mixed_precision, else nullcontext
+    reduce: object  # sums a tensor over processes; None in a single process
+
+
+def start_processes(args: TrainArgs) -> Processes:
     from accelerate import Accelerator
 
-    mixed = a["mixed_precision"]
-    if a["use_quantization"] and mixed != "no":
+    mixed = args.mixed_precision
+    if args.use_quantization and mixed != "no":
         warnings.warn(f"--mixed_precision {mixed} is turned off with --use_quantization (4-bit computes in FP32)",
                       stacklevel=1)
         mixed = "no"
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    world, rank, main_proc = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    device = accelerator.device
+    world, device = accelerator.num_processes, accelerator.device
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # one thread per physical core (os.cpu_count() counts hyperthreads); oversubscribed OpenMP
         # threads spin against each other and were measured 10x slower on a busy 2-core machine
@@ -846,207 +743,309 @@ def train(**a) -> int:
     autocast = (functools.partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if amp_dtype
                 else contextlib.nullcontext)
     reduce = (lambda t: accelerator.reduce(t.to(device), reduction="sum").cpu()) if world > 1 else None
+    return Processes(accelerator, world, accelerator.process_index, accelerator.is_main_process, device,
+                     autocast, reduce)
 
-    stream = TextStream(train_ds, text_column, tokenizer, a["max_length"], a["seed"], shuffle=not a["streaming"])
-    eval_windows = []
-    if a["eval_steps"]:
-        ev = TextStream(eval_ds, text_column, tokenizer, a["max_length"], a["seed"], False, epochs=1)
-        for w, _ in ev.windows():
-            eval_windows.append(w)
-            if len(eval_windows) >= a["eval_samples"]:
-                break
-        if not eval_windows:
-            fail(f"dataset {a['dataset_name']!r} has no held-out text to evaluate on: use --eval_steps 0")
-    per_step = a["batch_size"] * world * a["gradient_accumulation_steps"]
-    if a["max_steps"] > 0:
-        total_steps = a["max_steps"]
-        stream.epochs = None  # max_steps wins: cycle the data as often as needed
-    else:
-        n_windows = count_windows(stream)
-        if n_windows == 0:
-            fail(f"dataset {a['dataset_name']!r} yields no sequence of at least 2 tokens")
-        total_steps = max(1, math.ceil(a["num_epochs"] * n_windows / per_step))
-        stream.epochs = math.ceil(a["num_epochs"])
-    if a["learning_rate"] > 5e-5:
-        warnings.warn(f"learning rate {a['learning_rate']:g} is above the recommended 5e-5 (NaN risk); using it anyway",
-                      stacklevel=1)
 
-    # ---- model (the only copy: the teacher is npt_disabled)
-    torch.manual_seed(a["seed"])
-    random.seed(a["seed"])
-    load_kwargs = {"device": device} if device.type == "cuda" else {}
-    model, _ = load_model_or_fail(a["model_name"], a["use_quantization"], a["use_fp16"], **load_kwargs)
-    torch.manual_seed(a["seed"])  # the same adapter init on every rank and every run
-    npt.convert_to_npt(model, npt_config)
-    npt.set_kernel(model, a["kernel"])
+def count_steps(args: TrainArgs, data: Data, world: int) -> int:
+    """Optimizer steps of the run: --max_steps, or --num_epochs over the data."""
+    if args.max_steps > 0:
+        return args.max_steps
+    per_step = args.batch_size * world * args.gradient_accumulation_steps
+    return max(1, math.ceil(args.num_epochs * data.windows_per_epoch / per_step))
+
+
+def build_model(args: TrainArgs, plan: Plan, procs: Processes, total_steps: int):
+    """(model, optimizer, scheduler): the only copy of the model (the teacher is npt_disabled), converted."""
+    from transformers import get_scheduler
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    model, _ = load_model_or_fail(args.model_name, args.use_quantization, args.use_fp16,
+                                  **({"device": procs.device} if procs.device.type == "cuda" else {}))
+    torch.manual_seed(args.seed)  # the same adapter init on every rank and every run
+    npt.convert_to_npt(model, plan.npt_config)
+    npt.set_kernel(model, args.kernel)
     model.eval()  # no dropout: teacher and student must be deterministic
     params = npt.get_adapter_params(model)
-    if world > 1:  # every rank starts from rank 0's adapters (DDP's broadcast)
+    if procs.world > 1:  # every rank starts from rank 0's adapters (DDP's broadcast)
         with torch.no_grad():
             for p in params:
                 torch.distributed.broadcast(p.data, src=0)
-    opt_cls = torch.optim.AdamW if a["optimizer_type"] == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=a["learning_rate"], weight_decay=a["weight_decay"])
-    from transformers import get_scheduler
+    opt_cls = torch.optim.AdamW if args.optimizer_type == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    schedule = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[args.scheduler_type]
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
+    return model, optimizer, scheduler
 
-    sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[a["scheduler_type"]]
-    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=a["warmup_steps"],
-                              num_training_steps=total_steps)
 
-    st = {"step": 0, "micro_groups": 0, "position": [0, 0, 0], "skipped_total": 0, "consecutive_nan": 0,
-          "best": None, "tokens": 0}
-    if resume_state is not None:
-        try:
-            restore_checkpoint(resume_path, model, optimizer, scheduler, resume_state)
-        except ValueError as e:
-            fail(f"cannot resume from {str(resume_path)!r}: {e}")
-        for k in st:
-            st[k] = resume_state.get(k, st[k])
-    run_name = a["run_name"] or output_dir.name
-    if main_proc:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tidy_output_dir(output_dir)
-    accelerator.wait_for_everyone()
-    sinks = Sinks(output_dir, main_proc, a["log_file"], a["use_tensorboard"], wandb_mod, run_name,
-                  {k: v for k, v in a.items()}, st["step"] if resume_state is not None else None)
-    sinks.message(f"NPT pre-training: {a['model_name']}, {len(layer_idx)} NPT layers, rank {a['adapter_rank']}, "
-                  f"{modulation} modulation, {a['objective']} objective, {total_steps} steps of "
-                  f"{per_step} x {a['max_length']} tokens, {world} process(es)"
-                  + (f", resumed at step {st['step']} from {resume_path}" if resume_state is not None else ""))
-    eval_batches = [collate(eval_windows[i:i + a["batch_size"]], pad_id) for i in range(0, len(eval_windows),
-                                                                                        a["batch_size"])]
-    eval_batches = [{k: v.to(device) for k, v in b.items()} for b in eval_batches]
+def restore(plan: Plan, model, optimizer, scheduler) -> TrainerState:
+    """A fresh state, or the checkpoint's (its adapters, optimizer, scheduler and RNG loaded)."""
+    if plan.resume is None:
+        return TrainerState()
+    try:
+        restore_checkpoint(plan.resume, model, optimizer, scheduler)
+    except ValueError as e:
+        fail(f"cannot resume from {str(plan.resume.path)!r}: {e}")
+    return plan.resume.state
 
-    def run_eval():
-        metrics = evaluate(model, eval_batches, a["objective"], a["regularization_lambda"], autocast)
-        sinks.row({"step": st["step"], **metrics})
-        sinks.message(f"eval @ step {st['step']}: loss {metrics['eval_loss']:.4g}, teacher ppl "
-                      f"{metrics['eval_teacher_ppl']:.3g}, student ppl {metrics['eval_student_ppl']:.3g}, "
-                      f"agreement {metrics['eval_agreement']:.3f}")
-        return metrics
 
-    state_meta = {"args": {k: v for k, v in a.items() if k != "resume_from_checkpoint"}, "world_size": world}
+# ----------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class Session:
+    """What the loop works with, and what it does besides the optimizer step: log, evaluate, save."""
+    args: TrainArgs
+    plan: Plan
+    data: Data
+    procs: Processes
+    model: object
+    optimizer: object
+    scheduler: object
+    state: TrainerState
+    total_steps: int
+    sinks: Sinks = None
+    eval_batches: list = dataclasses.field(default_factory=list)
+    last_eval: dict | None = None
+    window_losses: list[float] = dataclasses.field(default_factory=list)  # train losses since the last save
+    bar: object = None
+    t0: float = 0.0  # start of the current tokens/s window
+    tokens_since: int = 0
 
-    def checkpoint(name):
-        if main_proc:
-            path = save_checkpoint(output_dir, name, model, optimizer, scheduler, {**st, **state_meta})
-            if CKPT_RE.match(name):
-                prune_checkpoints(output_dir, a["save_total_limit"])
-            sinks.plot()
-            return path
-        return output_dir / name
+    def open(self) -> "Session":
+        """Output dir, sinks, held-out batches; the start line."""
+        args, procs, state, resume = self.args, self.procs, self.state, self.plan.resume
+        if procs.main:
+            self.plan.output_dir.mkdir(parents=True, exist_ok=True)
+            tidy_output_dir(self.plan.output_dir)
+        procs.accelerator.wait_for_everyone()
+        self.sinks = Sinks(self.plan.output_dir, procs.main, args.log_file, args.use_tensorboard, self.plan.wandb,
+                           args.run_name or self.plan.output_dir.name, dataclasses.asdict(args),
+                           state.step if resume is not None else None, self.plan.layer_indices)
+        per_step = args.batch_size * procs.world * args.gradient_accumulation_steps
+        self.sinks.message(
+            f"NPT pre-training: {args.model_name}, {len(self.plan.layer_indices)} NPT layers, "
+            f"rank {args.adapter_rank}, "
+            f"{self.plan.npt_config.modulation} modulation, {args.objective} objective, {self.total_steps} steps of "
+            f"{per_step} x {args.max_length} tokens, {procs.world} process(es)"
+            + (f", resumed at step {state.step} from {resume.path}" if resume is not None else ""))
+        windows = self.data.eval_windows
+        self.eval_batches = [{k: v.to(procs.device) for k, v in collate(windows[i:i + args.batch_size],
+                                                                        self.data.pad_id).items()}
+                             for i in range(0, len(windows), args.batch_size)]
+        return self
 
-    # ---- the loop
-    from tqdm.auto import tqdm
-
-    nan_hook = None
-    if inject:
-        poisoned = {"on": False}
-        nan_hook = model.get_input_embeddings().register_forward_hook(
-            lambda m, i, out: out * float("nan") if poisoned["on"] else out)
-    windows = stream.windows(tuple(st["position"]))
-    bar = tqdm(total=total_steps, initial=st["step"], disable=not main_proc, desc="npt", dynamic_ncols=True)
-    window_losses, last_eval = [], None
-    if a["eval_steps"] and st["step"] == 0:
-        last_eval = run_eval()
-    exhausted, t0, tokens_since = False, time.time(), 0
-    code = 0
-    while st["step"] < total_steps and not exhausted:
-        group = []
-        for _ in range(a["gradient_accumulation_steps"]):
+    def next_group(self, windows) -> tuple[list[dict], bool]:
+        """This process's next gradient_accumulation_steps micro-batches (fewer where the data ends), and
+        whether it ended."""
+        args, group, exhausted = self.args, [], False
+        while len(group) < args.gradient_accumulation_steps and not exhausted:
             seqs = []
-            for _ in range(a["batch_size"] * world):
+            while len(seqs) < args.batch_size * self.procs.world:
                 nxt = next(windows, None)
                 if nxt is None:
                     exhausted = True
                     break
                 seqs.append(nxt[0])
-                st["position"] = list(nxt[1])
-            mine = seqs[rank * a["batch_size"]:(rank + 1) * a["batch_size"]]
+                self.state.position = list(nxt[1])
             if seqs:
-                group.append({k: v.to(device) for k, v in collate(mine, pad_id).items()} if mine else
-                             {"input_ids": torch.zeros((0, 1), dtype=torch.long, device=device),
-                              "attention_mask": torch.zeros((0, 1), dtype=torch.long, device=device)})
-            if exhausted:
-                break
+                mine = seqs[self.procs.rank * args.batch_size:(self.procs.rank + 1) * args.batch_size]
+                group.append(self._micro_batch(mine))
+        return group, exhausted
+
+    def _micro_batch(self, windows) -> dict:
+        device = self.procs.device
+        if not windows:  # an empty shard (the tail of a stream under DDP)
+            return {k: torch.zeros((0, 1), dtype=torch.long, device=device) for k in ("input_ids", "attention_mask")}
+        return {k: v.to(device) for k, v in collate(windows, self.data.pad_id).items()}
+
+    def step(self, group: list[dict]) -> npt.StepResult:
+        """One optimizer step over the group (NaN embeddings in the groups --inject_nan_steps names)."""
+        self.state.micro_groups += 1
+        args, procs = self.args, self.procs
+        poisoned = self.state.micro_groups in self.plan.inject
+        with npt.nan_embeddings(self.model) if poisoned else contextlib.nullcontext():
+            return npt.optimizer_step(self.model, self.optimizer, self.scheduler, group, args.max_grad_norm,
+                                      args.objective, args.regularization_lambda, procs.autocast, procs.reduce,
+                                      args.loss)
+
+    def record(self, out: npt.StepResult, micro_batches: int) -> None:
+        """Count tokens and skips, advance the step and the bar, log the row."""
+        st = self.state
+        self.tokens_since += out.tokens
+        st.tokens += out.tokens
+        st.skipped_total += out.skipped
+        for i in out.bad:
+            self.sinks.message(f"skipped micro-batch {i + 1}/{micro_batches} of group {st.micro_groups} at step "
+                               f"{st.step}: {out.reasons.get(i, 'non-finite loss or gradient')}")
+        for i in range(micro_batches):  # consecutive non-finite micro-batches, in order
+            st.consecutive_nan = st.consecutive_nan + 1 if i in out.bad else 0
+        if out.stepped:
+            st.step += 1
+            self.bar.update(1)
+            self.window_losses.append(out.loss)
+        rate = self.tokens_since / max(time.time() - self.t0, 1e-9)
+        if self.procs.main:
+            self.bar.set_postfix(loss=f"{out.loss:.4g}", mse=f"{out.fit:.3g}", reg=f"{out.reg:.3g}",
+                                 gnorm=f"{out.grad_norm:.3g}", tok_s=f"{rate:.0f}", refresh=False)
+        if out.skipped or (out.stepped and (st.step % self.args.log_steps == 0 or st.step in (1, self.total_steps))):
+            self.sinks.row({"step": st.step, "loss": out.loss, "mse": out.fit, "reg": out.reg,
+                            "grad_norm": out.grad_norm, "lr": self.scheduler.get_last_lr()[0], "skipped": out.skipped,
+                            "skipped_total": st.skipped_total, "tokens": st.tokens, "tokens_per_s": rate,
+                            "micro_batches": micro_batches})
+            self.t0, self.tokens_since = time.time(), 0
+
+    def evaluate(self) -> None:
+        m = evaluate(self.model, self.eval_batches, self.args.objective, self.args.regularization_lambda,
+                     self.procs.autocast, self.args.loss)
+        self.sinks.row({"step": self.state.step, **m})
+        self.sinks.message(f"eval @ step {self.state.step}: update error {m['eval_update_error']:.4g}, teacher ppl "
+                           f"{m['eval_teacher_ppl']:.3g}, student ppl {m['eval_student_ppl']:.3g}, "
+                           f"agreement {m['eval_agreement']:.3f}")
+        self.last_eval = m
+
+    def after_step(self) -> None:
+        """Evaluate and save on their schedules."""
+        args, step = self.args, self.state.step
+        if args.eval_steps and step % args.eval_steps == 0 and step != self.total_steps:
+            self.evaluate()
+        if args.save_steps and step % args.save_steps == 0:
+            self.save_if_best()
+            self.checkpoint(f"checkpoint-{step}")
+
+    def save_if_best(self) -> None:
+        """checkpoint-best when the last eval loss (or the mean train loss since the last save) is the best yet."""
+        losses, self.window_losses = self.window_losses, []
+        score = self.last_eval["eval_loss"] if self.last_eval else (sum(losses) / len(losses) if losses else None)
+        if score is not None and (self.state.best is None or score < self.state.best):
+            self.state.best = score
+            self.checkpoint("checkpoint-best")
+
+    def checkpoint(self, name: str) -> Path:
+        output_dir = self.plan.output_dir
+        if self.procs.main:
+            meta = {"args": self.args.saved(), "world_size": self.procs.world}
+            path = save_checkpoint(output_dir, name, self.model, self.optimizer, self.scheduler, self.state, meta)
+            if CKPT_RE.match(name):
+                prune_checkpoints(output_dir, self.args.save_total_limit)
+            self.sinks.plot()
+            return path
+        return output_dir / name
+
+
+# ----------------------------------------------------------------------------- the equivalence report
+def equivalence_report(metrics: Path, layers: list[int]) -> dict | None:
+    """Start and end of the run's held-out evaluation (the first and last eval rows of metrics.jsonl, so a
+    resumed run still reports from step 0); None when nothing was evaluated."""
+    rows = [json.loads(r) for r in metrics.read_text().splitlines() if r.strip()] if metrics.exists() else []
+    evals = [r for r in rows if r.get("eval_layer_update_error")]
+    if not evals:
+        return None
+    first, last = evals[0], evals[-1]
+    return {"layers": layers, "step_start": first["step"], "step_final": last["step"],
+            "update_error_start": first["eval_layer_update_error"], "update_error_final": last["eval_layer_update_error"],
+            "teacher_ppl": last["eval_teacher_ppl"], "student_ppl_start": first["eval_student_ppl"],
+            "student_ppl_final": last["eval_student_ppl"], "agreement_start": first["eval_agreement"],
+            "agreement_final": last["eval_agreement"]}
+
+
+def render_equivalence(r: dict) -> str:
+    """The report as a table: per layer update error start -> end (1 = the layer's update not reproduced,
+    0 = exact), then perplexity and top-1 agreement against the teacher."""
+    head = f"step {r['step_start']} -> {r['step_final']}"
+    lines = ["equivalence (held-out): update error per NPT layer, 1 = update not reproduced, 0 = exact",
+             f"  {'layer':>5}  {head:>22}"]
+    start, final = r["update_error_start"], r["update_error_final"]
+    lines += [f"  {i:>5}  {a:>10.4f} -> {b:<10.4f}" for i, a, b in zip(r["layers"], start, final)]
+    lines.append(f"  {'mean':>5}  {sum(start) / len(start):>10.4f} -> {sum(final) / len(final):<10.4f}")
+    lines.append(f"  perplexity: teacher {r['teacher_ppl']:.4g}, student {r['student_ppl_start']:.4g} -> "
+                 f"{r['student_ppl_final']:.4g};  top-1 agreement {r['agreement_start']:.3f} -> {r['agreement_final']:.3f}")
+    return "\n".join(lines)
+
+
+def write_equivalence(s: Session) -> None:
+    """OUTPUT_DIR/equivalence.json and the printed table, at the end of a run that evaluated."""
+    report = equivalence_report(s.sinks.metrics, s.plan.layer_indices)
+    if report is None or not s.procs.main:
+        return
+    tmp = s.plan.output_dir / ".equivalence.json.tmp"
+    tmp.write_text(json.dumps(_json_safe(report), indent=1) + "\n")
+    os.replace(tmp, s.plan.output_dir / "equivalence.json")
+    s.sinks.message(render_equivalence(report))
+
+
+def loop(s: Session) -> int:
+    """Optimizer steps until the last one or the end of the data: 0, or 3 after --max_consecutive_nan
+    non-finite micro-batches in a row (with the last good adapters saved)."""
+    from tqdm.auto import tqdm
+
+    args, st = s.args, s.state
+    windows = s.data.stream.windows(tuple(st.position))
+    s.bar = tqdm(total=s.total_steps, initial=st.step, disable=not s.procs.main, desc="npt", dynamic_ncols=True)
+    if args.eval_steps and st.step == 0:
+        s.evaluate()
+    exhausted, s.t0 = False, time.time()
+    while st.step < s.total_steps and not exhausted:
+        group, exhausted = s.next_group(windows)
         if not group:
             break
-        st["micro_groups"] += 1
-        if inject:
-            poisoned["on"] = st["micro_groups"] in inject
-        out = optimizer_step(model, optimizer, scheduler, group, a["max_grad_norm"], a["objective"],
-                             a["regularization_lambda"], autocast, reduce)
-        tokens_since += out["tokens"]
-        st["tokens"] += out["tokens"]
-        if out["skipped"]:
-            st["skipped_total"] += out["skipped"]
-            for i in out["bad"]:
-                why = out["reasons"].get(i, "non-finite loss or gradient")
-                sinks.message(f"skipped micro-batch {i + 1}/{len(group)} of group {st['micro_groups']} "
-                              f"at step {st['step']}: {why}")
-        # consecutive non-finite micro-batches, in order
-        for i in range(len(group)):
-            st["consecutive_nan"] = st["consecutive_nan"] + 1 if i in out["bad"] else 0
-        stepped = out["skipped"] < len(group) and math.isfinite(out["loss"])
-        if stepped:
-            st["step"] += 1
-            bar.update(1)
-            window_losses.append(out["loss"])
-        elapsed = max(time.time() - t0, 1e-9)
-        if main_proc:
-            bar.set_postfix(loss=f"{out['loss']:.4g}", mse=f"{out['mse']:.3g}", reg=f"{out['reg']:.3g}",
-                            gnorm=f"{out['grad_norm']:.3g}", tok_s=f"{tokens_since / elapsed:.0f}", refresh=False)
-        if out["skipped"] or (stepped and (st["step"] % a["log_steps"] == 0 or st["step"] in (1, total_steps))):
-            sinks.row({"step": st["step"], "loss": out["loss"], "mse": out["mse"], "reg": out["reg"],
-                       "grad_norm": out["grad_norm"], "lr": scheduler.get_last_lr()[0], "skipped": out["skipped"],
-                       "skipped_total": st["skipped_total"], "tokens": st["tokens"],
-                       "tokens_per_s": tokens_since / elapsed, "micro_batches": len(group)})
-            t0, tokens_since = time.time(), 0
-        if st["consecutive_nan"] >= a["max_consecutive_nan"]:
-            path = checkpoint("checkpoint-final")
-            sinks.message(f"error: {st['consecutive_nan']} non-finite micro-batches in a row (--max_consecutive_nan "
-                          f"{a['max_consecutive_nan']}): stopped at step {st['step']}; the last good adapters are in "
-                          f"{path}")
-            code = 3
-            break
-        if not stepped:
-            continue
-        if a["eval_steps"] and st["step"] % a["eval_steps"] == 0 and st["step"] != total_steps:
-            last_eval = run_eval()
-        if a["save_steps"] and st["step"] % a["save_steps"] == 0:
-            score = last_eval["eval_loss"] if last_eval else sum(window_losses) / max(len(window_losses), 1)
-            window_losses = []
-            if st["best"] is None or score < st["best"]:
-                st["best"] = score
-                checkpoint("checkpoint-best")
-            checkpoint(f"checkpoint-{st['step']}")
-    bar.close()
-    if nan_hook is not None:
-        nan_hook.remove()
+        out = s.step(group)
+        s.record(out, len(group))
+        if st.consecutive_nan >= args.max_consecutive_nan:
+            path = s.checkpoint("checkpoint-final")
+            s.sinks.message(f"error: {st.consecutive_nan} non-finite micro-batches in a row (--max_consecutive_nan "
+                            f"{args.max_consecutive_nan}): stopped at step {st.step}; the last good adapters are in "
+                            f"{path}")
+            return 3
+        if out.stepped:
+            s.after_step()
+    return 0
+
+
+def finish(s: Session, code: int) -> None:
+    """After a complete run: the last eval, checkpoint-best/-final, the final row. Always: close the sinks."""
+    s.bar.close()
     if code == 0:
-        if a["eval_steps"]:
-            last_eval = run_eval()
-        score = last_eval["eval_loss"] if last_eval else (sum(window_losses) / len(window_losses)
-                                                          if window_losses else None)
-        if score is not None and (st["best"] is None or score < st["best"]):
-            st["best"] = score
-            checkpoint("checkpoint-best")
-        path = checkpoint("checkpoint-final")
-        final = {"step": st["step"], "event": "final", "world_size": world, "skipped_total": st["skipped_total"]}
-        if world > 1:  # all ranks must hold the same adapters
-            flat = torch.cat([p.detach().flatten().float() for p in params]).to(device)
-            gathered = accelerator.gather(flat[None])
+        if s.args.eval_steps:
+            s.evaluate()
+        s.save_if_best()
+        path = s.checkpoint("checkpoint-final")
+        final = {"step": s.state.step, "event": "final", "world_size": s.procs.world,
+                 "skipped_total": s.state.skipped_total}
+        if s.procs.world > 1:  # all ranks must hold the same adapters
+            flat = torch.cat([p.detach().flatten().float() for p in npt.get_adapter_params(s.model)]).to(s.procs.device)
+            gathered = s.procs.accelerator.gather(flat[None])
             final["ranks_identical"] = bool(all(torch.equal(gathered[0], g) for g in gathered))
-        sinks.row(final)
-        sinks.message(f"done: {st['step']} steps, {st['skipped_total']} skipped micro-batches; adapters in {path}")
-    sinks.plot()
-    sinks.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        s.sinks.row(final)
+        write_equivalence(s)
+        s.sinks.message(f"done: {s.state.step} steps, {s.state.skipped_total} skipped micro-batches; "
+                        f"adapters in {path}")
+    s.sinks.plot()
+    s.sinks.close()
+    s.procs.accelerator.wait_for_everyone()
+    s.procs.accelerator.end_training()
+
+
+def train(args: TrainArgs) -> int:
+    """A whole run, phase by phase; the exit code (0, or 3 after too many non-finite micro-batches)."""
+    plan = args.validate()  # every bad flag refused here, before any work
+    data = load_data(args)  # tokenizer, training windows, held-out text
+    procs = start_processes(args)  # accelerate / torchrun, precision
+    total_steps = count_steps(args, data, procs.world)
+    model, optimizer, scheduler = build_model(args, plan, procs, total_steps)
+    state = restore(plan, model, optimizer, scheduler)
+    session = Session(args, plan, data, procs, model, optimizer, scheduler, state, total_steps).open()
+    code = loop(session)
+    finish(session, code)
     return code
 
 
-EVAL_DOCS_STREAM = 8  # documents held out at the head of a stream
+# ----------------------------------------------------------------------------- CLI
+@command(max_content_width=100)
+@train_options
+def main(**flags):
+    """Safe NPT equivalence pre-training: the NPT student learns to reproduce the base model's layers."""
+    sys.exit(train(TrainArgs(**flags)))
+
 
 if __name__ == "__main__":
     main()

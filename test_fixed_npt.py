@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Verification of the NaN fixes of NPT_FIX_SUMMARY.md on the embedded smollm2-135m.
+"""Verification of the NaN fixes of NPT_FIX_SUMMARY.md on the embedded smollm2-135m (or --model_name).
 
-    python test_fixed_npt.py        PASS / FAIL per check, a summary; exit 0 only if all pass
-    python -m pytest test_fixed_npt.py   the same checks (the test_* wrappers at the bottom)
+    python test_fixed_npt.py                     PASS / FAIL per check, a summary; exit 0 only if all pass
+    python test_fixed_npt.py --check init_scales one check (repeatable); --help lists them
+    python -m pytest test_fixed_npt.py           the same checks (test_check, parametrized over CHECKS)
 
-Each `check_*` takes the thing under test as a parameter (defaulting to the project's own)
-and raises AssertionError when it is wrong, so tests/test_fixed_checks.py can show that
-every check fails on the reverted fix. The embedded model is loaded once per process.
+Each `check_*` takes the Subject (the models under test, loaded once on first use) and, as keyword
+parameters, the thing under test (defaulting to the project's own); it raises AssertionError when that
+is wrong, so tests/test_fixed_checks.py can show that every check fails on the reverted fix.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import sys
 import time
 import warnings
 
+import click
 import torch
 import torch.nn.functional as F
 
 import npt
-from kernels import modulated_gate
+from npt_cli import command, first_line, load_model_config_or_fail, load_model_or_fail, model_options
 
 SAMPLE_TEXTS = (
     "The capital of France is",
@@ -31,40 +33,48 @@ SAMPLE_TEXTS = (
 EXTREME_SCALES = (1.0, 1e2, 1e4, 1e6)
 
 
-# ----------------------------------------------------------------------------- the embedded model, once
-@functools.cache
-def embedded():
-    """(base model, tokenizer); never modified: checks work on copies."""
-    from transformers.utils import logging as hf_logging
+# ----------------------------------------------------------------------------- the models under test
+class Subject:
+    """The models the checks run on, each loaded once on first use: the base model (never modified:
+    checks work on copies), fresh NPT copies of it, and a 4-bit load asked for fp16 too."""
 
-    hf_logging.disable_progress_bar()
-    return npt.load_base_model(npt.EMBEDDED_MODEL)
+    def __init__(self, model_name: str = npt.EMBEDDED_MODEL, use_quantization: bool = False, use_fp16: bool = False,
+                 loaded: tuple | None = None):
+        self.model_name, self.use_quantization, self.use_fp16 = model_name, use_quantization, use_fp16
+        if loaded is not None:  # (model, tokenizer) already in memory, e.g. the tests' `embedded` fixture
+            self.base = loaded
 
+    @functools.cached_property
+    def base(self) -> tuple:
+        """(base model, tokenizer) as the flags load it."""
+        from transformers.utils import logging as hf_logging
 
-def npt_model(seed: int = 0, **config):
-    """A fresh NPT copy of the embedded model (adapters at their init)."""
-    torch.manual_seed(seed)
-    return npt.convert_to_npt(copy.deepcopy(embedded()[0]), npt.NPTConfig(**config))
+        hf_logging.disable_progress_bar()
+        return load_model_or_fail(self.model_name, self.use_quantization, self.use_fp16)
 
+    @property
+    def tokenizer(self):
+        return self.base[1]
 
-@functools.cache
-def reference_npt_model():
-    """A fresh NPT model shared by the read-only checks."""
-    return npt_model().eval()
+    def npt_model(self, seed: int = 0, **config):
+        """A fresh NPT copy of the base model (adapters at their init)."""
+        torch.manual_seed(seed)
+        return npt.convert_to_npt(copy.deepcopy(self.base[0]), npt.NPTConfig(**config))
 
+    @functools.cached_property
+    def reference_npt_model(self):
+        """A fresh NPT model shared by the read-only checks."""
+        return self.npt_model().eval()
 
-@functools.cache
-def quantized_model():
-    """smollm2-135m loaded the way `--use_quantization --use_fp16` loads it (the conflicting pair)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, _ = npt.load_base_model(npt.EMBEDDED_MODEL, use_quantization=True, use_fp16=True)
-    return model
+    @functools.cached_property
+    def quantized(self):
+        """The model loaded the way `--use_quantization --use_fp16` loads it (the conflicting pair)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load_model_or_fail(self.model_name, use_quantization=True, use_fp16=True)[0]
 
-
-def batch(texts=SAMPLE_TEXTS, tokenizer=None):
-    tokenizer = tokenizer or embedded()[1]
-    return dict(tokenizer(list(texts), return_tensors="pt", padding=True))
+    def batch(self, texts=SAMPLE_TEXTS) -> dict:
+        return dict(self.tokenizer(list(texts), return_tensors="pt", padding=True))
 
 
 def adapter_snapshot(model) -> dict[str, torch.Tensor]:
@@ -72,7 +82,7 @@ def adapter_snapshot(model) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- fix 1: the multiplicative factor
-def check_factor_range(factor_fn=npt.modulation_factor) -> str:
+def check_factor_range(subject: Subject, factor_fn=npt.modulation_factor) -> str:
     """Open range (0.5, 1.5) over a sweep of m, and the whole of it is reached (the seed text's [0.5, 1.5])."""
     m = torch.linspace(-30, 30, 6001, dtype=torch.float64)
     f = factor_fn(m)
@@ -83,7 +93,7 @@ def check_factor_range(factor_fn=npt.modulation_factor) -> str:
     return f"m in [-30, 30] -> factor in [{lo:.6g}, {hi:.6g}]"
 
 
-def check_factor_never_zero(factor_fn=npt.modulation_factor) -> str:
+def check_factor_never_zero(subject: Subject, factor_fn=npt.modulation_factor) -> str:
     """Positive and finite even at extreme m, in fp32 and fp16, with a finite gradient."""
     for dtype in (torch.float32, torch.float16):
         m = torch.tensor([-1e4, -100.0, -20.0, -5.0, 0.0, 5.0, 20.0, 100.0, 1e4, -math.inf, math.inf], dtype=dtype)
@@ -96,9 +106,10 @@ def check_factor_never_zero(factor_fn=npt.modulation_factor) -> str:
     return "min factor at m=-1e4 / -inf (fp32, fp16) >= 0.5; gradient finite"
 
 
-def check_identity_at_init(factor_fn=npt.modulation_factor, adapter: npt.NPTAdapter | None = None) -> str:
+def check_identity_at_init(subject: Subject, factor_fn=npt.modulation_factor,
+                           adapter: npt.NPTAdapter | None = None) -> str:
     """factor(0) == 1 exactly, and a fresh adapter's multiplicative branch leaves the gate unchanged exactly."""
-    adapter = adapter or npt.npt_layers(reference_npt_model())[0].adapter
+    adapter = adapter or npt.npt_layers(subject.reference_npt_model)[0].adapter
     one = factor_fn(torch.zeros(4)).tolist()
     assert one == [1.0] * 4, f"factor(0) = {one[0]!r}, not exactly 1: the initial model is not unmodulated"
     gen = torch.Generator().manual_seed(0)
@@ -106,7 +117,7 @@ def check_identity_at_init(factor_fn=npt.modulation_factor, adapter: npt.NPTAdap
     gate = torch.randn(3, 5, adapter.B_mult.out_features, generator=gen)  # (B, T, F)
     with torch.no_grad():
         f = factor_fn(adapter.B_mult(z))
-        g = modulated_gate(gate, z, None, adapter.B_mult.weight)[0]
+        g = npt.modulated_gate(gate, z, None, adapter.B_mult.weight)[0]
     assert torch.equal(f, torch.ones_like(f)), \
         f"fresh B_mult gives factors in [{f.min().item():g}, {f.max().item():g}], not exactly 1"
     assert torch.equal(g, gate), "a fresh multiplicative branch changes the gate"
@@ -114,9 +125,9 @@ def check_identity_at_init(factor_fn=npt.modulation_factor, adapter: npt.NPTAdap
 
 
 # ----------------------------------------------------------------------------- fix 3: initialization
-def check_init_scales(adapter: npt.NPTAdapter | None = None) -> str:
+def check_init_scales(subject: Subject, adapter: npt.NPTAdapter | None = None) -> str:
     """A_proj ~ N(0, 0.02), B_add ~ N(0, 0.001), B_mult == 0, no biases, fp32."""
-    adapter = adapter or npt.npt_layers(reference_npt_model())[0].adapter
+    adapter = adapter or npt.npt_layers(subject.reference_npt_model)[0].adapter
     a, b = adapter.A_proj.weight.detach(), adapter.B_add.weight.detach()
     for name, w, std in (("A_proj", a, 0.02), ("B_add", b, 0.001)):
         assert abs(w.std().item() - std) < 0.1 * std, f"{name} std {w.std().item():.4g}, expected {std} (+-10%)"
@@ -131,7 +142,7 @@ def check_init_scales(adapter: npt.NPTAdapter | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- fix 4: the loss
-def check_loss_bounded(loss_fn=npt.normalized_mse) -> str:
+def check_loss_bounded(subject: Subject, loss_fn=npt.normalized_mse) -> str:
     """Under hidden states scaled up to 1e6 the loss stays finite, <= 4, scale-free, with a small gradient,
     while the standard MSE of the same tensors explodes."""
     gen = torch.Generator().manual_seed(0)
@@ -153,7 +164,7 @@ def check_loss_bounded(loss_fn=npt.normalized_mse) -> str:
 
 
 # ----------------------------------------------------------------------------- fix 2: precision
-def check_precision(resolve_fn=npt.resolve_dtype) -> str:
+def check_precision(subject: Subject, resolve_fn=npt.resolve_dtype) -> str:
     """--use_quantization with --use_fp16 computes in FP32 and warns once; the other combinations as asked."""
     expected = {(True, True): torch.float32, (True, False): torch.float32,
                 (False, True): torch.float16, (False, False): torch.float32}
@@ -171,28 +182,28 @@ def check_precision(resolve_fn=npt.resolve_dtype) -> str:
     return "quantization + fp16 -> float32 with a warning; fp16 alone -> float16"
 
 
-def check_quantized_compute(model=None) -> str:
+def check_quantized_compute(subject: Subject, model=None) -> str:
     """A 4-bit load (asked for fp16 too) computes in FP32: every Linear4bit's compute dtype, every float
     parameter, and finite fp32 logits."""
-    model = model if model is not None else quantized_model()
-    quantized = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    model = model if model is not None else subject.quantized
+    quantized = [(n, m) for n, m in model.named_modules() if npt.is_4bit(m)]
     assert quantized, "no 4-bit layers: the model is not quantized"
     bad = [(n, m.compute_dtype) for n, m in quantized if m.compute_dtype != torch.float32]
     assert not bad, f"{len(bad)} 4-bit layers compute in {bad[0][1]}, not float32 (e.g. {bad[0][0]})"
     half = [n for n, p in model.named_parameters() if p.dtype in (torch.float16, torch.bfloat16)]
     assert not half, f"{len(half)} parameters are half precision (e.g. {half[0]})"
     with torch.no_grad():
-        logits = model(**batch(SAMPLE_TEXTS[:1]), use_cache=False).logits
+        logits = model(**subject.batch(SAMPLE_TEXTS[:1]), use_cache=False).logits
     assert logits.dtype == torch.float32 and bool(torch.isfinite(logits).all()), "4-bit logits not finite fp32"
     return f"{len(quantized)} Linear4bit layers compute in float32; logits finite"
 
 
 # ----------------------------------------------------------------------------- the NPT model works
-def check_finite_logits(model=None, tokenizer=None) -> str:
+def check_finite_logits(subject: Subject, model=None) -> str:
     """Finite logits on every real token of the sample texts, and a next token for each."""
-    model = model if model is not None else reference_npt_model()
-    tokenizer = tokenizer or embedded()[1]
-    enc = batch(SAMPLE_TEXTS, tokenizer)
+    model = model if model is not None else subject.reference_npt_model
+    tokenizer = subject.tokenizer
+    enc = subject.batch(SAMPLE_TEXTS)
     with torch.no_grad():
         logits = model(**enc, use_cache=False).logits  # (B, T, V)
     real = enc["attention_mask"].bool()
@@ -209,31 +220,20 @@ def check_finite_logits(model=None, tokenizer=None) -> str:
 
 
 # ----------------------------------------------------------------------------- fixes in the trainer
-def _trainer():
-    import pretrain_npt_safe
-
-    missing = [f for f in ("compute_loss", "optimizer_step") if not hasattr(pretrain_npt_safe, f)]
-    assert not missing, f"pretrain_npt_safe.py has no {', '.join(missing)}"
-    return pretrain_npt_safe
-
-
 def _optimizer(model):
     optimizer = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return optimizer, scheduler
 
 
-def check_training_step(step_fn=None, loss_fn=None, model=None) -> str:
+def check_training_step(subject: Subject, step_fn=npt.optimizer_step, loss_fn=npt.equivalence_loss, model=None) -> str:
     """One safe step: finite loss, finite gradients on every adapter parameter and on nothing else;
     the adapters move, the base model does not."""
-    trainer = _trainer() if step_fn is None or loss_fn is None else None
-    step_fn = step_fn or trainer.optimizer_step
-    loss_fn = loss_fn or trainer.compute_loss
-    model = model if model is not None else npt_model(seed=1).train()
-    micro = batch(SAMPLE_TEXTS[:2])
+    model = model if model is not None else subject.npt_model(seed=1).train()
+    micro = subject.batch(SAMPLE_TEXTS[:2])
     out = loss_fn(model, micro)
-    assert math.isfinite(out["loss"].item()), f"loss {out['loss'].item()} is not finite"
-    out["loss"].backward()
+    assert math.isfinite(out.loss.item()), f"loss {out.loss.item()} is not finite"
+    out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     adapter = {n for n, _ in model.named_parameters() if ".adapter." in n}
     assert set(grads) <= adapter, f"gradients reach base parameters (e.g. {sorted(set(grads) - adapter)[0]})"
@@ -247,44 +247,35 @@ def check_training_step(step_fn=None, loss_fn=None, model=None) -> str:
     before = adapter_snapshot(model)
     optimizer, scheduler = _optimizer(model)
     result = step_fn(model, optimizer, scheduler, [micro])
-    assert result["skipped"] == 0, f"a finite batch was skipped ({result})"
+    assert result.skipped == 0, f"a finite batch was skipped ({result})"
     for key in ("loss", "grad_norm"):
-        assert math.isfinite(float(result[key])), f"{key} {result[key]} is not finite"
+        assert math.isfinite(float(getattr(result, key))), f"{key} {getattr(result, key)} is not finite"
     after = adapter_snapshot(model)
     moved = sum(not torch.equal(before[n], after[n]) for n in before)
     assert moved > 0, "the step changed no adapter parameter"
     assert all(bool(torch.isfinite(v).all()) for v in after.values()), "adapters not finite after the step"
-    base = dict(embedded()[0].named_parameters())  # NPT names add ".layer." after the decoder index
+    base = dict(subject.base[0].named_parameters())  # NPT names add ".layer." after the decoder index
     changed = [n for n, p in model.named_parameters()
                if ".adapter." not in n and not torch.equal(p, base[n.replace(".layer.", ".", 1)])]
     assert not changed, f"the step changed base parameters (e.g. {changed[0]})"
-    return (f"loss {float(result['loss']):.4f}, grad norm {float(result['grad_norm']):.3g}, "
+    return (f"loss {float(result.loss):.4f}, grad norm {float(result.grad_norm):.3g}, "
             f"{moved}/{len(before)} adapter tensors moved, base unchanged")
 
 
 POISON_TOKEN = 0  # a micro-batch made only of this id gets a NaN embedding (the planted NaN batch)
 
 
-def poison_hook(model):
-    """NaN embeddings for micro-batches made only of POISON_TOKEN; returns the hook handle."""
-    def hook(module, args, out):
-        return out * float("nan") if bool((args[0] == POISON_TOKEN).all()) else out
-    return model.get_input_embeddings().register_forward_hook(hook)
-
-
-def check_nan_batch_skipped(step_fn=None, model=None) -> str:
+def check_nan_batch_skipped(subject: Subject, step_fn=npt.optimizer_step, model=None) -> str:
     """A micro-batch with a NaN loss is skipped: adapters, optimizer and scheduler unchanged, skipped == 1;
     the next good step still trains."""
-    step_fn = step_fn or _trainer().optimizer_step
-    model = model if model is not None else npt_model(seed=2).train()
+    model = model if model is not None else subject.npt_model(seed=2).train()
     optimizer, scheduler = _optimizer(model)
     bad = {"input_ids": torch.full((1, 8), POISON_TOKEN), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
     before = adapter_snapshot(model)
     lr, sched_epoch = [g["lr"] for g in optimizer.param_groups], scheduler.last_epoch
-    handle = poison_hook(model)
-    try:
+    with npt.nan_embeddings(model, lambda ids: bool((ids == POISON_TOKEN).all())):
         result = step_fn(model, optimizer, scheduler, [bad])
-        assert result["skipped"] == 1, f"skipped = {result['skipped']}, expected 1 for the NaN batch"
+        assert result.skipped == 1, f"skipped = {result.skipped}, expected 1 for the NaN batch"
         after = adapter_snapshot(model)
         changed = [n for n in before if not torch.equal(before[n], after[n])]
         assert not changed, f"the NaN batch changed {len(changed)} adapter tensors (e.g. {changed[0]})"
@@ -293,99 +284,77 @@ def check_nan_batch_skipped(step_fn=None, model=None) -> str:
             "the NaN batch advanced the scheduler"
         assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in npt.get_adapter_params(model)), \
             "NaN gradients left behind"
-        good = step_fn(model, optimizer, scheduler, [batch(SAMPLE_TEXTS[:1])])
-    finally:
-        handle.remove()
-    assert good["skipped"] == 0 and math.isfinite(float(good["loss"])), f"the next good step failed ({good})"
+        good = step_fn(model, optimizer, scheduler, [subject.batch(SAMPLE_TEXTS[:1])])
+    assert good.skipped == 0 and math.isfinite(float(good.loss)), f"the next good step failed ({good})"
     assert all(bool(torch.isfinite(v).all()) for v in adapter_snapshot(model).values())
     return "NaN batch skipped with no state change; the next step trains"
 
 
-CHECKS = (
-    ("factor range (0.5, 1.5)", check_factor_range),
-    ("factor never zero", check_factor_never_zero),
-    ("identity at init", check_identity_at_init),
-    ("init scales", check_init_scales),
-    ("normalized MSE bounded", check_loss_bounded),
-    ("quantization + fp16 -> FP32", check_precision),
-    ("4-bit compute dtype", check_quantized_compute),
-    ("finite logits, next token", check_finite_logits),
-    ("safe training step", check_training_step),
-    ("NaN batch skipped", check_nan_batch_skipped),
-)
+CHECKS = {  # name (for --check) -> (what it verifies, the check)
+    "factor_range": ("factor range (0.5, 1.5)", check_factor_range),
+    "factor_never_zero": ("factor never zero", check_factor_never_zero),
+    "identity_at_init": ("identity at init", check_identity_at_init),
+    "init_scales": ("init scales", check_init_scales),
+    "loss_bounded": ("normalized MSE bounded", check_loss_bounded),
+    "precision": ("quantization + fp16 -> FP32", check_precision),
+    "quantized_compute": ("4-bit compute dtype", check_quantized_compute),
+    "finite_logits": ("finite logits, next token", check_finite_logits),
+    "training_step": ("safe training step", check_training_step),
+    "nan_batch_skipped": ("NaN batch skipped", check_nan_batch_skipped),
+}
 
 
-def main() -> int:
+def run_check(subject: Subject, name: str) -> tuple[str, str]:
+    """(PASS | FAIL, detail): a crash is a failure of that check, not of the whole run."""
+    try:
+        return "PASS", CHECKS[name][1](subject)
+    except AssertionError as e:
+        return "FAIL", str(e) or "assertion failed"
+    except Exception as e:
+        return "FAIL", f"{type(e).__name__}: {first_line(e)}"
+
+
+# ----------------------------------------------------------------------------- CLI
+@command()
+@model_options
+@click.option("--check", "names", multiple=True, type=click.Choice(list(CHECKS)), metavar="NAME",
+              help=f"Run only this check (repeatable): {', '.join(CHECKS)}.  [default: all]")
+def main(model_name, use_quantization, use_fp16, names):
+    """Run each NaN fix's check on the model; PASS/FAIL per check. Exit 0 only if all pass."""
+    load_model_config_or_fail(model_name)  # a bad --model_name is one line, not ten failed checks
+    subject = Subject(model_name, use_quantization, use_fp16)
+    names = names or tuple(CHECKS)
+    width = max(len(name) for name in names)
     failed = 0
-    width = max(len(name) for name, _ in CHECKS)
-    for name, check in CHECKS:
+    for name in names:
         start = time.perf_counter()
-        try:
-            detail, status = check(), "PASS"
-        except AssertionError as e:
-            detail, status = str(e) or "assertion failed", "FAIL"
-        except Exception as e:  # a crash is a failure of that check, not of the whole run
-            detail, status = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "FAIL"
+        status, detail = run_check(subject, name)
         failed += status == "FAIL"
-        print(f"{status}  {name:<{width}}  {detail}  ({time.perf_counter() - start:.1f}s)", flush=True)
-    print(f"\n{len(CHECKS) - failed}/{len(CHECKS)} checks passed" + (f", {failed} FAILED" if failed else ""))
-    return 1 if failed else 0
+        click.echo(f"{status}  {name:<{width}}  {CHECKS[name][0]}: {detail}  ({time.perf_counter() - start:.1f}s)")
+    click.echo(f"\n{len(names) - failed}/{len(names)} checks passed" + (f", {failed} FAILED" if failed else ""))
+    sys.exit(1 if failed else 0)
 
 
 # ----------------------------------------------------------------------------- pytest collects the same checks
 try:
     import pytest
+except ImportError:  # running as a script without pytest installed
+    pytest = None
 
-    @pytest.fixture(autouse=True, scope="module")
-    def one_torch_thread():
-        """One intra-op thread under pytest: on a shared 2-core machine, spinning OpenMP threads of several
-        processes slow small forward passes down by 10-50x."""
+if pytest is not None:
+    @pytest.fixture(scope="module")
+    def subject():
+        """The default subject, as `python test_fixed_npt.py` checks it; one intra-op thread meanwhile (on a
+        shared 2-core machine, spinning OpenMP threads of several processes slow small forwards 10-50x)."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        yield
+        yield Subject()
         torch.set_num_threads(threads)
-except ImportError:  # running as a script without pytest installed
-    pass
 
-def test_factor_range():
-    check_factor_range()
-
-
-def test_factor_never_zero():
-    check_factor_never_zero()
-
-
-def test_identity_at_init():
-    check_identity_at_init()
-
-
-def test_init_scales():
-    check_init_scales()
-
-
-def test_loss_bounded():
-    check_loss_bounded()
-
-
-def test_precision():
-    check_precision()
-
-
-def test_quantized_compute():
-    check_quantized_compute()
-
-
-def test_finite_logits():
-    check_finite_logits()
-
-
-def test_training_step():
-    check_training_step()
-
-
-def test_nan_batch_skipped():
-    check_nan_batch_skipped()
+    @pytest.mark.parametrize("name", list(CHECKS))
+    def test_check(subject, name):
+        CHECKS[name][1](subject)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

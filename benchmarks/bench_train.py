@@ -58,7 +58,6 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
 
     import torch
     import npt
-    from pretrain_npt_safe import compute_loss
 
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -84,7 +83,7 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = seed_step() if variant == "seed" else compute_loss(model, batch, objective=variant)["loss"]
+        loss = seed_step() if variant == "seed" else npt.equivalence_loss(model, batch, objective=variant).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.5)
         opt.step()

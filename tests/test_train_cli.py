@@ -95,7 +95,7 @@ def test_seed_recommended_command_4bit(tmp_path):
 def test_planted_nan_micro_batch_is_skipped_and_counted(tmp_path, tiny_llama_dir):
     out = tmp_path / "out"
     proc = ok(run("--model_name", tiny_llama_dir, "--output_dir", out, "--max_steps", 4, *FAST,
-                  env={"NPT_INJECT_NAN_STEPS": "2"}))
+                  "--inject_nan_steps", "2"))
     r = train_rows(out)
     skips = [x for x in r if x["skipped"]]
     assert len(skips) == 1 and skips[0]["skipped"] == 2 and skips[0]["step"] == 1 and skips[0]["loss"] is None
@@ -109,7 +109,7 @@ def test_consecutive_nan_stops_with_last_good_checkpoint(tmp_path, tiny_llama_di
     out = tmp_path / "out"
     proc = run("--model_name", tiny_llama_dir, "--output_dir", out, "--max_steps", 10, *FAST,
                "--save_steps", 1, "--gradient_accumulation_steps", 1, "--max_consecutive_nan", 3,
-               env={"NPT_INJECT_NAN_STEPS": "3-100"})
+               "--inject_nan_steps", "3-100")
     assert proc.returncode not in (0, 2), proc.stderr[-2000:]
     assert "3 non-finite micro-batches in a row" in proc.stderr and "Traceback" not in proc.stderr
     state = assert_loadable(out / "checkpoint-final", tiny_llama_dir)
@@ -210,9 +210,17 @@ def test_eval_metrics_curve_and_tensorboard(tmp_path, tiny_llama_dir):
     assert [r["step"] for r in evals] == [0, 2, 4]  # at start, every 2 steps, at the end
     for r in evals:
         assert r["eval_teacher_ppl"] > 1 and r["eval_student_ppl"] > 1 and 0 <= r["eval_agreement"] <= 1
-        assert len(r["eval_layer_mse"]) == 2 and all(v >= 0 for v in r["eval_layer_mse"])
+        assert len(r["eval_layer_update_error"]) == 2 and all(v >= 0 for v in r["eval_layer_update_error"])
+        assert r["eval_update_error"] == sum(r["eval_layer_update_error"]) / 2
     for r in train_rows(out):
         assert {"step", "loss", "mse", "reg", "grad_norm", "lr", "skipped"} <= set(r)
+    report = json.loads((out / "equivalence.json").read_text())  # the equivalence report: step 0 -> the end
+    assert report["layers"] == [0, 1]
+    assert report["update_error_start"] == evals[0]["eval_layer_update_error"]
+    assert report["update_error_final"] == evals[-1]["eval_layer_update_error"]
+    assert (report["student_ppl_start"], report["agreement_final"]) == (evals[0]["eval_student_ppl"],
+                                                                       evals[-1]["eval_agreement"])
+    assert "update error per NPT layer" in (tmp_path / "train.log").read_text()
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert "eval @ step 2" in (tmp_path / "train.log").read_text()

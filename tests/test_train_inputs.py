@@ -27,7 +27,7 @@ def inputs(tmp_path_factory, tiny_llama_dir):
     opt = torch.optim.AdamW(npt.get_adapter_params(model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     (d / "run").mkdir()
-    ckpt = trainer.save_checkpoint(d / "run", "checkpoint-1", model, opt, sched, {"step": 1, "position": [0, 0, 0]})
+    ckpt = trainer.save_checkpoint(d / "run", "checkpoint-1", model, opt, sched, trainer.TrainerState(step=1))
     blob = (ckpt / "adapter_model.safetensors").read_bytes()
     (ckpt / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2])  # truncated by a crash
     return d

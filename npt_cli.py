@@ -1,0 +1,116 @@
+"""What the NPT command-line scripts share: one-line user errors, the model and precision options,
+model / config / tokenizer loading with their user errors, and the output-dir check.
+
+Imports point one way: kernels <- npt <- npt_cli <- pretrain_npt_safe.py, debug_nan.py, test_fixed_npt.py.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+import npt
+
+
+class UserError(Exception):
+    """Bad input a user can fix: reported as one line, exit code 2."""
+
+
+def fail(message: str):
+    raise UserError(message)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line (its type when it has no message), for one-line errors."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+class OneLineCommand(click.Command):
+    """Bad input (click's own or ours) prints one 'error: ...' line and exits 2: no usage dump, no traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except (click.ClickException, UserError) as e:
+            msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+            click.echo(f"error: {' '.join(msg.split())}", err=True)
+            sys.exit(2)
+
+
+def command(**context_settings):
+    """click.command with one-line errors and -h/--help."""
+    return click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"],
+                                                               **context_settings})
+
+
+def model_options(f):
+    """The model and precision flags every script takes."""
+    options = [
+        click.option("--model_name", default=npt.EMBEDDED_MODEL, show_default=True,
+                     help="Hub id, local directory, or the embedded 'smollm2-135m'."),
+        click.option("--use_quantization", is_flag=True, help="Load the base model in 4-bit NF4 (FP32 compute)."),
+        click.option("--use_fp16", is_flag=True, help="Load the base model in fp16 (ignored with --use_quantization)."),
+    ]
+    return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
+
+
+def precision_name(use_quantization: bool, use_fp16: bool) -> str:
+    if use_quantization:
+        return "4-bit NF4, fp32 compute"
+    return "fp16" if use_fp16 else "fp32"
+
+
+def _cannot_load_model(model_name: str, e: BaseException):
+    fail(f"cannot load model {model_name!r}: {first_line(e)} (give a hub id, a local model directory, or smollm2-135m)")
+
+
+def load_model_or_fail(model_name: str, use_quantization: bool = False, use_fp16: bool = False, **kwargs):
+    """npt.load_base_model, with a missing or unreadable model reported as a user error."""
+    try:
+        return npt.load_base_model(model_name, use_quantization=use_quantization, use_fp16=use_fp16, **kwargs)
+    except (OSError, ValueError) as e:
+        _cannot_load_model(model_name, e)
+
+
+def load_model_config_or_fail(model_name: str):
+    """The model's transformers config (cheap: no weights), so shapes are validated before loading."""
+    from transformers import AutoConfig
+
+    if model_name != npt.EMBEDDED_MODEL and not Path(model_name).is_dir() and (
+            Path(model_name).exists() or model_name.startswith((".", "/", "~")) or model_name.count("/") > 1):
+        fail(f"model {model_name!r} not found: give a hub id, a local model directory, or smollm2-135m")
+    try:
+        config = AutoConfig.from_pretrained(npt.model_path(model_name))
+    except (OSError, ValueError) as e:
+        _cannot_load_model(model_name, e)
+    return getattr(config, "text_config", None) or config
+
+
+def load_tokenizer_or_fail(model_name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(npt.model_path(model_name))
+    except (OSError, ValueError) as e:
+        fail(f"cannot load the tokenizer of {model_name!r}: {first_line(e)}")
+
+
+def check_output_dir_or_fail(output_dir: str, flag: str = "--output_dir") -> Path:
+    """The resolved directory, refused when it is a file or cannot be created or written."""
+    path = Path(output_dir).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        fail(f"{flag} {output_dir!r} is a file, not a directory")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        fail(f"{flag} {output_dir!r} is not writable ({probe} does not allow writing)")
+    return path

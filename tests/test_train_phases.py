@@ -1,0 +1,64 @@
+"""pretrain_npt_safe's phases called one by one without the CLI, and its typed state on disk."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import npt
+import pretrain_npt_safe as trainer
+
+ONE_TORCH_THREAD = True
+
+
+def tiny_args(tiny_llama_dir, out, **overrides):
+    fast = dict(max_steps=3, max_length=32, batch_size=2, gradient_accumulation_steps=1, learning_rate=5e-5,
+                warmup_steps=0, log_steps=1, save_steps=2, seed=3)
+    return trainer.TrainArgs(model_name=str(tiny_llama_dir), output_dir=str(out), **{**fast, **overrides})
+
+
+def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
+    args = tiny_args(tiny_llama_dir, tmp_path / "out")
+    plan = args.validate()
+    assert plan.layer_indices == [0, 1] and plan.resume is None and not (tmp_path / "out").exists()
+    data = trainer.load_data(args)
+    procs = trainer.start_processes(args)
+    assert procs.world == 1 and procs.main and procs.reduce is None
+    model, optimizer, scheduler = trainer.build_model(args, plan, procs, trainer.count_steps(args, data, procs.world))
+    assert [layer.layer_idx for layer in npt.npt_layers(model)] == [0, 1]
+    state = trainer.restore(plan, model, optimizer, scheduler)
+    assert state == trainer.TrainerState()
+    session = trainer.Session(args, plan, data, procs, model, optimizer, scheduler, state, 3).open()
+    assert trainer.loop(session) == 0 and state.step == 3 and state.tokens > 0
+    trainer.finish(session, 0)
+    saved = json.loads((tmp_path / "out" / "checkpoint-final" / "trainer_state.json").read_text())
+    assert trainer.TrainerState.from_dict(saved) == state  # the state round-trips through trainer_state.json
+    assert saved["args"]["max_steps"] == 3 and saved["world_size"] == 1
+
+
+def test_resume_plan_reads_the_checkpoint(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert trainer.train(tiny_args(tiny_llama_dir, out)) == 0
+    plan = tiny_args(tiny_llama_dir, tmp_path / "again", resume_from_checkpoint=str(out / "checkpoint-2")).validate()
+    assert plan.resume.state.step == 2 and plan.resume.npt_config == npt.NPTConfig(rank=16)
+    with pytest.raises(trainer.UserError, match="rank is 16 there, 8 here"):
+        tiny_args(tiny_llama_dir, tmp_path / "again", adapter_rank=8,
+                  resume_from_checkpoint=str(out / "checkpoint-2")).validate()
+
+
+@pytest.mark.parametrize("bad, message", [({"learning_rate": 0.0}, "learning_rate"),
+                                          ({"inject_nan_steps": "x"}, "inject_nan_steps"),
+                                          ({"npt_layers": "7"}, "npt_layers")])
+def test_validate_is_where_bad_flags_are_refused(tiny_llama_dir, tmp_path, bad, message):
+    with pytest.raises(trainer.UserError, match=message):
+        tiny_args(tiny_llama_dir, tmp_path / "out", **bad).validate()
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_argument_is_a_flag():
+    from click.testing import CliRunner
+
+    text = CliRunner().invoke(trainer.main, ["--help"]).output
+    hidden = {"inject_nan_steps"}
+    assert all(f"--{f.name}" in text for f in dataclasses.fields(trainer.TrainArgs) if f.name not in hidden)
+    assert "--inject_nan_steps" not in text
