@@ -11,11 +11,12 @@ and the NaN and Inf counts:
     delta_add       a = B_add(z)                         adapter.B_add on the captured z
     delta_mult      modulation_factor(B_mult(z))         adapter.B_mult + npt.modulation_factor
     modulated_gate  g (SPEC section 1)                   npt.modulated_gate on the captured gate, z
-    mlp_out         down(silu(g) * up)                   npt.capture "mlp_out"
-    layer_out       h' = h + mlp_out                     npt.capture "output"
+    delta_down      v_k of dW_down = sum_k v_k u_k^T     adapter.down_vectors on the captured z (down target)
+    mlp_out         down(silu(g) * up)                   npt.capture "mlp_out" (W_down's own part)
+    layer_out       h' = h + mlp_out (+ the down update)  npt.capture "output"
 
 Nothing of the layer is re-implemented: the stages are the wrapped modules' own outputs, and
-the three that the fused kernel never materializes are recomputed from the captured z and
+the four that the fused kernel never materializes are recomputed from the captured z and
 gate with the adapter's own modules and the kernels' reference math. Also prints the seed's
 loss-computation check (standard vs normalized MSE) and the old / new factor ranges.
 
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 import npt
 from npt_cli import command, fail, load_model_config_or_fail, load_model_or_fail, model_options, precision_name
 
-STAGES = ("input_norm", "attn_out", "low_rank", "delta_add", "delta_mult", "modulated_gate", "mlp_out",
+STAGES = ("input_norm", "attn_out", "low_rank", "delta_add", "delta_mult", "modulated_gate", "delta_down", "mlp_out",
           "layer_out")
 DEFAULT_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -106,9 +107,10 @@ def check_injection(model, layer_idx: int, stage: str) -> None:
         fail(f"--inject_nan: layer {layer_idx} is not an NPT layer of this model "
              f"(NPT layers: {_ranges(sorted(layers))})")
     adapter = layers[layer_idx].adapter
-    branch = {"delta_add": adapter.B_add, "delta_mult": adapter.B_mult}
-    if stage in branch and branch[stage] is None:
-        fail(f"--inject_nan: stage {stage} is off in this model (modulation={layers[layer_idx].config.modulation})")
+    if stage in PLANTED_IN and getattr(adapter, PLANTED_IN[stage]) is None:
+        config = layers[layer_idx].config
+        fail(f"--inject_nan: stage {stage} is off in this model (modulation={config.modulation}, "
+             f"modulation_target={config.modulation_target})")
 
 
 def _plant(x: torch.Tensor, token: int) -> torch.Tensor:
@@ -118,10 +120,13 @@ def _plant(x: torch.Tensor, token: int) -> torch.Tensor:
     return x
 
 
+PLANTED_IN = {"delta_add": "B_add", "delta_mult": "B_mult", "delta_down": "B_down"}  # stage -> adapter module
+
+
 @contextlib.contextmanager
 def _nan_in_weight(weight: torch.Tensor):
-    """One NaN in weight[0, 0] for the duration (restored after): a and m are never materialized by
-    the fused kernel, so a NaN in delta_add / delta_mult is planted in B_add / B_mult instead."""
+    """One NaN in weight[0, 0] for the duration (restored after): a, m and v are never materialized by
+    the fused kernel, so a NaN in delta_add / delta_mult / delta_down is planted in its B_ weight instead."""
     with torch.no_grad():
         saved = weight[0, 0].clone()
         weight[0, 0] = float("nan")
@@ -148,6 +153,7 @@ def derived_stages(layer, z: torch.Tensor, gate: torch.Tensor, mask: torch.Tenso
         return {"delta_add": None if adapter.B_add is None else tensor_stats(adapter.B_add(z), mask),
                 "delta_mult": (None if adapter.B_mult is None else
                                tensor_stats(npt.modulation_factor(adapter.B_mult(z)), mask)),
+                "delta_down": None if adapter.B_down is None else tensor_stats(adapter.down_vectors(z), mask),
                 "modulated_gate": tensor_stats(g, mask)}
 
 
@@ -174,9 +180,8 @@ def instrument(model, mask: torch.Tensor, inject: tuple[int, str] | None = None)
         return planted
 
     with contextlib.ExitStack() as stack:
-        if inject is not None and inject[1] in ("delta_add", "delta_mult"):
-            adapter = layers[inject[0]].adapter
-            stack.enter_context(_nan_in_weight((adapter.B_add if inject[1] == "delta_add" else adapter.B_mult).weight))
+        if inject is not None and inject[1] in PLANTED_IN:
+            stack.enter_context(_nan_in_weight(getattr(layers[inject[0]].adapter, PLANTED_IN[inject[1]]).weight))
         stack.enter_context(npt.capture(model, tuple(STAGE_OF), edit=observe, keep=False))
         yield records
 
@@ -220,7 +225,7 @@ def _injection_json(inject):
     if inject is None:
         return None
     layer, stage = inject
-    where = {"delta_add": "B_add.weight[0, 0]", "delta_mult": "B_mult.weight[0, 0]",
+    where = {**{k: f"{v}.weight[0, 0]" for k, v in PLANTED_IN.items()},
              "modulated_gate": "gate_proj output, sequence 0, first real token, feature 0"}.get(
         stage, f"{stage} output, sequence 0, first real token, feature 0")
     return {"layer": layer, "stage": stage, "where": where}
@@ -325,22 +330,27 @@ def render(report: dict) -> str:
               "lower_half, 8-15, 1,3,5.  [default: all]")
 @click.option("--adapter_rank", type=int, default=None, help="Adapter rank when no --checkpoint.  [default: 16]")
 @click.option("--safe_mode", is_flag=True, help="Additive modulation only, when no --checkpoint.")
+@click.option("--modulation_target", type=click.Choice(npt.TARGETS), default=None,
+              help="gate, down or gate+down, when no --checkpoint.  [default: gate]")
+@click.option("--down_rank", type=click.IntRange(min=1), default=None, help="K of the down target, when no "
+              "--checkpoint.  [default: 4]")
 @click.option("--text", "texts", multiple=True, help="Text to run (repeatable).  [default: three built-in samples]")
 @click.option("--max_length", type=click.IntRange(min=1), default=256, show_default=True,
               help="Tokens per text (longer ones are truncated).")
 @click.option("--inject_nan", default=None, metavar="LAYER:STAGE",
               help=f"Plant one NaN at that NPT layer and stage to show detection works; STAGE is one of "
-                   f"{', '.join(STAGES)} (delta_add / delta_mult: in B_add / B_mult.weight[0, 0], restored after).")
+                   f"{', '.join(STAGES)} (delta_add / delta_mult / delta_down: in B_add / B_mult / B_down.weight[0, 0], "
+                   "restored after).")
 @click.option("--json", "json_file", default=None, type=click.Path(dir_okay=False),
               help="Also write the report as JSON to this file.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh adapters' init.")
-def main(model_name, use_quantization, use_fp16, checkpoint, npt_layers, adapter_rank, safe_mode, texts,
-         max_length, inject_nan, json_file, seed):
+def main(model_name, use_quantization, use_fp16, checkpoint, npt_layers, adapter_rank, safe_mode, modulation_target,
+         down_rank, texts, max_length, inject_nan, json_file, seed):
     """Inspect one forward pass of an NPT model and name where the first NaN / Inf appears.
 
     Exit code 1 when a non-finite value was found, 0 otherwise."""
     inject = parse_injection(inject_nan) if inject_nan is not None else None
-    config = config_from_flags(checkpoint, npt_layers, adapter_rank, safe_mode)
+    config = config_from_flags(checkpoint, npt_layers, adapter_rank, safe_mode, modulation_target, down_rank)
     if json_file is not None and not Path(json_file).resolve().parent.is_dir():
         fail(f"--json: directory {Path(json_file).parent} does not exist")
     check_against_model(config, load_model_config_or_fail(model_name), inject, checkpoint)
@@ -368,11 +378,13 @@ def main(model_name, use_quantization, use_fp16, checkpoint, npt_layers, adapter
     sys.exit(1 if report["first_nonfinite"] is not None else 0)
 
 
-def config_from_flags(checkpoint, npt_layers, adapter_rank, safe_mode) -> npt.NPTConfig:
+def config_from_flags(checkpoint, npt_layers, adapter_rank, safe_mode, modulation_target=None,
+                      down_rank=None) -> npt.NPTConfig:
     """The checkpoint's NPT config, or the one the flags ask for (not both)."""
     if checkpoint is not None:
         given = [f for f, v in (("--npt_layers", npt_layers), ("--adapter_rank", adapter_rank),
-                                ("--safe_mode", safe_mode or None)) if v is not None]
+                                ("--safe_mode", safe_mode or None), ("--modulation_target", modulation_target),
+                                ("--down_rank", down_rank)) if v is not None]
         if given:
             fail(f"{', '.join(given)} cannot be combined with --checkpoint: the checkpoint's npt_config.json sets them")
         try:
@@ -381,7 +393,8 @@ def config_from_flags(checkpoint, npt_layers, adapter_rank, safe_mode) -> npt.NP
             fail(f"--checkpoint: {e}")
     try:
         return npt.NPTConfig(rank=16 if adapter_rank is None else adapter_rank,
-                             modulation="additive" if safe_mode else "both", layers=npt_layers or "all")
+                             modulation="additive" if safe_mode else "both", layers=npt_layers or "all",
+                             modulation_target=modulation_target or "gate", down_rank=down_rank or 4)
     except ValueError as e:
         fail(f"{e}")
 
@@ -396,9 +409,10 @@ def check_against_model(config: npt.NPTConfig, model_config, inject, checkpoint)
             fail(f"{'--checkpoint' if checkpoint else '--npt_layers'}: {e}")
         if inject is not None and inject[0] not in indices:
             fail(f"--inject_nan: layer {inject[0]} is not an NPT layer of this model (NPT layers: {_ranges(indices)})")
-    if inject is not None and inject[1] in ("delta_add", "delta_mult") and \
-            not (config.additive if inject[1] == "delta_add" else config.multiplicative):
-        fail(f"--inject_nan: stage {inject[1]} is off in this model (modulation={config.modulation})")
+    branch_on = {"delta_add": config.additive, "delta_mult": config.multiplicative, "delta_down": config.down}
+    if inject is not None and not branch_on.get(inject[1], True):
+        fail(f"--inject_nan: stage {inject[1]} is off in this model (modulation={config.modulation}, "
+             f"modulation_target={config.modulation_target})")
 
 
 if __name__ == "__main__":

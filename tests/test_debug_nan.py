@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import debug_nan
 import npt
 from debug_nan import STAGES
+from npt_cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_TORCH_THREAD = True
@@ -106,7 +107,7 @@ def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
 @pytest.mark.parametrize("layer", [0, 13, NUM_LAYERS - 1])
 def test_injected_nan_is_found_at_exactly_that_layer_and_stage(npt_model, embedded, layer):
     tokenizer = embedded[1]
-    for stage in STAGES:
+    for stage in (s for s in STAGES if s != "delta_down"):  # the gate target: delta_down is off
         report = debug_nan.inspect_model(npt_model, tokenizer, inject=(layer, stage))
         assert_first(report, layer, stage)
         # the NaN is real, not cosmetic: it flows on into the layer's output
@@ -137,6 +138,21 @@ def test_other_precisions(embedded, precision):
     report = debug_nan.inspect_model(model, tokenizer, inject=(4, "modulated_gate"))
     assert_first(report, 4, "modulated_gate")
     assert [e["layer"] for e in report["layers"]] == list(range(6))
+
+
+@pytest.mark.parametrize("target", ["down", "gate+down"])
+def test_down_target_stages(embedded, target):
+    model = fresh_npt(embedded, layers="10-12", modulation_target=target)
+    clean = debug_nan.inspect_model(model, embedded[1])
+    assert clean["first_nonfinite"] is None
+    assert all(e["stages"]["delta_down"]["numel"] > 0 for e in clean["layers"])
+    assert all((e["stages"]["delta_add"] is None) == (target == "down") for e in clean["layers"])
+    for stage in ("delta_down", "mlp_out", "low_rank"):
+        report = debug_nan.inspect_model(model, embedded[1], inject=(11, stage))
+        assert_first(report, 11, stage)
+        assert report["layers"][1]["stages"]["layer_out"]["nan"] > 0, stage
+    with pytest.raises(UserError, match="delta_down is off"):
+        debug_nan.inspect_model(fresh_npt(embedded, layers="10"), embedded[1], inject=(10, "delta_down"))
 
 
 def test_partial_conversion_and_safe_mode(embedded):
