@@ -12,6 +12,7 @@ on CUDA it is torch.cuda.max_memory_allocated.
 
     python benchmarks/bench_train.py                          # smollm2-135m, 256 tokens, CPU
     python benchmarks/bench_train.py --model llama8b-random --device cuda --dtype bf16 --seq_len 2048
+    python benchmarks/bench_train.py --target down --variants layerwise,end_to_end   # the down target
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def build_model(name: str, dtype, device):
     return model, len(tok)
 
 
-def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device: str, dtype_name: str, rank: int):
+def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device: str, dtype_name: str, rank: int,
+                target: str = "gate"):
     import copy
 
     import torch
@@ -65,7 +67,7 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
     base_mb = _current_rss_mb()
     model, vocab = build_model(model_name, dtype, device)
     teacher = copy.deepcopy(model) if variant == "seed" else None  # the seed loads the model twice
-    npt.convert_to_npt(model, npt.NPTConfig(rank=rank))
+    npt.convert_to_npt(model, npt.NPTConfig(rank=rank, modulation_target="gate" if variant == "seed" else target))
     params = npt.get_adapter_params(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, vocab, (1, seq_len), device=device)
@@ -93,7 +95,7 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
         if i:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb() - base_mb
-    return {"variant": variant, "step_s": statistics.median(times), "peak_mb": peak}
+    return {"variant": variant, "target": target, "step_s": statistics.median(times), "peak_mb": peak}
 
 
 @click.command()
@@ -105,22 +107,25 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
 @click.option("--dtype", "dtype_name", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--rank", default=16, show_default=True)
 @click.option("--variants", default=",".join(VARIANTS), show_default=True)
+@click.option("--target", type=click.Choice(["gate", "down", "gate+down"]), default="gate", show_default=True,
+              help="The NPT modulation target (the seed variant always measures its own gate form).")
 @click.option("--_child", hidden=True, default=None)
-def main(model_name, seq_len, steps, device, dtype_name, rank, variants, _child):
+def main(model_name, seq_len, steps, device, dtype_name, rank, variants, target, _child):
     if _child:
-        print(json.dumps(run_variant(_child, model_name, seq_len, steps, device, dtype_name, rank)))
+        print(json.dumps(run_variant(_child, model_name, seq_len, steps, device, dtype_name, rank, target)))
         return
     rows = []
     for v in variants.split(","):
         cmd = [sys.executable, __file__, "--model", model_name, "--seq_len", str(seq_len), "--steps", str(steps),
-               "--device", device, "--dtype", dtype_name, "--rank", str(rank), "--_child", v]
+               "--device", device, "--dtype", dtype_name, "--rank", str(rank), "--target", target, "--_child", v]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{v} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     seed = next((r for r in rows if r["variant"] == "seed"), None)
     mem = "peak MB (RSS above import)" if device == "cpu" else "peak MB (max_memory_allocated)"
-    print(f"\n{model_name}, {seq_len} tokens, {device}, {dtype_name}, rank {rank}, median of {steps} steps\n")
+    print(f"\n{model_name}, {seq_len} tokens, {device}, {dtype_name}, rank {rank}, target {target}, "
+          f"median of {steps} steps\n")
     print(f"| objective | step time (s) | {mem} | time vs seed | memory vs seed |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
