@@ -364,9 +364,9 @@ def _block_config(N: int, F: int, R: int, K: int = 0, *, capability=None, sm_cou
     dot = "ieee" if capability is None or capability[0] < 8 else (DOT_PRECISION or "tf32x3")
     bwd_block_f, bwd_warps, bwd_dot = (128 if R <= 16 else 64), 8, dot  # sm_90 (Hopper) choice
     if capability is not None and capability[0] < 9:
-        bwd_block_f, bwd_warps = 32, 4  # sm_80 build spills with the larger tile
+        bwd_block_f = 32  # the sm_80 build spills with the larger tile, with 4 warps,
         if K and DOT_PRECISION is None:
-            bwd_dot = "ieee"  # and its down backward with tf32x3 dots
+            bwd_dot = "ieee"  # and in its down backward with tf32x3 dots
     return dict(
         block_r=block_r,
         rank_loop=R > 64,
