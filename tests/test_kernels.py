@@ -414,6 +414,17 @@ def test_self_check_passes_silently_and_keeps_triton(self_check, monkeypatch, re
     assert len(launches) == 3  # the check's slice once, then both calls on the kernels
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_self_check_passes_without_autograd(self_check, recwarn, mode):
+    """Evaluation / generation: the check still runs its backward (outside that mode) and passes."""
+    inputs = make_inputs((9,), 50, 8, down_rank=4)
+    with mode():
+        got = modulated_swiglu(*inputs[:5], backend="triton", down_u=inputs.down_u)
+    assert list(self_check.values()) == [True], [str(w.message) for w in recwarn]
+    want = modulated_swiglu(*inputs[:5], backend="torch", down_u=inputs.down_u)
+    assert all(rel_err(a, b) <= TOL[torch.float32] for a, b in zip(got, want))
+
+
 def test_self_check_is_per_configuration(self_check, monkeypatch):
     """A failure of one configuration (fp32) leaves another (bf16) on the kernels."""
     real_launch = ms._launch_forward
