@@ -643,7 +643,9 @@ def modulated_swiglu(gate, up, z, w_add, w_mult, add_scale: float = 0.1, backend
     docstring.  backend: auto | triton | torch.
 
     "auto" uses the Triton kernels for CUDA tensors (when triton is installed and K <= MAX_DOWN_RANK)
-    and the PyTorch reference otherwise; "triton" on CPU tensors requires TRITON_INTERPRET=1.
+    and the PyTorch reference otherwise; "triton" on CPU tensors requires TRITON_INTERPRET=1.  On a GPU
+    the first call of each kernel configuration is checked against a float64 reference on a few rows
+    (SELF_CHECK_TOL); a configuration that fails warns once and runs on the reference from then on.
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
