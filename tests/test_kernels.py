@@ -339,6 +339,20 @@ def test_down_needs_input_grad(backend, requires):
                             requires=requires)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_down_s_unused(backend):
+    """down_u given but down_s outside the loss: autograd passes no d_down_s, down_u gets no gradient."""
+    inputs = make_inputs((30,), 90, 16, seed=4, down_rank=4)
+    ins = [t.clone().requires_grad_() for t in inputs[:5]] + [inputs.down_u.clone().requires_grad_()]
+    h, add_sq, mult_sq, _ = modulated_swiglu(*ins[:5], backend=backend, down_u=ins[5])
+    loss = (h.float() * inputs.dh).sum() + (add_sq * inputs.c_add).sum() + (mult_sq * inputs.c_mult).sum()
+    grads = torch.autograd.grad(loss, ins, allow_unused=True)
+    *_, rgrads = reference64(*inputs[:5], 0.1, inputs.dh, inputs.c_add, inputs.c_mult)
+    for got, name in zip(grads[:5], INPUT_NAMES):
+        assert rel_err(got, rgrads[name]) <= TOL[torch.float32], name
+    assert grads[5] is None or not grads[5].any()
+
+
 def test_down_rank_above_kernel_limit():
     """K > MAX_DOWN_RANK: backend="triton" refuses with the limit, "auto" and "torch" use the reference."""
     inputs = make_inputs((5,), 40, 4, down_rank=ms.MAX_DOWN_RANK + 1)
