@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the module copes if it was)
 
 import importlib  # noqa: E402
+from typing import NamedTuple, Optional  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -39,13 +40,14 @@ def poisoned_buffers(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ reference
-def reference64(gate, up, z, w_add, w_mult, add_scale, dh, c_add, c_mult):
-    """float64 outputs and gradients of loss = (h*dh).sum() + (add_sq*c_add).sum() + (mult_sq*c_mult).sum()."""
+def reference64(gate, up, z, w_add, w_mult, add_scale, dh, c_add, c_mult, down_u=None, c_down=None):
+    """float64 outputs and gradients of loss = (h*dh).sum() + (add_sq*c_add).sum() + (mult_sq*c_mult).sum()
+    + (down_s*c_down).sum(); returns (h, add_sq, mult_sq, down_s, grads)."""
     leaves = {k: (None if t is None else t.detach().double().requires_grad_())
-              for k, t in dict(gate=gate, up=up, z=z, w_add=w_add, w_mult=w_mult).items()}
+              for k, t in dict(gate=gate, up=up, z=z, w_add=w_add, w_mult=w_mult, down_u=down_u).items()}
     x, u, zz = leaves["gate"], leaves["up"], leaves["z"]
     g = x
-    add_sq = mult_sq = None
+    add_sq = mult_sq = down_s = None
     loss = 0.0
     if leaves["w_mult"] is not None:
         m = zz @ leaves["w_mult"].t()
@@ -59,9 +61,12 @@ def reference64(gate, up, z, w_add, w_mult, add_scale, dh, c_add, c_mult):
         loss = loss + (add_sq * c_add.double()).sum()
     h = g * torch.sigmoid(g) * u
     loss = loss + (h * dh.double()).sum()
+    if leaves["down_u"] is not None:
+        down_s = h @ leaves["down_u"].t()  # (..., K)
+        loss = loss + (down_s * c_down.double()).sum()
     names = [k for k, v in leaves.items() if v is not None]
     grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)  # z unused if no branch
-    return h, add_sq, mult_sq, dict(zip(names, grads))
+    return h, add_sq, mult_sq, down_s, dict(zip(names, grads))
 
 
 def rel_err(x, ref):
@@ -71,8 +76,21 @@ def rel_err(x, ref):
     return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
+class Inputs(NamedTuple):
+    gate: torch.Tensor
+    up: torch.Tensor
+    z: torch.Tensor
+    w_add: Optional[torch.Tensor]
+    w_mult: Optional[torch.Tensor]
+    dh: torch.Tensor  # cotangents: of h,
+    c_add: torch.Tensor  # add_sq,
+    c_mult: torch.Tensor  # mult_sq,
+    down_u: Optional[torch.Tensor] = None
+    c_down: Optional[torch.Tensor] = None  # and down_s
+
+
 def make_inputs(lead, F, r, dtype=torch.float32, z_dtype=torch.float32, w_dtype=torch.float32,
-                add=True, mult=True, seed=0):
+                add=True, mult=True, seed=0, down_rank=None):
     gen = torch.Generator().manual_seed(seed)
     gate = torch.randn(*lead, F, generator=gen).to(dtype)
     up = torch.randn(*lead, F, generator=gen).to(dtype)
@@ -82,47 +100,66 @@ def make_inputs(lead, F, r, dtype=torch.float32, z_dtype=torch.float32, w_dtype=
     dh = torch.randn(*lead, F, generator=gen).to(dtype).float()  # exactly representable in h's dtype
     c_add = torch.randn(*lead, generator=gen)
     c_mult = torch.randn(*lead, generator=gen)
-    return gate, up, z, w_add, w_mult, dh, c_add, c_mult
+    if down_rank is None:
+        return Inputs(gate, up, z, w_add, w_mult, dh, c_add, c_mult)
+    down_u = (torch.randn(down_rank, F, generator=gen) / F ** 0.5).to(w_dtype)
+    return Inputs(gate, up, z, w_add, w_mult, dh, c_add, c_mult, down_u, torch.randn(*lead, down_rank, generator=gen))
 
 
-def run(backend, gate, up, z, w_add, w_mult, dh, c_add, c_mult, add_scale=0.1,
-        requires=("gate", "up", "z", "w_add", "w_mult")):
-    ins = dict(gate=gate, up=up, z=z, w_add=w_add, w_mult=w_mult)
-    ins = {k: (None if v is None else v.clone().requires_grad_(k in requires)) for k, v in ins.items()}
-    h, add_sq, mult_sq = modulated_swiglu(ins["gate"], ins["up"], ins["z"], ins["w_add"], ins["w_mult"],
-                                          add_scale, backend=backend)
-    loss = (h.float() * dh).sum()
-    if add_sq is not None:
-        loss = loss + (add_sq * c_add).sum()
-    if mult_sq is not None:
-        loss = loss + (mult_sq * c_mult).sum()
+INPUT_NAMES = ("gate", "up", "z", "w_add", "w_mult", "down_u")
+
+
+def run(backend, inputs, add_scale=0.1, requires=INPUT_NAMES, use_h=True):
+    """Outputs and the gradients of `requires` (those present) of the loss reference64 describes."""
+    ins = {k: (None if getattr(inputs, k) is None else getattr(inputs, k).clone().requires_grad_(k in requires))
+           for k in INPUT_NAMES}
+    outs = modulated_swiglu(*(ins[k] for k in INPUT_NAMES[:5]), add_scale, backend=backend, down_u=ins["down_u"])
+    assert len(outs) == (3 if inputs.down_u is None else 4)
+    h, add_sq, mult_sq, down_s = (tuple(outs) + (None,))[:4]
+    loss = (h.float() * inputs.dh).sum() if use_h else 0.0
+    for out, c in ((add_sq, inputs.c_add), (mult_sq, inputs.c_mult), (down_s, inputs.c_down)):
+        if out is not None:
+            loss = loss + (out * c).sum()
     names = [k for k in requires if ins[k] is not None]
     grads = torch.autograd.grad(loss, [ins[k] for k in names], allow_unused=True) if names else []
-    return h, add_sq, mult_sq, dict(zip(names, grads))
+    return h, add_sq, mult_sq, down_s, dict(zip(names, grads))
 
 
-def check_against_reference(backend, inputs, tol, add_scale=0.1, requires=("gate", "up", "z", "w_add", "w_mult")):
-    gate, up, z, w_add, w_mult, dh, c_add, c_mult = inputs
-    h, add_sq, mult_sq, grads = run(backend, *inputs, add_scale=add_scale, requires=requires)
-    rh, radd, rmult, rgrads = reference64(gate, up, z, w_add, w_mult, add_scale, dh, c_add, c_mult)
-    assert h.dtype == gate.dtype and h.shape == gate.shape
+def check_against_reference(backend, inputs, tol, add_scale=0.1, requires=INPUT_NAMES, use_h=True):
+    h, add_sq, mult_sq, down_s, grads = run(backend, inputs, add_scale=add_scale, requires=requires, use_h=use_h)
+    dh = inputs.dh if use_h else torch.zeros_like(inputs.dh)
+    rh, radd, rmult, rdown, rgrads = reference64(*inputs[:5], add_scale, dh, *inputs[6:])
+    assert h.dtype == inputs.gate.dtype and h.shape == inputs.gate.shape
     errs = {"h": rel_err(h, rh)}
-    for name, out, ref in (("add_sq", add_sq, radd), ("mult_sq", mult_sq, rmult)):
+    lead = inputs.gate.shape[:-1]
+    for name, out, ref, shape in (("add_sq", add_sq, radd, lead), ("mult_sq", mult_sq, rmult, lead),
+                                  ("down_s", down_s, rdown, lead + (len(inputs.down_u if inputs.down_u is not None
+                                                                        else ()),))):
         if ref is None:
             assert out is None, f"{name} should be None when its branch is off"
         else:
-            assert out.dtype == torch.float32 and out.shape == gate.shape[:-1]
+            assert out.dtype == torch.float32 and out.shape == shape, name
             errs[name] = rel_err(out, ref)
     for name, gr in grads.items():
         if rgrads[name] is None:  # input not used (z with both branches off)
             assert gr is None or not gr.any(), name
             continue
-        src = dict(gate=gate, up=up, z=z, w_add=w_add, w_mult=w_mult)[name]
+        src = getattr(inputs, name)
         assert gr.dtype == src.dtype and gr.shape == src.shape, name
         errs["d_" + name] = rel_err(gr, rgrads[name])
     bad = {k: v for k, v in errs.items() if not v <= tol}
     assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
+    WORST[(backend, tol)] = max(WORST.get((backend, tol), 0.0), *errs.values())
     return errs
+
+
+WORST = {}  # (backend, tolerance) -> worst relative error seen, printed at the end (pytest -s)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_worst_errors():
+    yield
+    print("\nworst relative errors:", {f"{b} tol {t:g}": f"{e:.2e}" for (b, t), e in sorted(WORST.items())})
 
 
 # ------------------------------------------------------------------------------ accuracy
@@ -173,12 +210,12 @@ def test_add_scale(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
-    gate, up, z, w_add, w_mult, dh, c_add, c_mult = make_inputs((30,), 80, 16)
+    gate, up, z, w_add, w_mult, dh, c_add, c_mult = make_inputs((30,), 80, 16)[:8]
     gate = torch.cat([gate, gate], -1)[:, ::2]  # strided view, same values
     z = z.t().contiguous().t()  # column-major
     w_add = w_add.t().contiguous().t()
     assert not gate.is_contiguous() and not z.is_contiguous() and not w_add.is_contiguous()
-    check_against_reference(backend, (gate, up, z, w_add, w_mult, dh, c_add, c_mult), TOL[torch.float32])
+    check_against_reference(backend, Inputs(gate, up, z, w_add, w_mult, dh, c_add, c_mult), TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -192,8 +229,8 @@ def test_saturated_codes_no_nan(backend):
     w_add = torch.randint(-1, 2, (F, r), generator=gen).float()
     gate, up = torch.randn(N, F, generator=gen), torch.randn(N, F, generator=gen)
     dh, c_add, c_mult = torch.randn(N, F, generator=gen), torch.randn(N, generator=gen), torch.randn(N, generator=gen)
-    inputs = (gate, up, z, w_add, w_mult, dh, c_add, c_mult)
-    h, add_sq, mult_sq, grads = run(backend, *inputs)
+    inputs = Inputs(gate, up, z, w_add, w_mult, dh, c_add, c_mult)
+    h, add_sq, mult_sq, _, grads = run(backend, inputs)
     for t in (h, add_sq, mult_sq, *grads.values()):
         assert torch.isfinite(t).all()
     check_against_reference(backend, inputs, TOL[torch.float32])
@@ -210,7 +247,7 @@ def test_needs_input_grad(backend, requires, poisoned_buffers):
 def test_backward_skips_unneeded_input_grads(poisoned_buffers):
     """With gate / up not requiring grad, backward allocates (and so writes) no N x F buffer."""
     N, F = 40, 100
-    gate, up, z, w_add, w_mult, dh, _, _ = make_inputs((N,), F, 8)
+    gate, up, z, w_add, w_mult, dh, _, _ = make_inputs((N,), F, 8)[:8]
     z, w_add, w_mult = (t.requires_grad_() for t in (z, w_add, w_mult))
     h, add_sq, mult_sq = modulated_swiglu(gate, up, z, w_add, w_mult, backend="triton")
     assert (N, F) in poisoned_buffers  # the forward's h
@@ -223,7 +260,7 @@ def test_backward_skips_unneeded_input_grads(poisoned_buffers):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_sums_in_loss(backend):
     """h unused: gradients reach z and the weights through add_sq / mult_sq only."""
-    gate, up, z, w_add, w_mult, dh, c_add, c_mult = make_inputs((30,), 90, 16)
+    gate, up, z, w_add, w_mult, dh, c_add, c_mult = make_inputs((30,), 90, 16)[:8]
     zl, wal, wml = (t.clone().requires_grad_() for t in (z, w_add, w_mult))
     _, add_sq, mult_sq = modulated_swiglu(gate, up, zl, wal, wml, backend=backend)
     gz, gwa, gwm = torch.autograd.grad((add_sq * c_add).sum() + (mult_sq * c_mult).sum(), [zl, wal, wml])
@@ -235,7 +272,7 @@ def test_only_sums_in_loss(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expanded_upstream_grads(backend):
     """loss = h.sum() + sums.sum(): autograd hands backward stride-0 (expanded) gradients."""
-    gate, up, z, w_add, w_mult, dh, c_add, c_mult = make_inputs((2, 20), 70, 8)
+    gate, up, z, w_add, w_mult, dh, c_add, c_mult = make_inputs((2, 20), 70, 8)[:8]
     ins = [t.clone().requires_grad_() for t in (gate, up, z, w_add, w_mult)]
     h, add_sq, mult_sq = modulated_swiglu(*ins, backend=backend)
     grads = torch.autograd.grad(h.sum() + add_sq.sum() + mult_sq.sum(), ins)
@@ -255,6 +292,172 @@ def test_backends_return_same_structure():
         assert (x is None) == (y is None)
         if x is not None:
             assert x.shape == y.shape and x.dtype == y.dtype
+
+
+# ------------------------------------------------------------------------------ down modulation
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [1, 4, 17])
+def test_down_ranks(backend, K):
+    """down_s = h32 @ down_u^T and its gradients; F = 200 leaves a tail in every F block size."""
+    check_against_reference(backend, make_inputs((100,), 200, 16, seed=K, down_rank=K), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_down_half_precision(backend, dtype):
+    """down_s comes from h in fp32, before h is rounded to gate's dtype."""
+    check_against_reference(backend, make_inputs((2, 37), 150, 17, dtype=dtype, seed=5, down_rank=4), TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("add,mult", [(True, True), (True, False), (False, True), (False, False)])
+def test_down_with_branches(backend, add, mult):
+    inputs = make_inputs((40,), 130, 16, add=add, mult=mult, seed=11, down_rank=4)
+    check_against_reference(backend, inputs, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,F,r", [((1,), 33, 4), ((3, 1, 5), 17, 80)])
+def test_down_shapes(backend, lead, F, r):
+    """N = 1, several leading dims, F below one block; r = 80 takes the chunked-rank path."""
+    check_against_reference(backend, make_inputs(lead, F, r, seed=F, down_rank=17), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("add,mult", [(True, True), (False, False)])
+def test_gradients_through_down_s_only(backend, add, mult):
+    """Neither h nor the sums in the loss: every input's gradient comes through down_s alone."""
+    inputs = make_inputs((30,), 90, 16, add=add, mult=mult, seed=2, down_rank=4)
+    inputs = inputs._replace(c_add=torch.zeros_like(inputs.c_add), c_mult=torch.zeros_like(inputs.c_mult))
+    check_against_reference(backend, inputs, TOL[torch.float32], use_h=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("requires", [("down_u",), ("gate", "down_u"), ("z", "w_add", "w_mult"), ("up",)])
+def test_down_needs_input_grad(backend, requires):
+    check_against_reference(backend, make_inputs((50,), 150, 17, seed=8, down_rank=4), TOL[torch.float32],
+                            requires=requires)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_down_s_unused(backend):
+    """down_u given but down_s outside the loss: autograd passes no d_down_s, down_u gets no gradient."""
+    inputs = make_inputs((30,), 90, 16, seed=4, down_rank=4)
+    ins = [t.clone().requires_grad_() for t in inputs[:5]] + [inputs.down_u.clone().requires_grad_()]
+    h, add_sq, mult_sq, _ = modulated_swiglu(*ins[:5], backend=backend, down_u=ins[5])
+    loss = (h.float() * inputs.dh).sum() + (add_sq * inputs.c_add).sum() + (mult_sq * inputs.c_mult).sum()
+    grads = torch.autograd.grad(loss, ins, allow_unused=True)
+    *_, rgrads = reference64(*inputs[:5], 0.1, inputs.dh, inputs.c_add, inputs.c_mult)
+    for got, name in zip(grads[:5], INPUT_NAMES):
+        assert rel_err(got, rgrads[name]) <= TOL[torch.float32], name
+    assert grads[5] is None or not grads[5].any()
+
+
+def test_down_rank_above_kernel_limit():
+    """K > MAX_DOWN_RANK: backend="triton" refuses with the limit, "auto" and "torch" use the reference."""
+    inputs = make_inputs((5,), 40, 4, down_rank=ms.MAX_DOWN_RANK + 1)
+    with pytest.raises(ValueError, match=f"K <= {ms.MAX_DOWN_RANK}"):
+        modulated_swiglu(*inputs[:5], backend="triton", down_u=inputs.down_u)
+    for backend in ("auto", "torch"):
+        out = modulated_swiglu(*inputs[:5], backend=backend, down_u=inputs.down_u)
+        assert out[3].shape == (5, ms.MAX_DOWN_RANK + 1)
+
+
+def test_down_u_shape_mismatch_raises():
+    inputs = make_inputs((5,), 40, 4, down_rank=3)
+    with pytest.raises(ValueError, match="down_u"):
+        modulated_swiglu(*inputs[:5], backend="triton", down_u=inputs.down_u[:, :20])
+
+
+# ------------------------------------------------------------------------------ first-use self-check
+@pytest.fixture
+def self_check(monkeypatch):
+    """The self-check on (CPU, interpreter) with a fresh record of checked configurations."""
+    monkeypatch.setattr(ms, "SELF_CHECK_IN_INTERPRETER", True)
+    monkeypatch.setattr(ms, "_self_check_passed", {})
+    return ms._self_check_passed
+
+
+def calls_and_grads(backend, inputs):
+    """Two calls (so the second meets the recorded verdict) with gradients of every input."""
+    return [run(backend, inputs) for _ in range(2)]
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        if isinstance(x, dict):
+            assert x.keys() == y.keys()
+            assert all(torch.equal(x[k], y[k]) for k in x)
+        else:
+            assert (x is None and y is None) or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("failure", ["wrong values", "exception"])
+def test_self_check_failure_warns_once_and_uses_torch(self_check, monkeypatch, failure):
+    real_launch = ms._launch_forward
+
+    def broken_launch(*args):
+        if failure == "exception":
+            raise RuntimeError("simulated kernel failure")
+        h, *sums = real_launch(*args)
+        return (h + 1.0, *sums)
+
+    monkeypatch.setattr(ms, "_launch_forward", broken_launch)
+    inputs = make_inputs((9,), 50, 8, down_rank=4)
+    with pytest.warns(RuntimeWarning) as record:
+        got = calls_and_grads("triton", inputs)
+    assert len(record) == 1, [str(w.message) for w in record]
+    message = str(record[0].message)
+    assert "self-check" in message and "PyTorch backend" in message
+    assert ("simulated kernel failure" if failure == "exception" else "relative error above") in message
+    assert "'h'" in message or failure == "exception"  # what differed
+    want = calls_and_grads("torch", inputs)
+    for a, b in zip(got, want):
+        assert_same(a, b)
+    assert list(self_check.values()) == [False]
+
+
+def test_self_check_passes_silently_and_keeps_triton(self_check, monkeypatch, recwarn):
+    launches = []
+    real_launch = ms._launch_forward
+    monkeypatch.setattr(ms, "_launch_forward", lambda *args: launches.append(1) or real_launch(*args))
+    inputs = make_inputs((9,), 50, 8, down_rank=4)
+    calls_and_grads("triton", inputs)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert list(self_check.values()) == [True]
+    assert len(launches) == 3  # the check's slice once, then both calls on the kernels
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_self_check_passes_without_autograd(self_check, recwarn, mode):
+    """Evaluation / generation: the check still runs its backward (outside that mode) and passes."""
+    inputs = make_inputs((9,), 50, 8, down_rank=4)
+    with mode():
+        got = modulated_swiglu(*inputs[:5], backend="triton", down_u=inputs.down_u)
+    assert list(self_check.values()) == [True], [str(w.message) for w in recwarn]
+    want = modulated_swiglu(*inputs[:5], backend="torch", down_u=inputs.down_u)
+    assert all(rel_err(a, b) <= TOL[torch.float32] for a, b in zip(got, want))
+
+
+def test_self_check_is_per_configuration(self_check, monkeypatch):
+    """A failure of one configuration (fp32) leaves another (bf16) on the kernels."""
+    real_launch = ms._launch_forward
+
+    def fp32_broken(gate2, *args):
+        h, *sums = real_launch(gate2, *args)
+        return (h + 1.0 if gate2.dtype == torch.float32 else h, *sums)
+
+    monkeypatch.setattr(ms, "_launch_forward", fp32_broken)
+    with pytest.warns(RuntimeWarning):
+        run("triton", make_inputs((9,), 50, 8))
+    check_against_reference("triton", make_inputs((9,), 50, 8, dtype=torch.bfloat16), TOL[torch.bfloat16])
+    assert sorted(self_check.values()) == [False, True]
+
+
+def test_self_check_off_on_cpu_by_default():
+    checked = dict(ms._self_check_passed)
+    run("triton", make_inputs((9,), 50, 8))
+    assert ms._self_check_passed == checked
 
 
 # ------------------------------------------------------------------------------ backend selection
