@@ -329,9 +329,10 @@ def test_output_hidden_states_sees_npt_layers():
     assert isinstance(model.model.layers[1], type(base.model.layers[1]))
 
 
-def test_npt_layers_run_the_triton_kernel(monkeypatch):
+@pytest.mark.parametrize("target", ["gate", "down", "gate+down"])
+def test_npt_layers_run_the_triton_kernel(monkeypatch, target):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton on CPU, exactly
-    model = npt.convert_to_npt(tiny("llama"), npt.NPTConfig(rank=8))
+    model = npt.convert_to_npt(tiny("llama"), npt.NPTConfig(rank=8, modulation_target=target))
     randomize_adapters(model)
     ids = torch.randint(1, 128, (2, 5))
     results = []
