@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import npt
-from test_npt import ARCHS, capture_layer_io, randomize_adapters, rel_err, rms_norm64, tiny
+from test_npt import ARCHS, capture_layer_io, padded_npt_forward, randomize_adapters, rel_err, rms_norm64, tiny
 
 
 def naive_update_error(s, t, h, mask):
@@ -105,17 +105,8 @@ def reference_down_layer64(layer, h, attn):
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("target", ["down", "gate+down"])
 def test_down_target_matches_float64_reference(arch, target):
-    model = tiny(arch)
-    npt.convert_to_npt(model, npt.NPTConfig(rank=8, layers="0,2", modulation_target=target, down_rank=3))
-    randomize_adapters(model)
-    ids = torch.randint(1, 128, (2, 9))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    records, handles = capture_layer_io(model)
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
-    for hk in handles:
-        hk.remove()
+    config = npt.NPTConfig(rank=8, layers="0,2", modulation_target=target, down_rank=3)
+    model, records, mask = padded_npt_forward(arch, config)
     regs = []
     for layer in npt.npt_layers(model):
         rec = records[layer.layer_idx]

@@ -70,15 +70,10 @@ def reference_layer64(layer, h, attn, add_scale):
     return out, sum(terms) / len(terms)
 
 
-def rel_err(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max()).item()
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("modulation", ["both", "additive", "multiplicative"])
-def test_layer_outputs_match_float64_reference(arch, modulation):
-    model = tiny(arch)
-    npt.convert_to_npt(model, npt.NPTConfig(rank=8, modulation=modulation, layers="0,2"))
+def padded_npt_forward(arch, config):
+    """A tiny model converted with `config` and random adapters, run on a left-padded batch:
+    (model, per-layer records of capture_layer_io, attention mask)."""
+    model = npt.convert_to_npt(tiny(arch), config)
     randomize_adapters(model)
     ids = torch.randint(1, 128, (2, 9))
     mask = torch.ones_like(ids)
@@ -88,6 +83,17 @@ def test_layer_outputs_match_float64_reference(arch, modulation):
         model(input_ids=ids, attention_mask=mask)
     for h in handles:
         h.remove()
+    return model, records, mask
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("modulation", ["both", "additive", "multiplicative"])
+def test_layer_outputs_match_float64_reference(arch, modulation):
+    model, records, mask = padded_npt_forward(arch, npt.NPTConfig(rank=8, modulation=modulation, layers="0,2"))
     regs = []
     for layer in npt.npt_layers(model):
         rec = records[layer.layer_idx]
