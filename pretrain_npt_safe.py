@@ -790,6 +790,16 @@ def restore(plan: Plan, model, optimizer, scheduler) -> TrainerState:
     return plan.resume.state
 
 
+def describe_target(c: npt.NPTConfig) -> str:
+    """What the attention code modulates, in words for the start line."""
+    parts = [f"{c.modulation_target} target"]
+    if c.additive or c.multiplicative:
+        parts.append(f"{c.modulation} gate modulation")
+    if c.down:
+        parts.append(f"down_rank {c.down_rank}")
+    return ", ".join(parts)
+
+
 # ----------------------------------------------------------------------------- the run
 @dataclasses.dataclass
 class Session:
@@ -825,7 +835,8 @@ class Session:
         self.sinks.message(
             f"NPT pre-training: {args.model_name}, {len(self.plan.layer_indices)} NPT layers, "
             f"rank {args.adapter_rank}, "
-            f"{self.plan.npt_config.modulation} modulation, {args.objective} objective, {self.total_steps} steps of "
+            f"{describe_target(self.plan.npt_config)}, {args.objective} objective, {args.loss} loss, "
+            f"{self.total_steps} steps of "
             f"{per_step} x {args.max_length} tokens, {procs.world} process(es)"
             + (f", resumed at step {state.step} from {resume.path}" if resume is not None else ""))
         windows = self.data.eval_windows
