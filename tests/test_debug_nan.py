@@ -77,7 +77,9 @@ def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
     assert "Traceback" not in proc.stderr
     assert verdict(proc.stdout) == "first non-finite: none found (every stage of every NPT layer and the logits are finite)"
     rows = table_rows(proc.stdout)
-    assert set(rows) == {(i, s) for i in range(NUM_LAYERS) for s in STAGES}
+    on = [s for s in STAGES if s != "delta_down"]  # the default gate target: the down branch is off
+    assert set(rows) == {(i, s) for i in range(NUM_LAYERS) for s in on}
+    assert len(re.findall(r"^\s*\d+\s+delta_down\s+off$", proc.stdout, re.M)) == NUM_LAYERS
 
     report = json.loads(out_json.read_text())
     assert report["first_nonfinite"] is None
@@ -85,6 +87,7 @@ def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
     assert [e["layer"] for e in report["layers"]] == list(range(NUM_LAYERS))
     for entry in report["layers"]:
         assert list(entry["stages"]) == list(STAGES)
+        assert entry["stages"].pop("delta_down") is None
         for stage, s in entry["stages"].items():
             assert s["nan"] == s["inf"] == 0 and s["numel"] > 0
             assert s["min"] <= s["max"] and s["mean_abs"] >= 0
