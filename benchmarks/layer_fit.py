@@ -152,6 +152,20 @@ def main(layers, steps, batch, n_windows, targets, lams, lrs, ranks, down_ranks,
     if json_file:
         with open(json_file, "w") as f:
             json.dump(rows, f, indent=1)
+    print(markdown(rows))
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as the RESULTS.md table: held-out update error (mean over layers), perplexity, agreement."""
+    lines = ["| layers | target | lr | lambda | update error start -> end (ratio) | student ppl start -> end "
+             "(teacher) | top-1 agreement start -> end | code size (reg) |", "|" + " --- |" * 8]
+    for r in rows:
+        span = f"{r['layers'][0]}-{r['layers'][-1]}" if len(r["layers"]) > 1 else str(r["layers"][0])
+        lines.append(f"| {span} | {r['target']} | {r['lr']:g} | {r['lam']:g} | {r['mean_start']:.3f} -> "
+                     f"{r['mean_final']:.3f} ({r['mean_final'] / r['mean_start']:.2f}) | {r['student_ppl_start']:.2f} -> "
+                     f"{r['student_ppl_final']:.2f} ({r['teacher_ppl']:.2f}) | {r['agreement_start']:.3f} -> "
+                     f"{r['agreement_final']:.3f} | {r['reg_final']:.3g} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
