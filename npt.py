@@ -36,7 +36,8 @@ __all__ = [
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
     "regularization",
     "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured", "layer_error", "EquivalenceLoss",
-    "equivalence_loss", "OBJECTIVES", "LOSSES", "StepResult", "optimizer_step", "nan_embeddings", "is_4bit",
+    "equivalence_loss", "OBJECTIVES", "LOSSES", "StepResult", "optimizer_step", "weights_finite", "nan_embeddings",
+    "is_4bit",
     "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype", "model_path",
     "EMBEDDED_MODEL",
 ]
@@ -354,8 +355,10 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     """x / ||x|| per token in fp32; scaling by max|x| first keeps the norm from overflowing
     (huge states stay comparable instead of collapsing to 0; an Inf still gives NaN, which is reported)."""
     x = x.float()
-    x = x / x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    peak = x.abs().amax(-1, keepdim=True)
+    x = x / torch.where(peak > 0, peak, 1)  # an all-zero token stays 0 with a finite gradient
+    # sqrt of a clamped square sum, not a clamped norm: the norm's backward at 0 is 0/0 = NaN
+    return x / x.square().sum(-1, keepdim=True).clamp_min(1e-12).sqrt()
 
 
 def normalized_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -533,7 +536,7 @@ class StepResult:
     fit: float = math.nan
     reg: float = math.nan
     grad_norm: float = math.nan
-    skipped: int = 0  # micro-batches skipped (non-finite loss or gradient)
+    skipped: int = 0  # micro-batches skipped (non-finite loss, gradient, or weights after the step)
     tokens: int = 0
     bad: list[int] = dataclasses.field(default_factory=list)  # indices of the skipped micro-batches
     reasons: dict[int, str] = dataclasses.field(default_factory=dict)  # why (this process's micro-batches)
@@ -589,11 +592,49 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[d
             p.grad = None
         result.skipped, result.bad = len(micro_batches), list(range(len(micro_batches)))
         return result
+    before = _snapshot(params, optimizer)
     optimizer.step()
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if not weights_finite(params, optimizer):  # a finite gradient that still blew the weights up: undo it
+        _restore(before, params, optimizer)
+        result.skipped, result.bad = len(micro_batches), list(range(len(micro_batches)))
+        result.reasons = {i: "non-finite weights after the step" for i in result.bad}
+        return result
+    scheduler.step()
     result.loss, result.fit, result.reg = (float(v) / total for v in sums[1:])
     return result
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    return [v for st in optimizer.state.values() for v in st.values()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+
+def weights_finite(params: list[torch.Tensor], optimizer=None) -> bool:
+    """Every parameter and optimizer-state tensor finite, in one fused reduction (per-tensor norms). A
+    tensor whose norm overflows fp32 (entries ~1e19 and up) counts as diverged too."""
+    tensors = [p.detach() for p in params] + (_optimizer_tensors(optimizer) if optimizer is not None else [])
+    norms = torch._foreach_norm([t.float() for t in tensors])
+    return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
+
+
+def _snapshot(params: list[torch.Tensor], optimizer) -> tuple[list, dict]:
+    """Copies of the adapters and their optimizer state (small), so a diverged step can be undone."""
+    return ([p.detach().clone() for p in params],
+            {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
+             for p in params if p in optimizer.state})
+
+
+def _restore(snapshot: tuple[list, dict], params: list[torch.Tensor], optimizer) -> None:
+    values, state = snapshot
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    for p in params:
+        if p in state:
+            optimizer.state[p] = state[p]
+        else:
+            optimizer.state.pop(p, None)
 
 
 def _reduce_all(reduce, acc: list[torch.Tensor], sums: torch.Tensor, bad: torch.Tensor):
