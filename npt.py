@@ -96,6 +96,8 @@ class NPTConfig:
             lo, hi = (int(s) for s in spec.split("-"))
             if lo > hi:
                 raise ValueError(f"layer range {spec!r} is empty: write low-high, e.g. 8-15")
+            if hi >= num_layers:  # before building the list: 0-10000000000 must not exhaust memory
+                raise ValueError(f"layers {spec!r} reach layer {hi} but the model has layers 0-{num_layers - 1}")
             idx = list(range(lo, hi + 1))
         elif isinstance(spec, str) and re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", spec):
             idx = [int(s) for s in spec.split(",")]
@@ -819,8 +821,10 @@ def model_path(model_name: str) -> str:
 
 
 def load_base_model(model_name: str = EMBEDDED_MODEL, use_quantization: bool = False, use_fp16: bool = False,
-                    device: str | torch.device | None = None, dtype: torch.dtype | None = None, **kwargs):
-    """(model, tokenizer) for a hub id, a local path, or the embedded `smollm2-135m`."""
+                    device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                    trust_remote_code: bool = False, **kwargs):
+    """(model, tokenizer) for a hub id, a local path, or the embedded `smollm2-135m`; a model's own code
+    (`auto_map`) runs only with trust_remote_code=True."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     path = model_path(model_name)
@@ -835,8 +839,9 @@ def load_base_model(model_name: str = EMBEDDED_MODEL, use_quantization: bool = F
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device is not None:
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # never None: transformers then asks "[y/N]" in a terminal and runs the folder's code on "y"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
