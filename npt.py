@@ -32,7 +32,7 @@ import torch.nn as nn
 from kernels import modulated_gate, modulated_swiglu, modulation_factor
 
 __all__ = [
-    "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt",
+    "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
     "regularization",
     "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured", "layer_error", "EquivalenceLoss",
@@ -293,12 +293,48 @@ def keep_4bit_differentiable(model: nn.Module) -> None:
             m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
 
 
-def convert_to_npt(model: nn.Module, config: NPTConfig | None = None) -> nn.Module:
-    """Wrap the selected decoder layers in NPTLayer, in place; freezes every base parameter."""
-    config = config or NPTConfig()
+# the seed's adapter_config keys: modulation_type names -> NPTConfig.modulation
+SEED_MODULATIONS = {"both": "both", "hybrid": "both", "additive": "additive", "add": "additive",
+                    "multiplicative": "multiplicative", "mult": "multiplicative", "multiply": "multiplicative"}
+SEED_KEYS = ("r", "modulation_type", "consolidation_alpha", "d_model", "d_ffn", "compute_dtype")
+
+
+def config_from_dict(d: dict, d_model: int, d_ffn: int) -> NPTConfig:
+    """An NPTConfig from the seed's adapter_config dict (r -> rank, modulation_type -> modulation; d_model
+    and d_ffn checked against the model; compute_dtype accepted: adapters always compute in fp32;
+    consolidation_alpha kept on the config object for npt.consolidate's alpha) or from NPTConfig's own
+    field names; any other key is refused by name."""
+    fields = {f.name for f in dataclasses.fields(NPTConfig)}
+    unknown = [k for k in d if k not in fields and k not in SEED_KEYS]
+    if unknown:
+        raise ValueError(f"unknown adapter config key(s) {', '.join(map(repr, unknown))}: use "
+                         f"{', '.join(SEED_KEYS)} (the seed's names) or {', '.join(sorted(fields))}")
+    for seed_key, ours, given in (("d_model", "d_model", d_model), ("d_ffn", "d_ffn", d_ffn)):
+        if seed_key in d and d[seed_key] != given:
+            raise ValueError(f"adapter config {seed_key}={d[seed_key]!r} but the model's {ours} is {given}")
+    kwargs = {k: v for k, v in d.items() if k in fields}
+    if "r" in d:
+        kwargs.setdefault("rank", d["r"])
+    if "modulation_type" in d:
+        if d["modulation_type"] not in SEED_MODULATIONS:
+            raise ValueError(f"modulation_type {d['modulation_type']!r} not understood: use one of "
+                             f"{', '.join(SEED_MODULATIONS)}")
+        kwargs.setdefault("modulation", SEED_MODULATIONS[d["modulation_type"]])
+    config = NPTConfig(**kwargs)
+    config.consolidation_alpha = float(d.get("consolidation_alpha", 1.0))  # not a field: never saved or compared
+    return config
+
+
+def convert_to_npt(model: nn.Module, config: NPTConfig | dict | None = None) -> nn.Module:
+    """Wrap the selected decoder layers in NPTLayer, in place; freezes every base parameter. `config` may
+    also be the seed's adapter_config dict (config_from_dict)."""
     if npt_layers(model):
         raise ValueError("model is already converted to NPT")
     layers = decoder_layers(model)
+    if isinstance(config, dict):
+        gate = layers[0].mlp.gate_proj
+        config = config_from_dict(config, gate.in_features, gate.out_features)
+    config = config or NPTConfig()
     act = getattr(getattr(model, "config", None), "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"NPT needs a SwiGLU MLP (hidden_act silu), this model uses {act!r}")

@@ -1128,8 +1128,8 @@ def loop(s: Session) -> int:
         if st.consecutive_nan >= args.max_consecutive_nan:
             path = s.checkpoint("checkpoint-final")
             s.sinks.message(f"error: {st.consecutive_nan} non-finite micro-batches in a row (--max_consecutive_nan "
-                            f"{args.max_consecutive_nan}): stopped at step {st.step}; the last good adapters are in "
-                            f"{path}")
+                            f"{args.max_consecutive_nan}): stopped; {path} holds the adapters of step {st.step}, the "
+                            "last step whose weights stayed finite (a step that made them non-finite was undone)")
             return 3
         if out.stepped:
             s.after_step()

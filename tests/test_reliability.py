@@ -88,3 +88,26 @@ def test_losses_of_zero_states_have_finite_gradients(fn):
     value = getattr(npt, fn)(*args)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(student.grad).all()
+
+
+def test_seed_adapter_config_dict_converts(base):
+    """The seed's call: convert_llama_to_npt(model, {'r': ..., 'd_model': ..., 'd_ffn': ..., 'compute_dtype': ...})."""
+    seed = {"r": 8, "modulation_type": "additive", "consolidation_alpha": 0.5, "d_model": 64, "d_ffn": 128,
+            "compute_dtype": torch.float32}
+    model = npt.convert_llama_to_npt(copy.deepcopy(base), seed)
+    assert model.npt_config == npt.NPTConfig(rank=8, modulation="additive")
+    assert model.npt_config.consolidation_alpha == 0.5
+    assert npt.npt_layers(model)[0].adapter.A_proj.weight.shape == (8, 64)
+    plain = npt.convert_to_npt(copy.deepcopy(base), {"r": 4})
+    assert plain.npt_config == npt.NPTConfig(rank=4)
+
+
+@pytest.mark.parametrize("bad, message", [({"r": 8, "d_model": 576}, "d_model=576 but the model's d_model is 64"),
+                                          ({"r": 8, "d_ffn": 1536}, "d_ffn=1536 but the model's d_ffn is 128"),
+                                          ({"r": 8, "dropout": 0.1}, "unknown adapter config key(s) 'dropout'"),
+                                          ({"modulation_type": "tanh"}, "modulation_type 'tanh' not understood")])
+def test_seed_adapter_config_mismatch_is_a_clear_error(base, bad, message):
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError) as e:
+        npt.convert_to_npt(model, bad)
+    assert message in str(e.value) and not npt.npt_layers(model)
