@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import debug_nan
 import npt
+import test_fixed_npt
 from test_train_cli import FAST, ROOT, SCRIPT, adapters, assert_bitwise, ok, rows, run
 
 
@@ -42,7 +43,8 @@ def run_in_terminal(args, typed: bytes, env: dict, timeout=120) -> tuple[int, st
     return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
 
 
-def test_remote_code_never_runs_even_when_y_is_typed(tmp_path, tiny_llama_dir):
+def remote_code_model(tmp_path, tiny_llama_dir):
+    """(a model folder only its own evil.py can load, the file that code creates when it runs)."""
     model, marker = tmp_path / "remote-model", tmp_path / "remote-code-ran"
     shutil.copytree(tiny_llama_dir, model)
     (model / "evil.py").write_text(f"""import pathlib
@@ -57,6 +59,11 @@ class EvilModel(LlamaForCausalLM):
     config["model_type"] = "evil-llama"  # unknown to transformers: only the folder's code can load it
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
     (model / "config.json").write_text(json.dumps(config))
+    return model, marker
+
+
+def test_remote_code_never_runs_even_when_y_is_typed(tmp_path, tiny_llama_dir):
+    model, marker = remote_code_model(tmp_path, tiny_llama_dir)
     code, output = run_in_terminal(["--model_name", model, "--output_dir", tmp_path / "out", "--max_steps", 1],
                                    b"y\n", {"HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONWARNINGS": "ignore"})
     lines = [line for line in output.splitlines() if line.strip() not in ("", "y")]  # less the echo of "y"
@@ -137,3 +144,14 @@ def test_debug_nan_json_to_an_unwritable_path_is_exit_2(tiny_llama_dir, tmp_path
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--json" in lines[0], result.stderr
         assert result.stdout == ""
+
+
+@pytest.mark.parametrize("script", [debug_nan, test_fixed_npt])
+def test_other_scripts_refuse_remote_code_without_the_flag(tmp_path, tiny_llama_dir, script, monkeypatch):
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    assert "--trust_remote_code" in CliRunner().invoke(script.main, ["--help"]).output
+    model, marker = remote_code_model(tmp_path, tiny_llama_dir)
+    result = CliRunner().invoke(script.main, ["--model_name", str(model)], input="y\n", catch_exceptions=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "--trust_remote_code" in lines[0], result.stderr
+    assert not marker.exists()
