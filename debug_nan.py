@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -48,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 import npt
-from npt_cli import command, fail, load_model_config_or_fail, load_model_or_fail, model_options, precision_name
+from npt_cli import (can_create_in, command, fail, load_model_config_or_fail, load_model_or_fail, model_options,
+                     precision_name)
 
 STAGES = ("input_norm", "attn_out", "low_rank", "delta_add", "delta_mult", "modulated_gate", "delta_down", "mlp_out",
           "layer_out")
@@ -344,21 +346,21 @@ def render(report: dict) -> str:
 @click.option("--json", "json_file", default=None, type=click.Path(dir_okay=False),
               help="Also write the report as JSON to this file.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh adapters' init.")
-def main(model_name, use_quantization, use_fp16, checkpoint, npt_layers, adapter_rank, safe_mode, modulation_target,
-         down_rank, texts, max_length, inject_nan, json_file, seed):
+def main(model_name, use_quantization, use_fp16, trust_remote_code, checkpoint, npt_layers, adapter_rank, safe_mode,
+         modulation_target, down_rank, texts, max_length, inject_nan, json_file, seed):
     """Inspect one forward pass of an NPT model and name where the first NaN / Inf appears.
 
     Exit code 1 when a non-finite value was found, 0 otherwise."""
     inject = parse_injection(inject_nan) if inject_nan is not None else None
     config = config_from_flags(checkpoint, npt_layers, adapter_rank, safe_mode, modulation_target, down_rank)
-    if json_file is not None and not Path(json_file).resolve().parent.is_dir():
-        fail(f"--json: directory {Path(json_file).parent} does not exist")
-    check_against_model(config, load_model_config_or_fail(model_name), inject, checkpoint)
+    if json_file is not None:
+        check_json_file_or_fail(json_file)
+    check_against_model(config, load_model_config_or_fail(model_name, trust_remote_code), inject, checkpoint)
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model, tokenizer = load_model_or_fail(model_name, use_quantization, use_fp16)
+    model, tokenizer = load_model_or_fail(model_name, use_quantization, use_fp16, trust_remote_code=trust_remote_code)
     torch.manual_seed(seed)
     try:
         if checkpoint is not None:
@@ -374,8 +376,20 @@ def main(model_name, use_quantization, use_fp16, checkpoint, npt_layers, adapter
     report.update(inspect_model(model, tokenizer, texts or DEFAULT_TEXTS, inject, max_length))
     click.echo(render(report))
     if json_file is not None:
-        Path(json_file).write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            Path(json_file).write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            fail(f"--json: cannot write {json_file!r}: {e.strerror or e}")
     sys.exit(1 if report["first_nonfinite"] is not None else 0)
+
+
+def check_json_file_or_fail(json_file: str) -> None:
+    """--json must be writable before the model loads: exit 1 means "NaN found", never "cannot write"."""
+    path = Path(json_file).expanduser().resolve()
+    if not path.parent.is_dir():
+        fail(f"--json: directory {Path(json_file).parent} does not exist")
+    if path.is_dir() or not can_create_in(path.parent) or (path.exists() and not os.access(path, os.W_OK)):
+        fail(f"--json: cannot write {json_file!r}")
 
 
 def config_from_flags(checkpoint, npt_layers, adapter_rank, safe_mode, modulation_target=None,

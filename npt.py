@@ -32,11 +32,12 @@ import torch.nn as nn
 from kernels import modulated_gate, modulated_swiglu, modulation_factor
 
 __all__ = [
-    "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt",
+    "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
     "regularization",
     "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured", "layer_error", "EquivalenceLoss",
-    "equivalence_loss", "OBJECTIVES", "LOSSES", "StepResult", "optimizer_step", "nan_embeddings", "is_4bit",
+    "equivalence_loss", "OBJECTIVES", "LOSSES", "StepResult", "optimizer_step", "weights_finite", "nan_embeddings",
+    "is_4bit",
     "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype", "model_path",
     "EMBEDDED_MODEL",
 ]
@@ -95,6 +96,8 @@ class NPTConfig:
             lo, hi = (int(s) for s in spec.split("-"))
             if lo > hi:
                 raise ValueError(f"layer range {spec!r} is empty: write low-high, e.g. 8-15")
+            if hi >= num_layers:  # before building the list: 0-10000000000 must not exhaust memory
+                raise ValueError(f"layers {spec!r} reach layer {hi} but the model has layers 0-{num_layers - 1}")
             idx = list(range(lo, hi + 1))
         elif isinstance(spec, str) and re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", spec):
             idx = [int(s) for s in spec.split(",")]
@@ -290,12 +293,48 @@ def keep_4bit_differentiable(model: nn.Module) -> None:
             m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
 
 
-def convert_to_npt(model: nn.Module, config: NPTConfig | None = None) -> nn.Module:
-    """Wrap the selected decoder layers in NPTLayer, in place; freezes every base parameter."""
-    config = config or NPTConfig()
+# the seed's adapter_config keys: modulation_type names -> NPTConfig.modulation
+SEED_MODULATIONS = {"both": "both", "hybrid": "both", "additive": "additive", "add": "additive",
+                    "multiplicative": "multiplicative", "mult": "multiplicative", "multiply": "multiplicative"}
+SEED_KEYS = ("r", "modulation_type", "consolidation_alpha", "d_model", "d_ffn", "compute_dtype")
+
+
+def config_from_dict(d: dict, d_model: int, d_ffn: int) -> NPTConfig:
+    """An NPTConfig from the seed's adapter_config dict (r -> rank, modulation_type -> modulation; d_model
+    and d_ffn checked against the model; compute_dtype accepted: adapters always compute in fp32;
+    consolidation_alpha kept on the config object for npt.consolidate's alpha) or from NPTConfig's own
+    field names; any other key is refused by name."""
+    fields = {f.name for f in dataclasses.fields(NPTConfig)}
+    unknown = [k for k in d if k not in fields and k not in SEED_KEYS]
+    if unknown:
+        raise ValueError(f"unknown adapter config key(s) {', '.join(map(repr, unknown))}: use "
+                         f"{', '.join(SEED_KEYS)} (the seed's names) or {', '.join(sorted(fields))}")
+    for seed_key, ours, given in (("d_model", "d_model", d_model), ("d_ffn", "d_ffn", d_ffn)):
+        if seed_key in d and d[seed_key] != given:
+            raise ValueError(f"adapter config {seed_key}={d[seed_key]!r} but the model's {ours} is {given}")
+    kwargs = {k: v for k, v in d.items() if k in fields}
+    if "r" in d:
+        kwargs.setdefault("rank", d["r"])
+    if "modulation_type" in d:
+        if d["modulation_type"] not in SEED_MODULATIONS:
+            raise ValueError(f"modulation_type {d['modulation_type']!r} not understood: use one of "
+                             f"{', '.join(SEED_MODULATIONS)}")
+        kwargs.setdefault("modulation", SEED_MODULATIONS[d["modulation_type"]])
+    config = NPTConfig(**kwargs)
+    config.consolidation_alpha = float(d.get("consolidation_alpha", 1.0))  # not a field: never saved or compared
+    return config
+
+
+def convert_to_npt(model: nn.Module, config: NPTConfig | dict | None = None) -> nn.Module:
+    """Wrap the selected decoder layers in NPTLayer, in place; freezes every base parameter. `config` may
+    also be the seed's adapter_config dict (config_from_dict)."""
     if npt_layers(model):
         raise ValueError("model is already converted to NPT")
     layers = decoder_layers(model)
+    if isinstance(config, dict):
+        gate = layers[0].mlp.gate_proj
+        config = config_from_dict(config, gate.in_features, gate.out_features)
+    config = config or NPTConfig()
     act = getattr(getattr(model, "config", None), "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"NPT needs a SwiGLU MLP (hidden_act silu), this model uses {act!r}")
@@ -354,8 +393,10 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     """x / ||x|| per token in fp32; scaling by max|x| first keeps the norm from overflowing
     (huge states stay comparable instead of collapsing to 0; an Inf still gives NaN, which is reported)."""
     x = x.float()
-    x = x / x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    peak = x.abs().amax(-1, keepdim=True)
+    x = x / torch.where(peak > 0, peak, 1)  # an all-zero token stays 0 with a finite gradient
+    # sqrt of a clamped square sum, not a clamped norm: the norm's backward at 0 is 0/0 = NaN
+    return x / x.square().sum(-1, keepdim=True).clamp_min(1e-12).sqrt()
 
 
 def normalized_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -533,7 +574,7 @@ class StepResult:
     fit: float = math.nan
     reg: float = math.nan
     grad_norm: float = math.nan
-    skipped: int = 0  # micro-batches skipped (non-finite loss or gradient)
+    skipped: int = 0  # micro-batches skipped (non-finite loss, gradient, or weights after the step)
     tokens: int = 0
     bad: list[int] = dataclasses.field(default_factory=list)  # indices of the skipped micro-batches
     reasons: dict[int, str] = dataclasses.field(default_factory=dict)  # why (this process's micro-batches)
@@ -589,11 +630,49 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[d
             p.grad = None
         result.skipped, result.bad = len(micro_batches), list(range(len(micro_batches)))
         return result
+    before = _snapshot(params, optimizer)
     optimizer.step()
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if not weights_finite(params, optimizer):  # a finite gradient that still blew the weights up: undo it
+        _restore(before, params, optimizer)
+        result.skipped, result.bad = len(micro_batches), list(range(len(micro_batches)))
+        result.reasons = {i: "non-finite weights after the step" for i in result.bad}
+        return result
+    scheduler.step()
     result.loss, result.fit, result.reg = (float(v) / total for v in sums[1:])
     return result
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    return [v for st in optimizer.state.values() for v in st.values()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+
+def weights_finite(params: list[torch.Tensor], optimizer=None) -> bool:
+    """Every parameter and optimizer-state tensor finite, in one fused reduction (per-tensor norms). A
+    tensor whose norm overflows fp32 (entries ~1e19 and up) counts as diverged too."""
+    tensors = [p.detach() for p in params] + (_optimizer_tensors(optimizer) if optimizer is not None else [])
+    norms = torch._foreach_norm([t.float() for t in tensors])
+    return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
+
+
+def _snapshot(params: list[torch.Tensor], optimizer) -> tuple[list, dict]:
+    """Copies of the adapters and their optimizer state (small), so a diverged step can be undone."""
+    return ([p.detach().clone() for p in params],
+            {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
+             for p in params if p in optimizer.state})
+
+
+def _restore(snapshot: tuple[list, dict], params: list[torch.Tensor], optimizer) -> None:
+    values, state = snapshot
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    for p in params:
+        if p in state:
+            optimizer.state[p] = state[p]
+        else:
+            optimizer.state.pop(p, None)
 
 
 def _reduce_all(reduce, acc: list[torch.Tensor], sums: torch.Tensor, bad: torch.Tensor):
@@ -778,8 +857,10 @@ def model_path(model_name: str) -> str:
 
 
 def load_base_model(model_name: str = EMBEDDED_MODEL, use_quantization: bool = False, use_fp16: bool = False,
-                    device: str | torch.device | None = None, dtype: torch.dtype | None = None, **kwargs):
-    """(model, tokenizer) for a hub id, a local path, or the embedded `smollm2-135m`."""
+                    device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                    trust_remote_code: bool = False, **kwargs):
+    """(model, tokenizer) for a hub id, a local path, or the embedded `smollm2-135m`; a model's own code
+    (`auto_map`) runs only with trust_remote_code=True."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     path = model_path(model_name)
@@ -794,8 +875,9 @@ def load_base_model(model_name: str = EMBEDDED_MODEL, use_quantization: bool = F
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device is not None:
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # never None: transformers then asks "[y/N]" in a terminal and runs the folder's code on "y"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -58,6 +59,8 @@ def model_options(f):
                      help="Hub id, local directory, or the embedded 'smollm2-135m'."),
         click.option("--use_quantization", is_flag=True, help="Load the base model in 4-bit NF4 (FP32 compute)."),
         click.option("--use_fp16", is_flag=True, help="Load the base model in fp16 (ignored with --use_quantization)."),
+        click.option("--trust_remote_code", is_flag=True,
+                     help="Run a model's own Python code (config.json auto_map). Off: such a model is refused."),
     ]
     return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
 
@@ -69,18 +72,25 @@ def precision_name(use_quantization: bool, use_fp16: bool) -> str:
 
 
 def _cannot_load_model(model_name: str, e: BaseException):
+    if "trust_remote_code" in str(e):
+        fail(f"model {model_name!r} needs its own Python code (auto_map in its config): pass --trust_remote_code "
+             "only if you trust that code")
     fail(f"cannot load model {model_name!r}: {first_line(e)} (give a hub id, a local model directory, or smollm2-135m)")
 
 
 def load_model_or_fail(model_name: str, use_quantization: bool = False, use_fp16: bool = False, **kwargs):
-    """npt.load_base_model, with a missing or unreadable model reported as a user error."""
+    """npt.load_base_model, with a missing, unreadable or truncated model reported as a user error."""
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # an error after loading must stay one line
     try:
         return npt.load_base_model(model_name, use_quantization=use_quantization, use_fp16=use_fp16, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         _cannot_load_model(model_name, e)
 
 
-def load_model_config_or_fail(model_name: str):
+def load_model_config_or_fail(model_name: str, trust_remote_code: bool = False):
     """The model's transformers config (cheap: no weights), so shapes are validated before loading."""
     from transformers import AutoConfig
 
@@ -88,17 +98,17 @@ def load_model_config_or_fail(model_name: str):
             Path(model_name).exists() or model_name.startswith((".", "/", "~")) or model_name.count("/") > 1):
         fail(f"model {model_name!r} not found: give a hub id, a local model directory, or smollm2-135m")
     try:
-        config = AutoConfig.from_pretrained(npt.model_path(model_name))
+        config = AutoConfig.from_pretrained(npt.model_path(model_name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         _cannot_load_model(model_name, e)
     return getattr(config, "text_config", None) or config
 
 
-def load_tokenizer_or_fail(model_name: str):
+def load_tokenizer_or_fail(model_name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(npt.model_path(model_name))
+        return AutoTokenizer.from_pretrained(npt.model_path(model_name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         fail(f"cannot load the tokenizer of {model_name!r}: {first_line(e)}")
 
@@ -111,6 +121,16 @@ def check_output_dir_or_fail(output_dir: str, flag: str = "--output_dir") -> Pat
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir() or not can_create_in(probe):
         fail(f"{flag} {output_dir!r} is not writable ({probe} does not allow writing)")
     return path
+
+
+def can_create_in(folder: Path) -> bool:
+    """Whether a directory can be created in `folder`: tried with a probe (removed at once), since
+    os.access says yes to root even under /proc or on a read-only mount."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".npt-probe-", dir=folder))
+    except OSError:
+        return False
+    return True

@@ -32,6 +32,7 @@ import re
 import shutil
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -39,8 +40,8 @@ import click
 import torch
 
 import npt
-from npt_cli import (UserError, check_output_dir_or_fail, command, fail, first_line, load_model_config_or_fail,
-                     load_model_or_fail, load_tokenizer_or_fail, model_options)
+from npt_cli import (UserError, can_create_in, check_output_dir_or_fail, command, fail, first_line,
+                     load_model_config_or_fail, load_model_or_fail, load_tokenizer_or_fail, model_options)
 
 EVAL_DOCS_STREAM = 8  # documents held out at the head of a stream
 
@@ -55,9 +56,10 @@ def flag(default, help=None, **click_kwargs):
 class TrainArgs:
     """The trainer's arguments, one field per flag (`--help` shows them); `validate()` is the one place
     bad flags are refused."""
-    model_name: str = npt.EMBEDDED_MODEL  # with use_quantization and use_fp16: npt_cli.model_options
+    model_name: str = npt.EMBEDDED_MODEL  # with use_quantization, use_fp16, trust_remote_code: npt_cli.model_options
     use_quantization: bool = False
     use_fp16: bool = False
+    trust_remote_code: bool = False
     adapter_rank: int = flag(16, "Rank r of the NPT adapters (1..d_model).", type=click.IntRange(min=1))
     share_embeddings: bool = flag(False, "Accepted for compatibility: the teacher is always the same model "
                                          "(npt_disabled), so embeddings are always shared.")
@@ -100,6 +102,8 @@ class TrainArgs:
     mixed_precision: str = flag("no", "Autocast precision (off with --use_quantization).",
                                 type=click.Choice(["no", "fp16", "bf16"]))
     output_dir: str = flag("./outputs/npt-safe-pretrained")
+    overwrite_output_dir: bool = flag(False, "Start a new run in an --output_dir that holds another run's checkpoints "
+                                             "or metrics (its checkpoints are kept, never pruned or resumed).")
     run_name: str | None = flag(None, "Run name for TensorBoard/wandb (default: output dir name).")
     log_steps: int = flag(5, "Log every N optimizer steps.", type=click.IntRange(min=1))
     log_file: str | None = flag(None, "Also append log lines and metrics to this file.")
@@ -123,19 +127,18 @@ class TrainArgs:
         """Refuse bad flags (one line, exit 2) before any model or data loads or any file is written; what
         they resolve to. Reads the model's config and a checkpoint to resume, never weights."""
         wandb = self._wandb_or_fail()
-        if self.learning_rate == 0:
-            fail("--learning_rate must be positive")
-        if self.num_samples == 0 or self.num_samples < -1:
-            fail("--num_samples must be a positive number of documents, or -1 for all")
-        if self.streaming and self.max_steps <= 0:
-            fail("--streaming needs --max_steps > 0 (the length of a stream is unknown)")
+        self._check_values()
         try:
             inject = parse_steps(self.inject_nan_steps)
         except ValueError:
             fail(f"--inject_nan_steps {self.inject_nan_steps!r} not understood: use e.g. 3,5-7")
         output_dir = check_output_dir_or_fail(self.output_dir)
         resume = self._resume_or_fail(output_dir)
-        config = load_model_config_or_fail(self.model_name)
+        self._check_run_of(output_dir, resume)
+        config = load_model_config_or_fail(self.model_name, self.trust_remote_code)
+        if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+            fail(f"model {self.model_name!r} cannot be converted to NPT: it needs a SwiGLU MLP (hidden_act silu), "
+                 f"this one uses {config.hidden_act!r}")
         if not 1 <= self.adapter_rank <= config.hidden_size:
             fail(f"--adapter_rank {self.adapter_rank} is out of range: it must lie in 1..{config.hidden_size} "
                  "(the model's d_model)")
@@ -156,6 +159,41 @@ class TrainArgs:
             fail("--kernel triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --kernel auto")
         return Plan(output_dir, npt_config, layer_indices, resume, inject, wandb)
 
+    def _check_values(self) -> None:
+        """Values click's types let through: nan and inf floats, seeds numpy/torch refuse, a log folder."""
+        for f in dataclasses.fields(self):
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                fail(f"--{f.name} must be a finite number, got {getattr(self, f.name)}")
+        if self.learning_rate == 0:
+            fail("--learning_rate must be positive")
+        if not 0 <= self.seed < 2 ** 32:
+            fail(f"--seed must lie in 0..{2 ** 32 - 1}, got {self.seed}")
+        if self.num_samples == 0 or self.num_samples < -1:
+            fail("--num_samples must be a positive number of documents, or -1 for all")
+        if self.streaming and self.max_steps <= 0:
+            fail("--streaming needs --max_steps > 0 (the length of a stream is unknown)")
+        if self.log_file is not None:
+            log = Path(self.log_file).expanduser().resolve()
+            if log.is_dir() or not log.parent.is_dir() or not can_create_in(log.parent):
+                fail(f"--log_file {self.log_file!r}: cannot write there (its folder must exist and be writable)")
+
+    def _check_run_of(self, output_dir: Path, resume: "Resume | None") -> None:
+        """Refuse to start a new run over another one's files, and to resume with changed data or optimisation
+        flags (the checkpoint's trainer_state.json records the original ones)."""
+        if resume is None:
+            theirs = sorted(p.name for p in output_dir.glob("*") if p.name == "metrics.jsonl" or is_checkpoint(p))
+            if theirs and not self.overwrite_output_dir:
+                fail(f"--output_dir {self.output_dir!r} already holds another run ({', '.join(theirs[:3])}"
+                     f"{', ...' if len(theirs) > 3 else ''}): use a new --output_dir, --resume_from_checkpoint, "
+                     "or --overwrite_output_dir")
+            return
+        saved = resume.saved.get("args", {})
+        changed = [f"--{k} {saved[k]!r} -> {getattr(self, k)!r}" for k in RESUME_FIXED
+                   if k in saved and saved[k] != getattr(self, k)]
+        if changed:
+            fail(f"cannot resume from {str(resume.path)!r} with changed flags ({'; '.join(changed)}): pass the "
+                 "checkpoint's values, or start a new run in a new --output_dir")
+
     def _wandb_or_fail(self):
         if not self.use_wandb:
             return None
@@ -169,7 +207,11 @@ class TrainArgs:
         if not self.resume_from_checkpoint:
             return None
         if self.resume_from_checkpoint == "latest":
-            path = latest_checkpoint(output_dir)
+            try:
+                path = latest_checkpoint(output_dir)
+            except ValueError as e:
+                fail(f"--resume_from_checkpoint latest is ambiguous in {self.output_dir!r}: {e}; name the checkpoint "
+                     "directory instead")
             if path is None:
                 fail(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir!r}")
         else:
@@ -181,10 +223,17 @@ class TrainArgs:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "resume_from_checkpoint"}
 
 
+MODEL_FLAGS = ("model_name", "use_quantization", "use_fp16", "trust_remote_code")  # from npt_cli.model_options
+# changing these on resume would silently make a different run than the checkpoint's
+RESUME_FIXED = ("model_name", "dataset_name", "dataset_split", "text_column", "streaming", "num_samples", "max_length",
+                "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "optimizer_type",
+                "scheduler_type", "warmup_steps", "max_grad_norm", "regularization_lambda", "objective", "loss", "seed")
+
+
 def train_options(f):
     """One click option per TrainArgs field (the model and precision flags come from npt_cli.model_options)."""
     for field in reversed(dataclasses.fields(TrainArgs)):
-        if field.name in ("model_name", "use_quantization", "use_fp16"):
+        if field.name in MODEL_FLAGS:
             continue
         kwargs = dict(field.metadata)
         if field.type == "bool":
@@ -226,6 +275,7 @@ class TrainerState:
     consecutive_nan: int = 0
     best: float | None = None  # best eval loss (or mean train loss) seen at a save
     tokens: int = 0
+    run_id: str = ""  # which run wrote a checkpoint: pruning and `latest` only consider this run's
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -332,7 +382,19 @@ def load_text_dataset(name: str, split: str, streaming: bool, text_column: str):
 
 
 def check_text_column(ds, text_column: str, name: str):
-    """Refuse a dataset without the text column or without any non-empty text."""
+    """Refuse a dataset without the text column or without any non-empty text, or one that cannot be read
+    (a stream only fails here, on its first records: bad UTF-8, a corrupt file)."""
+    try:
+        first = _first_text(ds, text_column, name)
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types (UnicodeDecodeError, ArrowInvalid, DatasetGenerationError...)
+        fail(f"cannot read dataset {name!r}: {first_line(e)}")
+    if first is None:
+        fail(f"dataset {name!r} is empty (no non-empty text in column {text_column!r})")
+
+
+def _first_text(ds, text_column: str, name: str) -> str | None:
     first = None
     for ex in ds:
         if text_column not in ex:
@@ -342,8 +404,7 @@ def check_text_column(ds, text_column: str, name: str):
         if isinstance(t, str) and t.strip():
             first = t
             break
-    if first is None:
-        fail(f"dataset {name!r} is empty (no non-empty text in column {text_column!r})")
+    return first
 
 
 class TextStream:
@@ -439,7 +500,7 @@ def save_checkpoint(output_dir: Path, name: str, model, optimizer, scheduler, st
     from safetensors.torch import save_file
 
     final = output_dir / name
-    tmp = output_dir / f".tmp-{name}-{os.getpid()}"
+    tmp = output_dir / own_name("tmp", state.run_id, name)
     shutil.rmtree(tmp, ignore_errors=True)
     npt.save_adapters(model, tmp)
     opt = optimizer.state_dict()
@@ -458,7 +519,7 @@ def save_checkpoint(output_dir: Path, name: str, model, optimizer, scheduler, st
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():  # a directory cannot be renamed over a non-empty one: move the old one aside first
-        old = output_dir / f".old-{name}-{os.getpid()}"
+        old = output_dir / own_name("old", state.run_id, name)
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -467,45 +528,63 @@ def save_checkpoint(output_dir: Path, name: str, model, optimizer, scheduler, st
     return final
 
 
-def tidy_output_dir(output_dir: Path):
-    """Remove half-written temp dirs of a killed run; put back a checkpoint caught mid-replacement."""
-    for d in output_dir.glob(".old-*"):
-        name = re.sub(r"^\.old-(.*)-\d+$", r"\1", d.name)
+def own_name(kind: str, run_id: str, name: str) -> str:
+    """A temp name the trainer recognises as its own run's (tmp: being written, old: being replaced,
+    del: being deleted); a user's .tmp-* or .old-* folders are never touched."""
+    return f".npt-{kind}-{run_id}-{name}"
+
+
+def is_checkpoint(d: Path) -> bool:
+    return d.is_dir() and bool(CKPT_RE.match(d.name) or d.name in ("checkpoint-best", "checkpoint-final"))
+
+
+def checkpoint_run(d: Path) -> tuple[str, int] | None:
+    """(run id, step) a checkpoint's trainer_state.json records; None when unreadable."""
+    try:
+        saved = json.loads((d / STATE_NAME).read_text())
+        return str(saved.get("run_id", "")), int(saved["step"])
+    except (ValueError, KeyError, TypeError, OSError, AttributeError):
+        return None
+
+
+def tidy_output_dir(output_dir: Path, run_id: str):
+    """Remove this run's half-written temp dirs (a killed run resumed); put back a checkpoint caught
+    mid-replacement."""
+    for d in output_dir.glob(own_name("old", run_id, "*")):
+        name = d.name[len(own_name("old", run_id, "")):]
         if not (output_dir / name).exists():
             os.rename(d, output_dir / name)
         else:
             shutil.rmtree(d, ignore_errors=True)
-    for d in output_dir.glob(".tmp-*"):
-        shutil.rmtree(d, ignore_errors=True)
+    for kind in ("tmp", "del"):
+        for d in output_dir.glob(own_name(kind, run_id, "*")):
+            shutil.rmtree(d, ignore_errors=True)
 
 
-def prune_checkpoints(output_dir: Path, limit: int | None):
+def prune_checkpoints(output_dir: Path, limit: int | None, run_id: str):
+    """Keep this run's newest `limit` checkpoint-<step> directories; another run's are never touched."""
     if not limit:
         return
-    steps = sorted(int(m.group(1)) for d in output_dir.iterdir() if (m := CKPT_RE.match(d.name)))
+    steps = sorted(int(m.group(1)) for d in output_dir.iterdir()
+                   if (m := CKPT_RE.match(d.name)) and (checkpoint_run(d) or ("",))[0] == run_id)
     for s in steps[:-limit]:
         d = output_dir / f"checkpoint-{s}"
-        gone = output_dir / f".tmp-delete-{s}-{os.getpid()}"
+        gone = output_dir / own_name("del", run_id, d.name)
         os.rename(d, gone)  # atomic: never a half-deleted checkpoint under its real name
         shutil.rmtree(gone, ignore_errors=True)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The checkpoint with the highest step (checkpoint-<step> or checkpoint-final)."""
-    best, best_step = None, -1
-    if not output_dir.is_dir():
-        return None
-    for d in output_dir.iterdir():
-        m = CKPT_RE.match(d.name)
-        if not (m or d.name == "checkpoint-final") or not (d / STATE_NAME).is_file():
-            continue
-        try:
-            step = int(m.group(1)) if m else json.loads((d / STATE_NAME).read_text())["step"]
-        except (ValueError, KeyError, OSError):
-            continue
-        if step > best_step or (step == best_step and m):
-            best, best_step = d, step
-    return best
+    """The checkpoint with the highest step (checkpoint-<step> or checkpoint-final); a ValueError when the
+    directory holds checkpoints of several runs (which one is meant is then the user's call)."""
+    found = {}
+    for d in output_dir.iterdir() if output_dir.is_dir() else ():
+        if (CKPT_RE.match(d.name) or d.name == "checkpoint-final") and (run := checkpoint_run(d)) is not None:
+            found[d] = run
+    if len({run_id for run_id, _ in found.values()}) > 1:
+        raise ValueError(f"{len({r for r, _ in found.values()})} runs wrote checkpoints there")
+    # the highest step; on a tie checkpoint-<step> (equal adapters, and its name says the step)
+    return max(found, key=lambda d: (found[d][1], d.name != "checkpoint-final"), default=None)
 
 
 @dataclasses.dataclass
@@ -532,7 +611,34 @@ def read_checkpoint_or_fail(path: Path) -> Resume:
         fail(f"checkpoint {str(path)!r} is incomplete: {Path(e.filename).name if e.filename else e} is missing")
     except Exception as e:
         fail(f"checkpoint {str(path)!r} is corrupt: {first_line(e)}")
+    problem = state_problem(saved)
+    if problem:
+        fail(f"checkpoint {str(path)!r} is corrupt: {STATE_NAME} {problem}")
     return Resume(path, TrainerState.from_dict(saved), saved, config)
+
+
+# what trainer_state.json must hold, and of which type, for a resume to be possible
+STATE_TYPES = {"step": int, "micro_groups": int, "skipped_total": int, "consecutive_nan": int, "position": list,
+               "optimizer_param_groups": list, "scheduler": dict, "python_rng": list}
+
+
+def state_problem(saved) -> str | None:
+    """What is wrong with a trainer_state.json's content (missing keys, wrong types), or None."""
+    if not isinstance(saved, dict):
+        return "is not a JSON object"
+    missing = [k for k in STATE_TYPES if k not in saved]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    wrong = [k for k, t in STATE_TYPES.items() if not isinstance(saved[k], t) or isinstance(saved[k], bool)]
+    if wrong or not isinstance(saved.get("run_id", ""), str):
+        return f"has the wrong type for {', '.join(wrong or ['run_id'])}"
+    if saved["step"] < 0 or len(saved["position"]) != 3 or not all(
+            isinstance(v, int) and v >= 0 for v in saved["position"]):
+        return "has a negative step or a position that is not 3 non-negative integers"
+    if len(saved["python_rng"]) != 3 or not isinstance(saved["python_rng"][1], list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved["optimizer_param_groups"]):
+        return "has a malformed python_rng or optimizer_param_groups"
+    return None
 
 
 def restore_checkpoint(resume: Resume, model, optimizer, scheduler) -> None:
@@ -540,10 +646,16 @@ def restore_checkpoint(resume: Resume, model, optimizer, scheduler) -> None:
     from safetensors.torch import load_file
 
     npt.load_adapters(model, resume.path)
+    params = npt.get_adapter_params(model)
     tensors = load_file(str(resume.path / OPTIM_NAME))
     opt_state = {}
     for key, v in tensors.items():
-        pid, name = key.split(".", 1)
+        pid, _, name = key.partition(".")
+        if not pid.isdigit() or int(pid) >= len(params):
+            raise ValueError(f"optimizer state {key!r} names no adapter parameter (there are {len(params)})")
+        if v.numel() != 1 and v.shape != params[int(pid)].shape:
+            raise ValueError(f"optimizer state {key!r} has shape {tuple(v.shape)}, its parameter "
+                             f"{tuple(params[int(pid)].shape)}")
         opt_state.setdefault(int(pid), {})[name] = v
     optimizer.load_state_dict({"state": opt_state, "param_groups": resume.saved["optimizer_param_groups"]})
     scheduler.load_state_dict(resume.saved["scheduler"])
@@ -553,11 +665,25 @@ def restore_checkpoint(resume: Resume, model, optimizer, scheduler) -> None:
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+    if not npt.weights_finite(params, optimizer):
+        raise ValueError("its adapters or optimizer state are not finite (a diverged run): resume from an earlier "
+                         "checkpoint")
     py = resume.saved["python_rng"]
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
 # ----------------------------------------------------------------------------- logging sinks
+def read_rows(metrics: Path) -> list[dict]:
+    """metrics.jsonl's rows; a line cut off by a crash mid-write (the last one) is dropped, not fatal."""
+    rows = []
+    for line in metrics.read_text(errors="replace").splitlines() if metrics.exists() else ():
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
 class Sinks:
     """metrics.jsonl, log file, loss-curve PNG, TensorBoard, wandb; only the main process writes."""
 
@@ -570,9 +696,8 @@ class Sinks:
         if not main:
             return
         if resume_step is not None and self.metrics.exists():  # drop rows the resumed run will write again
-            rows = [r for r in self.metrics.read_text().splitlines() if r.strip()]
-            keep = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
-            self.metrics.write_text("".join(r + "\n" for r in keep))
+            keep = [r for r in read_rows(self.metrics) if r.get("step", 0) <= resume_step]
+            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None and self.metrics.exists():
             self.metrics.unlink()
         if tensorboard:
@@ -620,7 +745,7 @@ class Sinks:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [json.loads(r) for r in self.metrics.read_text().splitlines() if r.strip()]
+        rows = read_rows(self.metrics)
         train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "eval_loss" not in r]
         evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
         layer_evals = [r for r in rows if r.get("eval_layer_update_error")]
@@ -672,7 +797,7 @@ class Data:
 
 def load_data(args: TrainArgs) -> Data:
     """The tokenizer, the dataset split into training documents and held-out text, as token windows."""
-    tokenizer = load_tokenizer_or_fail(args.model_name)
+    tokenizer = load_tokenizer_or_fail(args.model_name, args.trust_remote_code)
     ds, text_column = load_text_dataset(args.dataset_name, args.dataset_split, args.streaming, args.text_column)
     check_text_column(ds, text_column, args.dataset_name)
     train_ds, eval_ds = split_held_out(ds, text_column, args)
@@ -705,7 +830,11 @@ def split_held_out(ds, text_column: str, args: TrainArgs):
         return train_ds, eval_ds
     ds = ds.filter(lambda ex: isinstance(ex[text_column], str) and bool(ex[text_column].strip()))
     n_eval = max(1, min(len(ds) // 50, 64)) if len(ds) >= 2 else 0
-    eval_ds, train_ds = ds.select(range(len(ds) - n_eval, len(ds))), ds.select(range(len(ds) - n_eval))
+    if n_eval == 0 and args.eval_steps:
+        fail(f"dataset {args.dataset_name!r} has {len(ds)} document: evaluation holds documents out, so give at "
+             "least 2, or use --eval_steps 0")
+    # lists, not ranges: datasets refuses an empty range that starts at len(ds)
+    eval_ds, train_ds = ds.select(list(range(len(ds) - n_eval, len(ds)))), ds.select(list(range(len(ds) - n_eval)))
     if args.num_samples > 0:
         train_ds = train_ds.select(range(min(args.num_samples, len(train_ds))))
     if len(train_ds) == 0:
@@ -762,9 +891,13 @@ def build_model(args: TrainArgs, plan: Plan, procs: Processes, total_steps: int)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model, _ = load_model_or_fail(args.model_name, args.use_quantization, args.use_fp16,
+                                  trust_remote_code=args.trust_remote_code,
                                   **({"device": procs.device} if procs.device.type == "cuda" else {}))
     torch.manual_seed(args.seed)  # the same adapter init on every rank and every run
-    npt.convert_to_npt(model, plan.npt_config)
+    try:
+        npt.convert_to_npt(model, plan.npt_config)
+    except ValueError as e:  # not Llama-shaped: found only once the modules exist
+        fail(f"model {args.model_name!r} cannot be converted to NPT: {first_line(e)}")
     npt.set_kernel(model, args.kernel)
     model.eval()  # no dropout: teacher and student must be deterministic
     params = npt.get_adapter_params(model)
@@ -782,11 +915,13 @@ def build_model(args: TrainArgs, plan: Plan, procs: Processes, total_steps: int)
 def restore(plan: Plan, model, optimizer, scheduler) -> TrainerState:
     """A fresh state, or the checkpoint's (its adapters, optimizer, scheduler and RNG loaded)."""
     if plan.resume is None:
-        return TrainerState()
+        return TrainerState(run_id=uuid.uuid4().hex[:12])
     try:
         restore_checkpoint(plan.resume, model, optimizer, scheduler)
-    except ValueError as e:
+    except (ValueError, TypeError, KeyError) as e:
         fail(f"cannot resume from {str(plan.resume.path)!r}: {e}")
+    if not plan.resume.state.run_id:  # a checkpoint written before run ids: this run adopts it
+        plan.resume.state.run_id = uuid.uuid4().hex[:12]
     return plan.resume.state
 
 
@@ -826,7 +961,7 @@ class Session:
         args, procs, state, resume = self.args, self.procs, self.state, self.plan.resume
         if procs.main:
             self.plan.output_dir.mkdir(parents=True, exist_ok=True)
-            tidy_output_dir(self.plan.output_dir)
+            tidy_output_dir(self.plan.output_dir, state.run_id)
         procs.accelerator.wait_for_everyone()
         self.sinks = Sinks(self.plan.output_dir, procs.main, args.log_file, args.use_tensorboard, self.plan.wandb,
                            args.run_name or self.plan.output_dir.name, dataclasses.asdict(args),
@@ -937,7 +1072,7 @@ class Session:
             meta = {"args": self.args.saved(), "world_size": self.procs.world}
             path = save_checkpoint(output_dir, name, self.model, self.optimizer, self.scheduler, self.state, meta)
             if CKPT_RE.match(name):
-                prune_checkpoints(output_dir, self.args.save_total_limit)
+                prune_checkpoints(output_dir, self.args.save_total_limit, self.state.run_id)
             self.sinks.plot()
             return path
         return output_dir / name
@@ -947,7 +1082,7 @@ class Session:
 def equivalence_report(metrics: Path, layers: list[int]) -> dict | None:
     """Start and end of the run's held-out evaluation (the first and last eval rows of metrics.jsonl, so a
     resumed run still reports from step 0); None when nothing was evaluated."""
-    rows = [json.loads(r) for r in metrics.read_text().splitlines() if r.strip()] if metrics.exists() else []
+    rows = read_rows(metrics)
     evals = [r for r in rows if r.get("eval_layer_update_error")]
     if not evals:
         return None
@@ -1004,8 +1139,8 @@ def loop(s: Session) -> int:
         if st.consecutive_nan >= args.max_consecutive_nan:
             path = s.checkpoint("checkpoint-final")
             s.sinks.message(f"error: {st.consecutive_nan} non-finite micro-batches in a row (--max_consecutive_nan "
-                            f"{args.max_consecutive_nan}): stopped at step {st.step}; the last good adapters are in "
-                            f"{path}")
+                            f"{args.max_consecutive_nan}): stopped; {path} holds the adapters of step {st.step}, the "
+                            "last step whose weights stayed finite (a step that made them non-finite was undone)")
             return 3
         if out.stepped:
             s.after_step()

@@ -39,8 +39,9 @@ class Subject:
     checks work on copies), fresh NPT copies of it, and a 4-bit load asked for fp16 too."""
 
     def __init__(self, model_name: str = npt.EMBEDDED_MODEL, use_quantization: bool = False, use_fp16: bool = False,
-                 loaded: tuple | None = None):
+                 loaded: tuple | None = None, trust_remote_code: bool = False):
         self.model_name, self.use_quantization, self.use_fp16 = model_name, use_quantization, use_fp16
+        self.trust_remote_code = trust_remote_code
         if loaded is not None:  # (model, tokenizer) already in memory, e.g. the tests' `embedded` fixture
             self.base = loaded
 
@@ -50,7 +51,8 @@ class Subject:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        return load_model_or_fail(self.model_name, self.use_quantization, self.use_fp16)
+        return load_model_or_fail(self.model_name, self.use_quantization, self.use_fp16,
+                                  trust_remote_code=self.trust_remote_code)
 
     @property
     def tokenizer(self):
@@ -71,7 +73,8 @@ class Subject:
         """The model loaded the way `--use_quantization --use_fp16` loads it (the conflicting pair)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return load_model_or_fail(self.model_name, use_quantization=True, use_fp16=True)[0]
+            return load_model_or_fail(self.model_name, use_quantization=True, use_fp16=True,
+                                      trust_remote_code=self.trust_remote_code)[0]
 
     def batch(self, texts=SAMPLE_TEXTS) -> dict:
         return dict(self.tokenizer(list(texts), return_tensors="pt", padding=True))
@@ -319,10 +322,10 @@ def run_check(subject: Subject, name: str) -> tuple[str, str]:
 @model_options
 @click.option("--check", "names", multiple=True, type=click.Choice(list(CHECKS)), metavar="NAME",
               help=f"Run only this check (repeatable): {', '.join(CHECKS)}.  [default: all]")
-def main(model_name, use_quantization, use_fp16, names):
+def main(model_name, use_quantization, use_fp16, trust_remote_code, names):
     """Run each NaN fix's check on the model; PASS/FAIL per check. Exit 0 only if all pass."""
-    load_model_config_or_fail(model_name)  # a bad --model_name is one line, not ten failed checks
-    subject = Subject(model_name, use_quantization, use_fp16)
+    load_model_config_or_fail(model_name, trust_remote_code)  # a bad --model_name: one line, not ten FAILs
+    subject = Subject(model_name, use_quantization, use_fp16, trust_remote_code=trust_remote_code)
     names = names or tuple(CHECKS)
     width = max(len(name) for name in names)
     failed = 0

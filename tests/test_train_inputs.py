@@ -1,5 +1,6 @@
 """Bad input to pretrain_npt_safe.py: one line `error: ...`, exit 2, no traceback, nothing written."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import npt
 import pretrain_npt_safe as trainer
@@ -30,7 +32,47 @@ def inputs(tmp_path_factory, tiny_llama_dir):
     ckpt = trainer.save_checkpoint(d / "run", "checkpoint-1", model, opt, sched, trainer.TrainerState(step=1))
     blob = (ckpt / "adapter_model.safetensors").read_bytes()
     (ckpt / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2])  # truncated by a crash
+    hostile_inputs(d, tiny_llama_dir, model, opt, sched)
     return d
+
+
+def hostile_inputs(d, tiny_llama_dir, model, opt, sched):
+    """Issue 12's files: broken models, datasets and checkpoints, another run's output dir."""
+    shutil.copytree(tiny_llama_dir, d / "truncated")
+    blob = (d / "truncated" / "model.safetensors").read_bytes()
+    (d / "truncated" / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    shutil.copytree(tiny_llama_dir, d / "gelu")
+    config = json.loads((d / "gelu" / "config.json").read_text())
+    (d / "gelu" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))).save_pretrained(d / "gpt2")
+    tok.save_pretrained(d / "gpt2")
+    (d / "one_doc.jsonl").write_text('{"text": "a single short document"}\n')
+    (d / "latin1.txt").write_bytes("caf\xe9 na\xefve d\xe9j\xe0 vu\n".encode("latin-1") * 50)
+    (d / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet at all" * 20)
+    (d / "other_run").mkdir()
+    (d / "other_run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for p in npt.get_adapter_params(model):
+        p.grad = torch.ones_like(p)
+    opt.step()  # optimizer state to corrupt
+    opt.zero_grad()
+    args = trainer.TrainArgs(model_name=str(tiny_llama_dir)).saved()
+    for name in ("lacks_keys", "wrong_types", "optim_shape", "optim_nan", "saved_args"):
+        trainer.save_checkpoint(d / "run", name, model, opt, sched, trainer.TrainerState(step=1), {"args": args})
+    edit_json(d / "run" / "lacks_keys" / "trainer_state.json", lambda s: s.pop("position"))
+    edit_json(d / "run" / "wrong_types" / "trainer_state.json", lambda s: s.update(step="two"))
+    optim = load_file(str(d / "run" / "optim_shape" / "optimizer.safetensors"))
+    optim["0.exp_avg"] = optim["0.exp_avg"].flatten()[:3].contiguous()
+    save_file(optim, str(d / "run" / "optim_shape" / "optimizer.safetensors"))
+    optim = load_file(str(d / "run" / "optim_nan" / "optimizer.safetensors"))
+    optim["0.exp_avg_sq"][0] = float("nan")
+    save_file(optim, str(d / "run" / "optim_nan" / "optimizer.safetensors"))
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
 
 
 def bad_cases(d, model):
@@ -57,6 +99,35 @@ def bad_cases(d, model):
         "wandb missing": ["--model_name", model, "--use_wandb"],
         "streaming without max_steps": ["--model_name", model, "--streaming", "--max_steps", "0"],
         "unknown mixed precision": ["--model_name", model, "--mixed_precision", "fp8"],
+        # issue 12
+        "not SwiGLU (hidden_act gelu)": ["--model_name", str(d / "gelu")],
+        "not Llama-shaped (GPT-2)": ["--model_name", str(d / "gpt2")],
+        "truncated model weights": ["--model_name", str(d / "truncated")],
+        "one-document dataset": ["--model_name", model, "--dataset_name", str(d / "one_doc.jsonl")],
+        "non-UTF-8 file streaming": ["--model_name", model, "--dataset_name", str(d / "latin1.txt"), "--streaming",
+                                     "--max_steps", "2"],
+        "corrupt file streaming": ["--model_name", model, "--dataset_name", str(d / "corrupt.parquet"), "--streaming",
+                                   "--max_steps", "2"],
+        "log_file in a missing folder": ["--model_name", model, "--log_file", str(d / "no-such-dir" / "log.txt")],
+        "state lacks keys": ["--model_name", model, "--resume_from_checkpoint", str(d / "run" / "lacks_keys")],
+        "state of wrong types": ["--model_name", model, "--resume_from_checkpoint", str(d / "run" / "wrong_types")],
+        "optimizer tensor of wrong shape": ["--model_name", model, "--resume_from_checkpoint",
+                                            str(d / "run" / "optim_shape")],
+        "optimizer state NaN": ["--model_name", model, "--resume_from_checkpoint", str(d / "run" / "optim_nan")],
+        "resume with changed flags": ["--model_name", model, "--resume_from_checkpoint", str(d / "run" / "saved_args"),
+                                      "--learning_rate", "0.1", "--seed", "7", "--max_length", "64"],
+        "num_epochs inf": ["--model_name", model, "--num_epochs", "inf", "--max_steps", "0"],
+        "num_epochs nan": ["--model_name", model, "--num_epochs", "nan", "--max_steps", "0"],
+        "learning_rate nan": ["--model_name", model, "--learning_rate", "nan"],
+        "learning_rate inf": ["--model_name", model, "--learning_rate", "inf"],
+        "weight_decay nan": ["--model_name", model, "--weight_decay", "nan"],
+        "max_grad_norm nan": ["--model_name", model, "--max_grad_norm", "nan"],
+        "regularization_lambda inf": ["--model_name", model, "--regularization_lambda", "inf"],
+        "seed 2**64": ["--model_name", model, "--seed", str(2 ** 64)],
+        "seed -1": ["--model_name", model, "--seed", "-1"],
+        "output_dir under /proc": ["--model_name", model, "--output_dir", "/proc/npt-out"],
+        "npt_layers 0-10000000000": ["--model_name", model, "--npt_layers", "0-10000000000"],
+        "output_dir of another run": ["--model_name", model, "--output_dir", str(d / "other_run")],
     }
 
 

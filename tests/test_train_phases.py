@@ -27,7 +27,7 @@ def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
     model, optimizer, scheduler = trainer.build_model(args, plan, procs, trainer.count_steps(args, data, procs.world))
     assert [layer.layer_idx for layer in npt.npt_layers(model)] == [0, 1]
     state = trainer.restore(plan, model, optimizer, scheduler)
-    assert state == trainer.TrainerState()
+    assert state == trainer.TrainerState(run_id=state.run_id) and len(state.run_id) == 12
     session = trainer.Session(args, plan, data, procs, model, optimizer, scheduler, state, 3).open()
     assert trainer.loop(session) == 0 and state.step == 3 and state.tokens > 0
     trainer.finish(session, 0)

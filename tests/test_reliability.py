@@ -1,0 +1,113 @@
+"""Issue 12, in npt: a step that blows the weights up is undone; an exactly zero hidden state keeps a
+clean batch finite; the seed's adapter_config dict converts (tiny random Llama, no files)."""
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import npt
+
+ONE_TORCH_THREAD = True  # tiny tensors (conftest)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+def batch(seed=0, n=8):
+    ids = torch.randint(1, 97, (2, n), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def state(model, opt, sched):
+    return ([p.detach().clone() for p in npt.get_adapter_params(model)],
+            {k: {n: v.clone() for n, v in st.items()} for k, st in opt.state_dict()["state"].items()},
+            copy.deepcopy(sched.state_dict()))
+
+
+def assert_same(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])), "adapters changed"
+    assert a[1].keys() == b[1].keys() and all(torch.equal(v, b[1][k][n]) for k in a[1] for n, v in a[1][k].items())
+    assert a[2] == b[2], "scheduler changed"
+
+
+@pytest.mark.parametrize("case", ["lr 1e30", "max_grad_norm nan", "first step"])
+def test_step_that_blows_the_weights_up_is_undone(base, case):
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
+    opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    if case != "first step":  # optimizer state exists before the bad step
+        assert npt.optimizer_step(model, opt, sched, [batch(1)]).stepped
+    before = state(model, opt, sched)
+    clip = float("nan") if case == "max_grad_norm nan" else 0.5
+    for g in opt.param_groups:
+        g["lr"] = 1e30 if case != "max_grad_norm nan" else 1e-3
+    out = npt.optimizer_step(model, opt, sched, [batch(2), batch(3)], max_grad_norm=clip)
+    assert not out.stepped and out.skipped == 2 and out.bad == [0, 1]
+    assert set(out.reasons.values()) == {"non-finite weights after the step"}
+    assert_same(before, state(model, opt, sched))
+    assert npt.weights_finite(npt.get_adapter_params(model), opt)
+
+
+def test_weights_finite_sees_nan_in_optimizer_state(base):
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
+    opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
+    npt.optimizer_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), [batch(1)])
+    params = npt.get_adapter_params(model)
+    assert npt.weights_finite(params, opt)
+    opt.state[params[-1]]["exp_avg_sq"][0] = float("nan")
+    assert not npt.weights_finite(params, opt) and npt.weights_finite(params)
+
+
+@pytest.mark.parametrize("loss", ["cosine", "update"])
+@pytest.mark.parametrize("objective", ["layerwise", "end_to_end"])
+def test_zero_hidden_state_keeps_a_clean_batch_finite(base, loss, objective):
+    """A token whose embedding row is zero has a zero input and output at layer 0 (no biases)."""
+    zeroed = copy.deepcopy(base)
+    with torch.no_grad():
+        zeroed.get_input_embeddings().weight[5] = 0
+    model = npt.convert_to_npt(zeroed, npt.NPTConfig(rank=4))
+    b = batch(4)
+    b["input_ids"][0, 3] = 5
+    opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
+    out = npt.optimizer_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), [b],
+                             objective=objective, loss=loss)
+    assert out.skipped == 0 and out.stepped, out.reasons
+
+
+@pytest.mark.parametrize("fn", ["normalized_mse", "update_error"])
+def test_losses_of_zero_states_have_finite_gradients(fn):
+    student = torch.randn(1, 3, 8)
+    student[0, 1] = 0
+    student.requires_grad_(True)
+    teacher = torch.randn(1, 3, 8)
+    teacher[0, 1] = 0
+    args = (student, teacher) if fn == "normalized_mse" else (student, teacher, torch.zeros(1, 3, 8))
+    value = getattr(npt, fn)(*args)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(student.grad).all()
+
+
+def test_seed_adapter_config_dict_converts(base):
+    """The seed's call: convert_llama_to_npt(model, {'r': ..., 'd_model': ..., 'd_ffn': ..., 'compute_dtype': ...})."""
+    seed = {"r": 8, "modulation_type": "additive", "consolidation_alpha": 0.5, "d_model": 64, "d_ffn": 128,
+            "compute_dtype": torch.float32}
+    model = npt.convert_llama_to_npt(copy.deepcopy(base), seed)
+    assert model.npt_config == npt.NPTConfig(rank=8, modulation="additive")
+    assert model.npt_config.consolidation_alpha == 0.5
+    assert npt.npt_layers(model)[0].adapter.A_proj.weight.shape == (8, 64)
+    plain = npt.convert_to_npt(copy.deepcopy(base), {"r": 4})
+    assert plain.npt_config == npt.NPTConfig(rank=4)
+
+
+@pytest.mark.parametrize("bad, message", [({"r": 8, "d_model": 576}, "d_model=576 but the model's d_model is 64"),
+                                          ({"r": 8, "d_ffn": 1536}, "d_ffn=1536 but the model's d_ffn is 128"),
+                                          ({"r": 8, "dropout": 0.1}, "unknown adapter config key(s) 'dropout'"),
+                                          ({"modulation_type": "tanh"}, "modulation_type 'tanh' not understood")])
+def test_seed_adapter_config_mismatch_is_a_clear_error(base, bad, message):
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError) as e:
+        npt.convert_to_npt(model, bad)
+    assert message in str(e.value) and not npt.npt_layers(model)
