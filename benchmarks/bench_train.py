@@ -67,7 +67,8 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
     base_mb = _current_rss_mb()
     model, vocab = build_model(model_name, dtype, device)
     teacher = copy.deepcopy(model) if variant == "seed" else None  # the seed loads the model twice
-    npt.convert_to_npt(model, npt.NPTConfig(rank=rank, modulation_target="gate" if variant == "seed" else target))
+    target = "gate" if variant == "seed" else target  # the seed's own form
+    npt.convert_to_npt(model, npt.NPTConfig(rank=rank, modulation_target=target))
     params = npt.get_adapter_params(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, vocab, (1, seq_len), device=device)
