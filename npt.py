@@ -6,6 +6,14 @@ gate per token through a low-rank adapter (see ../shared/SPEC.md section 1):
     h' = h + down(silu(g) * up)      gate = W_gate LN2(h),  up = W_up LN2(h)
     z  = A_proj(attn)                g = gate * (0.5 + sigmoid(z B_mult^T)) + add_scale * z B_add^T
 
+or, for modulation_target "down" (and with the gate modulation above too for "gate+down"):
+
+    h' = h + (W_down + sum_k v_k u_k^T) (silu(gate) * up)      v = B_down z split into K vectors (D,),
+                                                               u_k learned static F-vectors
+
+Equivalence pre-training fits each NPT layer to the original one: update_error measures the share of
+the layer's update (y - h) a student misses.
+
 References: the user's NPT_FIX_SUMMARY.md (the NaN fixes), PEFT (adapter artifacts,
 `disable_adapter`), nanoGPT (one readable file).
 """
@@ -35,8 +43,8 @@ __all__ = [
     "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
     "regularization",
-    "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured", "layer_error", "EquivalenceLoss",
-    "equivalence_loss", "OBJECTIVES", "LOSSES", "StepResult", "optimizer_step", "weights_finite", "nan_embeddings",
+    "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured", "layer_error",
+    "EquivalenceLoss", "equivalence_loss", "OBJECTIVES", "LOSSES", "TARGETS", "StepResult", "optimizer_step", "weights_finite", "nan_embeddings",
     "is_4bit",
     "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype", "model_path",
     "EMBEDDED_MODEL",
