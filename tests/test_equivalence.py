@@ -198,3 +198,41 @@ def test_config_files_without_the_new_fields_load_as_gate():
         npt.NPTConfig(modulation_target="up")
     with pytest.raises(ValueError, match="down_rank"):
         npt.NPTConfig(down_rank=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_down_target_on_half_precision_bases(dtype):
+    """fp32 adapters on an fp16 / bf16 base: finite outputs in the base's dtype, fp32 gradients for every adapter
+    weight, and the output matches the float64 reference to the base dtype's precision."""
+    model = npt.convert_to_npt(tiny("llama").to(dtype), npt.NPTConfig(rank=4, modulation_target="gate+down"))
+    randomize_adapters(model, std=0.1)
+    assert {p.dtype for p in npt.get_adapter_params(model)} == {torch.float32}
+    records, handles = capture_layer_io(model)
+    logits = model(input_ids=torch.randint(1, 128, (1, 6))).logits
+    for hk in handles:
+        hk.remove()
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    for layer in npt.npt_layers(model):
+        rec = records[layer.layer_idx]
+        assert rel_err(rec["out"], reference_down_layer64(layer, rec["h"], rec["attn"])[0]) <= 2e-2
+    (logits.float().square().mean() + npt.regularization(model)).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in npt.get_adapter_params(model))
+
+
+def test_down_target_on_a_4bit_base(tmp_path, embedded):
+    """A 4-bit base converts to the down target with fp32 adapters that get finite gradients; consolidating
+    into 4-bit weights is refused."""
+    tiny("llama", hidden=128, ffn=256).save_pretrained(tmp_path)
+    embedded[1].save_pretrained(tmp_path)
+    model, _ = npt.load_base_model(str(tmp_path), use_quantization=True)
+    npt.convert_to_npt(model, npt.NPTConfig(rank=4, modulation_target="down"))
+    assert type(model.model.layers[0].layer.mlp.down_proj).__name__ == "Linear4bit"
+    batch = {"input_ids": torch.randint(1, 128, (1, 6)), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    randomize_adapters(model, std=0.05)
+    loss = npt.equivalence_loss(model, batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all()
+                                        for p in npt.get_adapter_params(model))
+    with pytest.raises(ValueError, match="quantized"):
+        npt.consolidate(model, batch["input_ids"])
