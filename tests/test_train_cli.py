@@ -119,10 +119,10 @@ def test_consecutive_nan_stops_with_last_good_checkpoint(tmp_path, tiny_llama_di
 
 
 # ----------------------------------------------------------------------------- 5. resume
-@pytest.mark.parametrize("data", ["builtin", "jsonl-streaming"])
+@pytest.mark.parametrize("data", ["builtin", "jsonl-streaming", "builtin, gate+down target"])
 def test_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path, tiny_llama_dir, data):
-    extra = []
-    if data != "builtin":
+    extra = ["--modulation_target", "gate+down"] if data.endswith("target") else []
+    if data == "jsonl-streaming":
         f = tmp_path / "docs.jsonl"
         rng = random.Random(0)
         words = "alpha beta gamma delta modulation attention layer token gradient".split()
