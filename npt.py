@@ -42,10 +42,9 @@ from kernels import modulated_gate, modulated_swiglu, modulation_factor
 __all__ = [
     "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
-    "regularization",
-    "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured", "layer_error",
-    "EquivalenceLoss", "equivalence_loss", "OBJECTIVES", "LOSSES", "TARGETS", "StepResult", "optimizer_step", "weights_finite", "nan_embeddings",
-    "is_4bit",
+    "regularization", "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured",
+    "layer_error", "EquivalenceLoss", "equivalence_loss", "OBJECTIVES", "LOSSES", "TARGETS", "StepResult",
+    "optimizer_step", "weights_finite", "nan_embeddings", "is_4bit",
     "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype", "model_path",
     "EMBEDDED_MODEL",
 ]
