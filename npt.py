@@ -20,6 +20,7 @@ References: the user's NPT_FIX_SUMMARY.md (the NaN fixes), PEFT (adapter artifac
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -44,7 +45,7 @@ __all__ = [
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
     "regularization", "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured",
     "layer_error", "EquivalenceLoss", "equivalence_loss", "OBJECTIVES", "LOSSES", "TARGETS", "StepResult",
-    "optimizer_step", "weights_finite", "nan_embeddings", "is_4bit",
+    "optimizer_step", "undo_step", "weights_finite", "nan_embeddings", "is_4bit",
     "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype", "model_path",
     "EMBEDDED_MODEL",
 ]
@@ -320,13 +321,17 @@ def config_from_dict(d: dict, d_model: int, d_ffn: int) -> NPTConfig:
         if seed_key in d and d[seed_key] != given:
             raise ValueError(f"adapter config {seed_key}={d[seed_key]!r} but the model's {ours} is {given}")
     kwargs = {k: v for k, v in d.items() if k in fields}
-    if "r" in d:
-        kwargs.setdefault("rank", d["r"])
-    if "modulation_type" in d:
-        if d["modulation_type"] not in SEED_MODULATIONS:
-            raise ValueError(f"modulation_type {d['modulation_type']!r} not understood: use one of "
-                             f"{', '.join(SEED_MODULATIONS)}")
-        kwargs.setdefault("modulation", SEED_MODULATIONS[d["modulation_type"]])
+    if "modulation_type" in d and d["modulation_type"] not in SEED_MODULATIONS:
+        raise ValueError(f"modulation_type {d['modulation_type']!r} not understood: use one of "
+                         f"{', '.join(SEED_MODULATIONS)}")
+    for seed_key, ours, value in (("r", "rank", d.get("r")),
+                                  ("modulation_type", "modulation", SEED_MODULATIONS.get(d.get("modulation_type")))):
+        if seed_key not in d:
+            continue
+        if ours in kwargs and kwargs[ours] != value:
+            raise ValueError(f"adapter config gives both {seed_key}={d[seed_key]!r} and {ours}={kwargs[ours]!r}: "
+                             "give one of them")
+        kwargs[ours] = value
     config = NPTConfig(**kwargs)
     config.consolidation_alpha = float(d.get("consolidation_alpha", 1.0))  # not a field: never saved or compared
     return config
@@ -585,6 +590,7 @@ class StepResult:
     tokens: int = 0
     bad: list[int] = dataclasses.field(default_factory=list)  # indices of the skipped micro-batches
     reasons: dict[int, str] = dataclasses.field(default_factory=dict)  # why (this process's micro-batches)
+    previous: tuple | None = dataclasses.field(default=None, repr=False)  # the state before the step: undo_step
 
     @property
     def stepped(self) -> bool:
@@ -637,17 +643,31 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[d
             p.grad = None
         result.skipped, result.bad = len(micro_batches), list(range(len(micro_batches)))
         return result
-    before = _snapshot(params, optimizer)
+    before = _snapshot(params, optimizer), copy.deepcopy(scheduler.state_dict())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if not weights_finite(params, optimizer):  # a finite gradient that still blew the weights up: undo it
-        _restore(before, params, optimizer)
+        _restore(before[0], params, optimizer)
         result.skipped, result.bad = len(micro_batches), list(range(len(micro_batches)))
         result.reasons = {i: "non-finite weights after the step" for i in result.bad}
         return result
     scheduler.step()
     result.loss, result.fit, result.reg = (float(v) / total for v in sums[1:])
+    result.previous = before
     return result
+
+
+def undo_step(model: nn.Module, optimizer, scheduler, result: StepResult) -> None:
+    """Put the adapters, optimizer and scheduler back as they were before the step `result` reports: for a
+    step whose weights stayed finite but whose every later forward is not (found only afterwards)."""
+    if result.previous is None:
+        raise ValueError("this StepResult has no previous state to restore (the step was not taken)")
+    (snapshot, schedule) = result.previous
+    _restore(snapshot, [p for p in get_adapter_params(model) if p.requires_grad], optimizer)
+    scheduler.load_state_dict(schedule)
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+    result.previous = None
 
 
 def _optimizer_tensors(optimizer) -> list[torch.Tensor]:

@@ -115,6 +115,8 @@ class TrainArgs:
                            type=click.IntRange(min=0))
     eval_samples: int = flag(16, "Held-out sequences per evaluation.", type=click.IntRange(min=1))
     resume_from_checkpoint: str | None = flag(None, "A checkpoint directory, or 'latest' (the newest in --output_dir).")
+    init_adapters: str | None = flag(None, "Start a new run from the adapters of a checkpoint directory (e.g. "
+                                           "end_to_end after layerwise); optimizer and schedule start fresh.")
     seed: int = flag(42, type=int)
     max_consecutive_nan: int = flag(10, "Stop (with a final good checkpoint, non-zero exit) after this many "
                                         "non-finite micro-batches in a row.", type=click.IntRange(min=1))
@@ -155,9 +157,22 @@ class TrainArgs:
                                             f"the adapters in checkpoint {str(resume.path)!r}")
             except ValueError as e:
                 fail(f"{e}: pass the same --adapter_rank/--safe_mode/--npt_layers/--modulation_target/--down_rank")
+        if self.init_adapters is not None:
+            self._check_init_adapters(npt_config, config.num_hidden_layers, resume)
         if self.kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             fail("--kernel triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --kernel auto")
         return Plan(output_dir, npt_config, layer_indices, resume, inject, wandb)
+
+    def _check_init_adapters(self, npt_config: npt.NPTConfig, num_layers: int, resume: "Resume | None") -> None:
+        """--init_adapters names saved adapters of this layout (their config is read; weights load later)."""
+        if resume is not None:
+            fail("--init_adapters starts a new run and --resume_from_checkpoint continues one: give only one")
+        try:
+            saved = npt.NPTConfig.from_dict(npt.read_adapter_config(Path(self.init_adapters).expanduser()))
+            npt_config.check_compatible(saved, num_layers, f"the adapters in {self.init_adapters!r}")
+        except (OSError, ValueError, TypeError) as e:
+            fail(f"--init_adapters: {first_line(e)}: give a checkpoint directory of a run with the same "
+                 "--adapter_rank/--safe_mode/--npt_layers/--modulation_target/--down_rank")
 
     def _check_values(self) -> None:
         """Values click's types let through: nan and inf floats, seeds numpy/torch refuse, a log folder."""
@@ -568,10 +583,14 @@ def prune_checkpoints(output_dir: Path, limit: int | None, run_id: str):
     steps = sorted(int(m.group(1)) for d in output_dir.iterdir()
                    if (m := CKPT_RE.match(d.name)) and (checkpoint_run(d) or ("",))[0] == run_id)
     for s in steps[:-limit]:
-        d = output_dir / f"checkpoint-{s}"
-        gone = output_dir / own_name("del", run_id, d.name)
-        os.rename(d, gone)  # atomic: never a half-deleted checkpoint under its real name
-        shutil.rmtree(gone, ignore_errors=True)
+        remove_checkpoint(output_dir / f"checkpoint-{s}", run_id)
+
+
+def remove_checkpoint(d: Path, run_id: str) -> None:
+    """Delete one of this run's checkpoints: renamed first (atomic: never half-deleted under its real name)."""
+    gone = d.parent / own_name("del", run_id, d.name)
+    os.rename(d, gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -898,6 +917,11 @@ def build_model(args: TrainArgs, plan: Plan, procs: Processes, total_steps: int)
         npt.convert_to_npt(model, plan.npt_config)
     except ValueError as e:  # not Llama-shaped: found only once the modules exist
         fail(f"model {args.model_name!r} cannot be converted to NPT: {first_line(e)}")
+    if args.init_adapters is not None:
+        try:
+            npt.load_adapters(model, Path(args.init_adapters).expanduser())
+        except (OSError, ValueError) as e:
+            fail(f"--init_adapters: {first_line(e)}")
     npt.set_kernel(model, args.kernel)
     model.eval()  # no dropout: teacher and student must be deterministic
     params = npt.get_adapter_params(model)
@@ -955,6 +979,7 @@ class Session:
     bar: object = None
     t0: float = 0.0  # start of the current tokens/s window
     tokens_since: int = 0
+    last_step: npt.StepResult | None = None  # the last step taken (it can still be undone)
 
     def open(self) -> "Session":
         """Output dir, sinks, held-out batches; the start line."""
@@ -1027,6 +1052,7 @@ class Session:
             st.consecutive_nan = st.consecutive_nan + 1 if i in out.bad else 0
         if out.stepped:
             st.step += 1
+            self.last_step = out
             self.bar.update(1)
             self.window_losses.append(out.loss)
         rate = self.tokens_since / max(time.time() - self.t0, 1e-9)
@@ -1065,6 +1091,32 @@ class Session:
         if score is not None and (self.state.best is None or score < self.state.best):
             self.state.best = score
             self.checkpoint("checkpoint-best")
+
+    def undo_poisoned_step(self, group: list[dict]) -> int | None:
+        """At an abort. A step can leave finite adapters whose every forward is non-finite (the weights check
+        passes, then each micro-batch fails): if a held-out batch is non-finite under the last step's adapters,
+        that step is undone, and checkpoints saved of it are removed. The adapters before it are the last
+        that gave a finite loss (that step's own). Returns the undone step, or None."""
+        last, st = self.last_step, self.state
+        probe = next((b for b in [*self.eval_batches, *group] if b["attention_mask"].sum() > 0), None)
+        if last is None or last.previous is None or probe is None:
+            return None
+        with torch.no_grad(), self.procs.autocast():
+            value = npt.equivalence_loss(self.model, probe, self.args.objective, self.args.regularization_lambda,
+                                         self.args.loss).loss
+        bad = torch.tensor([0.0 if bool(torch.isfinite(value)) else 1.0])
+        if self.procs.reduce is not None:  # every rank undoes, or none
+            bad = self.procs.reduce(bad)
+        if not bad.item():
+            return None
+        npt.undo_step(self.model, self.optimizer, self.scheduler, last)
+        self.last_step, undone = None, st.step
+        st.step -= 1
+        if self.procs.main:
+            for d in (self.plan.output_dir / f"checkpoint-{undone}", self.plan.output_dir / "checkpoint-best"):
+                if d.is_dir() and checkpoint_run(d) == (st.run_id, undone):
+                    remove_checkpoint(d, st.run_id)
+        return undone
 
     def checkpoint(self, name: str) -> Path:
         output_dir = self.plan.output_dir
@@ -1137,10 +1189,13 @@ def loop(s: Session) -> int:
         out = s.step(group)
         s.record(out, len(group))
         if st.consecutive_nan >= args.max_consecutive_nan:
+            undone = s.undo_poisoned_step(group)
             path = s.checkpoint("checkpoint-final")
+            why = (f"step {undone} left finite adapters whose forward is non-finite and was undone" if undone
+                   else "a step that made them non-finite was undone")
             s.sinks.message(f"error: {st.consecutive_nan} non-finite micro-batches in a row (--max_consecutive_nan "
                             f"{args.max_consecutive_nan}): stopped; {path} holds the adapters of step {st.step}, the "
-                            "last step whose weights stayed finite (a step that made them non-finite was undone)")
+                            f"last step whose weights stayed finite ({why})")
             return 3
         if out.stepped:
             s.after_step()

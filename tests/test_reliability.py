@@ -51,6 +51,22 @@ def test_step_that_blows_the_weights_up_is_undone(base, case):
     assert npt.weights_finite(npt.get_adapter_params(model), opt)
 
 
+def test_undo_step_restores_adapters_optimizer_and_schedule(base):
+    """A step found bad only afterwards (finite weights, non-finite forwards) can be undone exactly."""
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
+    opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / 10)  # warmup: the rate moves each step
+    assert npt.optimizer_step(model, opt, sched, [batch(1)]).stepped
+    before, lr = state(model, opt, sched), [g["lr"] for g in opt.param_groups]
+    out = npt.optimizer_step(model, opt, sched, [batch(2)])
+    assert out.stepped and [g["lr"] for g in opt.param_groups] != lr
+    npt.undo_step(model, opt, sched, out)
+    assert_same(before, state(model, opt, sched))
+    assert [g["lr"] for g in opt.param_groups] == lr
+    with pytest.raises(ValueError, match="no previous state"):
+        npt.undo_step(model, opt, sched, out)  # once only
+
+
 def test_weights_finite_sees_nan_in_optimizer_state(base):
     model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
@@ -105,7 +121,10 @@ def test_seed_adapter_config_dict_converts(base):
 @pytest.mark.parametrize("bad, message", [({"r": 8, "d_model": 576}, "d_model=576 but the model's d_model is 64"),
                                           ({"r": 8, "d_ffn": 1536}, "d_ffn=1536 but the model's d_ffn is 128"),
                                           ({"r": 8, "dropout": 0.1}, "unknown adapter config key(s) 'dropout'"),
-                                          ({"modulation_type": "tanh"}, "modulation_type 'tanh' not understood")])
+                                          ({"modulation_type": "tanh"}, "modulation_type 'tanh' not understood"),
+                                          ({"r": 8, "rank": 4}, "gives both r=8 and rank=4"),
+                                          ({"modulation_type": "add", "modulation": "both"},
+                                           "gives both modulation_type='add' and modulation='both'")])
 def test_seed_adapter_config_mismatch_is_a_clear_error(base, bad, message):
     model = copy.deepcopy(base)
     with pytest.raises(ValueError) as e:

@@ -179,8 +179,9 @@ def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path, tiny_ll
 
 # ----------------------------------------------------------------------------- 7. DDP
 def test_torchrun_two_processes_match_one_process(tmp_path, tiny_llama_dir):
+    """gate+down: the gate and the down modulation's gradients both sync."""
     common = ["--model_name", tiny_llama_dir, "--max_steps", 4, *FAST, "--gradient_accumulation_steps", 2,
-              "--save_steps", 2]
+              "--save_steps", 2, "--modulation_target", "gate+down"]
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     ddp = ok(run(*common, "--batch_size", 1, "--output_dir", tmp_path / "ddp", launcher=torchrun, timeout=400))
     ok(run(*common, "--batch_size", 2, "--output_dir", tmp_path / "one"))
@@ -226,3 +227,17 @@ def test_eval_metrics_curve_and_tensorboard(tmp_path, tiny_llama_dir):
     assert "eval @ step 2" in (tmp_path / "train.log").read_text()
     for name in ("checkpoint-final", "checkpoint-best"):
         assert_loadable(out / name, tiny_llama_dir)
+
+
+def test_init_adapters_starts_a_new_run_from_saved_adapters(tmp_path, tiny_llama_dir):
+    """end_to_end after layerwise: the second run's step-0 eval is the first run's last (same adapters)."""
+    common = ["--model_name", tiny_llama_dir, *FAST, "--eval_steps", 2, "--eval_samples", 3,
+              "--modulation_target", "down"]
+    ok(run(*common, "--max_steps", 2, "--output_dir", tmp_path / "layerwise"))
+    ok(run(*common, "--max_steps", 1, "--output_dir", tmp_path / "e2e", "--objective", "end_to_end",
+           "--init_adapters", tmp_path / "layerwise" / "checkpoint-final"))
+    first = [r for r in rows(tmp_path / "layerwise") if "eval_loss" in r]
+    second = [r for r in rows(tmp_path / "e2e") if "eval_loss" in r]
+    assert second[0]["step"] == 0 and first[-1]["eval_update_error"] < first[0]["eval_update_error"]
+    assert second[0]["eval_layer_update_error"] == pytest.approx(first[-1]["eval_layer_update_error"], rel=1e-6)
+    assert second[0]["eval_student_ppl"] == pytest.approx(first[-1]["eval_student_ppl"], rel=1e-6)

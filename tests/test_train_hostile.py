@@ -72,18 +72,25 @@ def test_remote_code_never_runs_even_when_y_is_typed(tmp_path, tiny_llama_dir):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("lr", ["1e30", "1e10"])
 @pytest.mark.parametrize("warmup", [0, 2])
-def test_diverging_learning_rate_keeps_the_last_finite_adapters(tmp_path, tiny_llama_dir, warmup):
-    """lr 1e30: every step with a non-zero rate blows the adapters up and is undone; with warmup 2 the first
-    step runs at rate 0 (finite), so checkpoint-final must equal checkpoint-1, else the initial adapters."""
+def test_diverging_learning_rate_keeps_the_last_finite_adapters(tmp_path, tiny_llama_dir, warmup, lr):
+    """lr 1e30: every step with a non-zero rate blows the adapters up and is undone at once. lr 1e10: the
+    step leaves finite adapters (~1e10) whose every forward is non-finite; found at the abort, it is undone
+    then, and its checkpoint removed. With warmup 2 the first step runs at rate 0 (finite), so checkpoint-final
+    must equal checkpoint-1, else the initial adapters."""
     out = tmp_path / "out"
-    proc = run("--model_name", tiny_llama_dir, "--output_dir", out, *FAST, "--learning_rate", "1e30",
+    proc = run("--model_name", tiny_llama_dir, "--output_dir", out, *FAST, "--learning_rate", lr,
                "--warmup_steps", warmup, "--gradient_accumulation_steps", 1, "--max_consecutive_nan", 2,
                "--save_steps", 1, "--max_steps", 6, "--eval_steps", 0)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     good = warmup // 2  # steps that stayed finite
     assert f"holds the adapters of step {good}" in proc.stderr
-    assert "non-finite weights after the step" in proc.stderr
+    if lr == "1e30":
+        assert "non-finite weights after the step" in proc.stderr
+    else:
+        assert f"step {good + 1} left finite adapters whose forward is non-finite and was undone" in proc.stderr
+    assert not (out / f"checkpoint-{good + 1}").exists()
     final = adapters(out / "checkpoint-final")
     assert all(torch.isfinite(v).all() for v in final.values())
     if good:

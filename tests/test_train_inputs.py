@@ -128,6 +128,13 @@ def bad_cases(d, model):
         "output_dir under /proc": ["--model_name", model, "--output_dir", "/proc/npt-out"],
         "npt_layers 0-10000000000": ["--model_name", model, "--npt_layers", "0-10000000000"],
         "output_dir of another run": ["--model_name", model, "--output_dir", str(d / "other_run")],
+        # --init_adapters
+        "init_adapters of another rank": ["--model_name", model, "--adapter_rank", "4", "--init_adapters",
+                                          str(d / "run" / "checkpoint-1")],
+        "init_adapters not a checkpoint": ["--model_name", model, "--init_adapters", str(d / "a_file")],
+        "init_adapters corrupt weights": ["--model_name", model, "--init_adapters", str(d / "run" / "checkpoint-1")],
+        "init_adapters and resume": ["--model_name", model, "--init_adapters", str(d / "run" / "checkpoint-1"),
+                                     "--resume_from_checkpoint", str(d / "run" / "checkpoint-1")],
     }
 
 
