@@ -516,10 +516,33 @@ def run_captured(model: nn.Module, batch: dict, names=("input", "output"), teach
     without `logits` the lm_head is skipped."""
     ctx = npt_disabled(model) if teacher else contextlib.nullcontext()
     grad = torch.no_grad() if teacher else contextlib.nullcontext()
-    with capture(model, names) as records, ctx, grad:
-        out = (model if logits else model.base_model)(input_ids=batch["input_ids"],
-                                                      attention_mask=batch["attention_mask"], use_cache=False)
+    stop = contextlib.nullcontext() if logits else _stop_after_last_npt_layer(model)
+    with capture(model, names) as records, ctx, grad, stop:
+        try:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        except _StopForward:  # without logits, layers after the last NPT layer are never run
+            out = None
     return records, (out.logits if logits else None)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _raise_stop(module, args, output):
+    raise _StopForward
+
+
+@contextlib.contextmanager
+def _stop_after_last_npt_layer(model: nn.Module):
+    """Ends a forward once the last NPT layer has run (its captures, registered before, have fired)."""
+    layers = npt_layers(model)
+    handle = max(layers, key=lambda la: la.layer_idx).register_forward_hook(_raise_stop) if layers else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 # ----------------------------------------------------------------------------- equivalence loss

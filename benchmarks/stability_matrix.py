@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""The stability matrix: non-finite training steps per seed and precision, this project's configuration
+against the seed's original one, on smollm2-135m.
+
+Each cell trains the adapters of the chosen NPT layers for --steps optimizer steps with the layerwise
+objective (each layer on the teacher's input) on packed windows of the builtin corpus, and counts the
+steps whose loss or adapter gradient was not finite.
+
+- fixed: this project. Factor 0.5 + sigmoid(m), A_proj ~ N(0, 0.02), B_add ~ N(0, 0.001), add scale 0.1;
+  npt.optimizer_step: the update-error loss, clipping at 0.5, a non-finite micro-batch skipped, a step that
+  blows the weights up undone (a step counts as non-finite when any of that happened).
+- original: the seed's first version, as its NPT_FIX_SUMMARY.md describes it. Factor 1 + tanh(m) (it
+  reaches 0), A_proj with nn.Linear's Kaiming init, B_add ~ N(0, 0.01), no add scale, plain MSE between
+  the student's and the teacher's hidden states, no clipping, no skipping (backward, step), and with a
+  4-bit base the fp16 autocast that --use_quantization --use_fp16 together gave.
+
+Precisions: fp32; bf16 and fp16 (the base's weights in that dtype, adapters fp32); 4bit (NF4 base, fp32
+compute; original: + fp16 autocast).
+
+    python benchmarks/stability_matrix.py --steps 100 --lr 3e-3
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+import types
+from unittest import mock
+
+import click
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+import debug_nan  # noqa: E402  (the seed's 1 + tanh(m) factor lives there, as a demonstration)
+import npt  # noqa: E402
+from layer_fit import windows  # noqa: E402
+
+KERNEL = sys.modules["kernels.modulated_swiglu"]  # where modulated_gate looks the factor up
+
+PRECISIONS = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "fp16": {"use_fp16": True},
+              "4bit": {"use_quantization": True}}
+
+
+def build(precision: str, config: str, layers: str, seed: int):
+    model, tokenizer = npt.load_base_model(npt.EMBEDDED_MODEL, **PRECISIONS[precision])
+    torch.manual_seed(seed)
+    npt.convert_to_npt(model, npt.NPTConfig(rank=16, layers=layers, add_scale=1.0 if config == "original" else 0.1))
+    if config == "original":  # the seed's first initialisation
+        for layer in npt.npt_layers(model):
+            layer.adapter.A_proj.reset_parameters()  # nn.Linear's Kaiming-uniform default
+            nn.init.normal_(layer.adapter.B_add.weight, std=0.01)
+    model.eval()
+    return model, tokenizer
+
+
+def original_step(model, optimizer, batch: dict, autocast, lam: float) -> bool:
+    """The seed's first training step: plain MSE of the layers' outputs, no clipping, no skipping.
+    True when its loss and gradients were finite."""
+    with autocast():
+        teacher, _ = npt.run_captured(model, batch, ("input", "attn", "output"), teacher=True)
+        fit = torch.stack([F.mse_loss(layer.modulated_mlp(teacher[layer.layer_idx]["input"],
+                                                          teacher[layer.layer_idx]["attn"]).float(),
+                                      teacher[layer.layer_idx]["output"].float())
+                           for layer in npt.npt_layers(model)]).mean()
+        loss = fit + lam * npt.regularization(model) * npt.npt_layers(model)[0].d_ffn  # the seed's sum over F
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = npt.get_adapter_params(model)
+    finite = bool(torch.isfinite(loss)) and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    optimizer.step()
+    return finite
+
+
+def run_cell(config: str, precision: str, seed: int, args) -> dict:
+    model, tokenizer = build(precision, config, args.layers, seed)
+    data = windows(tokenizer, args.tokens, args.steps * args.batch)
+    params = npt.get_adapter_params(model)
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    fp16_autocast = config == "original" and precision == "4bit"
+    autocast = ((lambda: torch.autocast("cpu", dtype=torch.float16)) if fp16_autocast else contextlib.nullcontext)
+    factor = (mock.patch.object(KERNEL, "modulation_factor", debug_nan.tanh_factor)
+              if config == "original" else contextlib.nullcontext())
+    bad, t0 = 0, time.time()
+    with factor:
+        for step in range(args.steps):
+            ids = data[(step * args.batch) % len(data):][:args.batch]
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            if config == "original":
+                bad += not original_step(model, optimizer, batch, autocast, args.lam)
+            else:
+                out = npt.optimizer_step(model, optimizer, scheduler, [batch], regularization_lambda=args.lam)
+                bad += out.skipped > 0 or not out.stepped
+    finite = npt.weights_finite(params, optimizer)
+    return {"bad": bad, "finite_end": finite, "seconds": time.time() - t0}
+
+
+@click.command()
+@click.option("--steps", default=100, show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--precisions", default="fp32,bf16,fp16,4bit", show_default=True)
+@click.option("--configs", default="fixed,original", show_default=True)
+@click.option("--lr", default=3e-3, show_default=True, help="Adam learning rate, both configurations.")
+@click.option("--lam", default=0.01, show_default=True, help="Regularization lambda.")
+@click.option("--layers", default="all", show_default=True, help="NPT layers (as --npt_layers).")
+@click.option("--tokens", default=64, show_default=True, help="Tokens per window.")
+@click.option("--batch", default=1, show_default=True, help="Windows per step.")
+def main(**kw):
+    """Count non-finite steps per (configuration, precision, seed); prints a markdown table."""
+    args = types.SimpleNamespace(**kw)
+    seeds = [int(s) for s in kw["seeds"].split(",")]
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"steps {args.steps}, lr {args.lr}, lambda {args.lam}, layers {args.layers}, "
+          f"{args.batch} x {args.tokens} tokens per step; non-finite steps per seed {seeds}", flush=True)
+    print("| configuration | precision | " + " | ".join(f"seed {s}" for s in seeds) + " | weights finite at the end |")
+    print("| --- | --- | " + " | ".join("---" for _ in seeds) + " | --- |")
+    for config in kw["configs"].split(","):
+        for precision in kw["precisions"].split(","):
+            cells = [run_cell(config, precision, s, args) for s in seeds]
+            ends = "yes" if all(c["finite_end"] for c in cells) else "no (" + ", ".join(
+                str(s) for s, c in zip(seeds, cells) if not c["finite_end"]) + ")"
+            print(f"| {config} | {precision} | " + " | ".join(str(c["bad"]) for c in cells) + f" | {ends} |"
+                  + f"  <!-- {sum(c['seconds'] for c in cells):.0f} s -->", flush=True)
+
+
+if __name__ == "__main__":
+    main()
