@@ -21,8 +21,8 @@ compute; original: + fp16 autocast).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
-import math
 import os
 import sys
 import time
@@ -58,9 +58,9 @@ def build(precision: str, config: str, layers: str, seed: int):
     return model, tokenizer
 
 
-def original_step(model, optimizer, batch: dict, autocast, lam: float) -> bool:
+def original_step(model, optimizer, batch: dict, autocast, lam: float) -> str | None:
     """The seed's first training step: plain MSE of the layers' outputs, no clipping, no skipping.
-    True when its loss and gradients were finite."""
+    What was not finite ("loss", "gradient"), or None."""
     with autocast():
         teacher, _ = npt.run_captured(model, batch, ("input", "attn", "output"), teacher=True)
         fit = torch.stack([F.mse_loss(layer.modulated_mlp(teacher[layer.layer_idx]["input"],
@@ -71,9 +71,9 @@ def original_step(model, optimizer, batch: dict, autocast, lam: float) -> bool:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = npt.get_adapter_params(model)
-    finite = bool(torch.isfinite(loss)) and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    grads = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
     optimizer.step()
-    return finite
+    return "loss" if not bool(torch.isfinite(loss)) else None if grads else "gradient"
 
 
 def run_cell(config: str, precision: str, seed: int, args) -> dict:
@@ -86,18 +86,20 @@ def run_cell(config: str, precision: str, seed: int, args) -> dict:
     autocast = ((lambda: torch.autocast("cpu", dtype=torch.float16)) if fp16_autocast else contextlib.nullcontext)
     factor = (mock.patch.object(KERNEL, "modulation_factor", debug_nan.tanh_factor)
               if config == "original" else contextlib.nullcontext())
-    bad, t0 = 0, time.time()
+    bad, t0 = collections.Counter(), time.time()
     with factor:
         for step in range(args.steps):
             ids = data[(step * args.batch) % len(data):][:args.batch]
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             if config == "original":
-                bad += not original_step(model, optimizer, batch, autocast, args.lam)
+                what = original_step(model, optimizer, batch, autocast, args.lam)
             else:
                 out = npt.optimizer_step(model, optimizer, scheduler, [batch], regularization_lambda=args.lam)
-                bad += out.skipped > 0 or not out.stepped
+                what = next(iter(out.reasons.values()), "step") if out.skipped or not out.stepped else None
+            if what:
+                bad[what] += 1
     finite = npt.weights_finite(params, optimizer)
-    return {"bad": bad, "finite_end": finite, "seconds": time.time() - t0}
+    return {"bad": sum(bad.values()), "what": bad, "finite_end": finite, "seconds": time.time() - t0}
 
 
 @click.command()
@@ -117,14 +119,17 @@ def main(**kw):
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"steps {args.steps}, lr {args.lr}, lambda {args.lam}, layers {args.layers}, "
           f"{args.batch} x {args.tokens} tokens per step; non-finite steps per seed {seeds}", flush=True)
-    print("| configuration | precision | " + " | ".join(f"seed {s}" for s in seeds) + " | weights finite at the end |")
-    print("| --- | --- | " + " | ".join("---" for _ in seeds) + " | --- |")
+    print("| configuration | precision | " + " | ".join(f"seed {s}" for s in seeds)
+          + " | what was non-finite | weights finite at the end |")
+    print("| --- | --- | " + " | ".join("---" for _ in seeds) + " | --- | --- |")
     for config in kw["configs"].split(","):
         for precision in kw["precisions"].split(","):
             cells = [run_cell(config, precision, s, args) for s in seeds]
             ends = "yes" if all(c["finite_end"] for c in cells) else "no (" + ", ".join(
                 str(s) for s, c in zip(seeds, cells) if not c["finite_end"]) + ")"
-            print(f"| {config} | {precision} | " + " | ".join(str(c["bad"]) for c in cells) + f" | {ends} |"
+            what = sum((c["what"] for c in cells), collections.Counter())
+            print(f"| {config} | {precision} | " + " | ".join(str(c["bad"]) for c in cells)
+                  + f" | {', '.join(f'{k} {v}' for k, v in what.items()) or '-'} | {ends} |"
                   + f"  <!-- {sum(c['seconds'] for c in cells):.0f} s -->", flush=True)
 
 
