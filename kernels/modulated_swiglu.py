@@ -60,11 +60,11 @@ def modulated_gate(gate, z, w_add, w_mult, add_scale: float = 0.1):
     zf = cast(z)
     add_sq = mult_sq = None
     if w_mult is not None:
-        m = zf @ cast(w_mult).t()  # (..., F)
+        m = (zf @ cast(w_mult).t()).to(zf.dtype)  # (..., F); under autocast the matmul gives fp16: back to fp32
         g = g * modulation_factor(m)
         mult_sq = m.square().sum(-1)  # (...)
     if w_add is not None:
-        a = zf @ cast(w_add).t()  # (..., F)
+        a = (zf @ cast(w_add).t()).to(zf.dtype)  # (..., F); the square sums below must not overflow fp16
         g = g + add_scale * a
         add_sq = a.square().sum(-1)  # (...)
     return g, add_sq, mult_sq

@@ -510,3 +510,22 @@ def test_interpreter_enabled_after_triton_import():
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_torch_path_keeps_fp32_under_fp16_autocast():
+    """Under CPU fp16 autocast the code matmuls come out fp16: the gate and the per-token square sums (the
+    regularizer) must still be fp32, or a sum past 65,504 overflows (the seed's non-finite losses). float64
+    reference."""
+    from kernels import modulated_gate
+
+    gen = torch.Generator().manual_seed(7)
+    gate, z = torch.randn(4, 1536, generator=gen), torch.randn(4, 16, generator=gen) * 30
+    w_add, w_mult = torch.randn(1536, 16, generator=gen), torch.randn(1536, 16, generator=gen) * 1e-3
+    with torch.autocast("cpu", dtype=torch.float16):
+        g, add_sq, mult_sq = modulated_gate(gate, z, w_add, w_mult)
+    ref_g, ref_add, ref_mult = modulated_gate(gate.double(), z.double(), w_add.double(), w_mult.double())
+    assert g.dtype == add_sq.dtype == mult_sq.dtype == torch.float32
+    assert bool((ref_add > 65504).all()), "the test needs sums that overflow fp16"
+    for got, ref in ((g, ref_g), (add_sq, ref_add), (mult_sq, ref_mult)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=1e-2)  # fp16 matmul inputs
