@@ -513,7 +513,7 @@ def run_captured(model: nn.Module, batch: dict, names=("input", "output"), teach
                  logits: bool = False):
     """One forward of `batch` (input_ids, attention_mask) capturing `names` of every NPT layer:
     (records, logits or None). teacher=True runs the original layers (npt_disabled) without gradients;
-    without `logits` the lm_head is skipped."""
+    without `logits` the forward stops after the last NPT layer (nothing above it is needed)."""
     ctx = npt_disabled(model) if teacher else contextlib.nullcontext()
     grad = torch.no_grad() if teacher else contextlib.nullcontext()
     stop = contextlib.nullcontext() if logits else _stop_after_last_npt_layer(model)

@@ -373,3 +373,22 @@ def test_deepcopy_after_a_training_forward():
     clone = copy.deepcopy(model)
     assert all(layer.last_reg is None for layer in npt.npt_layers(clone))
     assert npt.regularization(model).requires_grad
+
+
+@pytest.mark.parametrize("teacher", [True, False])
+def test_run_captured_stops_after_the_last_npt_layer(teacher):
+    """Without logits, layers above the last NPT layer never run, and the captures equal a full forward's."""
+    model = npt.convert_to_npt(tiny(layers=4), npt.NPTConfig(layers="0-1"))
+    randomize_adapters(model)
+    ran = []
+    handle = model.model.layers[3].register_forward_pre_hook(lambda m, a: ran.append(3))
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    stopped, logits = npt.run_captured(model, batch, ("input", "attn", "output"), teacher=teacher)
+    assert logits is None and ran == []
+    full, logits = npt.run_captured(model, batch, ("input", "attn", "output"), teacher=teacher, logits=True)
+    assert logits.shape == (2, 9, 128) and ran == [3]
+    handle.remove()
+    for i in (0, 1):
+        for name in ("input", "attn", "output"):
+            torch.testing.assert_close(stopped[i][name], full[i][name], rtol=0, atol=0)
