@@ -226,7 +226,7 @@ class NPTLayer(nn.Module):
         if down_s:  # + sum_k v_k (u_k . act): a per-token rank-K update of W_down, never an N x K x F tensor
             v = ad.down_vectors(z)  # (B, T, K, D)
             out = out + torch.einsum("btk,btkd->btd", down_s[0], v)
-            terms.append(v.square().mean((-2, -1)))
+            terms.append(v.float().square().mean((-2, -1)))  # fp32: under fp16 autocast v is fp16
         self.last_reg = sum(terms) / len(terms)  # (B, T)
         return hidden_states + out.to(hidden_states.dtype)
 

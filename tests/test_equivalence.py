@@ -236,3 +236,21 @@ def test_down_target_on_a_4bit_base(tmp_path, embedded):
                                         for p in npt.get_adapter_params(model))
     with pytest.raises(ValueError, match="quantized"):
         npt.consolidate(model, batch["input_ids"])
+
+
+def test_regularizer_stays_fp32_and_finite_under_fp16_autocast():
+    """Under fp16 autocast the adapters' matmuls give fp16; codes and down vectors past 256 square past fp16's
+    65,504. The per-token regularizer must still be fp32, finite, and equal the float64 reference."""
+    model = npt.convert_to_npt(tiny(), npt.NPTConfig(rank=8, layers="0", modulation_target="gate+down"))
+    layer = npt.npt_layers(model)[0]
+    with torch.no_grad():
+        for p in npt.get_adapter_params(model):
+            p.normal_(std=3.0, generator=torch.Generator().manual_seed(p.numel()))
+    h = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    attn = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2)) * 3
+    with torch.autocast("cpu", dtype=torch.float16):
+        layer.modulated_mlp(h, attn)
+    _, ref = reference_down_layer64(layer, h, attn)
+    assert layer.last_reg.dtype == torch.float32 and torch.isfinite(layer.last_reg).all()
+    assert ref.max() > 65504, "the test needs squares that overflow fp16"
+    torch.testing.assert_close(layer.last_reg.double(), ref, rtol=2e-2, atol=0)
