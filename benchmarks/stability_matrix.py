@@ -11,8 +11,9 @@ steps whose loss or adapter gradient was not finite.
   blows the weights up undone (a step counts as non-finite when any of that happened).
 - original: the seed's first version, as its NPT_FIX_SUMMARY.md describes it. Factor 1 + tanh(m) (it
   reaches 0), A_proj with nn.Linear's Kaiming init, B_add ~ N(0, 0.01), no add scale, plain MSE between
-  the student's and the teacher's hidden states, no clipping, no skipping (backward, step), and with a
-  4-bit base the fp16 autocast that --use_quantization --use_fp16 together gave.
+  the student's and the teacher's hidden states, its regularizer (sum over F of the squared codes, in the
+  forward's precision), no clipping, no skipping (backward, step), and with a 4-bit base the fp16 autocast
+  that --use_quantization --use_fp16 together gave.
 
 Precisions: fp32; bf16 and fp16 (the base's weights in that dtype, adapters fp32); 4bit (NF4 base, fp32
 compute; original: + fp16 autocast).
@@ -58,16 +59,25 @@ def build(precision: str, config: str, layers: str, seed: int):
     return model, tokenizer
 
 
+def seed_regularizer(layer, attn: torch.Tensor) -> torch.Tensor:
+    """The seed's regularizer of one layer: mean over tokens of sum over F of a^2 + m^2, in whatever
+    precision the forward runs (fp16 under autocast), as its code computed it."""
+    ad = layer.adapter
+    z = ad.A_proj(attn.float())
+    return (ad.B_add(z).square().sum(-1) + ad.B_mult(z).square().sum(-1)).mean()
+
+
 def original_step(model, optimizer, batch: dict, autocast, lam: float) -> str | None:
-    """The seed's first training step: plain MSE of the layers' outputs, no clipping, no skipping.
-    What was not finite ("loss", "gradient"), or None."""
+    """The seed's first training step: plain MSE of the layers' outputs, its regularizer, no clipping, no
+    skipping. What was not finite ("loss", "gradient"), or None."""
     with autocast():
         teacher, _ = npt.run_captured(model, batch, ("input", "attn", "output"), teacher=True)
-        fit = torch.stack([F.mse_loss(layer.modulated_mlp(teacher[layer.layer_idx]["input"],
-                                                          teacher[layer.layer_idx]["attn"]).float(),
-                                      teacher[layer.layer_idx]["output"].float())
-                           for layer in npt.npt_layers(model)]).mean()
-        loss = fit + lam * npt.regularization(model) * npt.npt_layers(model)[0].d_ffn  # the seed's sum over F
+        fit, reg = [], []
+        for layer in npt.npt_layers(model):
+            t = teacher[layer.layer_idx]
+            fit.append(F.mse_loss(layer.modulated_mlp(t["input"], t["attn"]).float(), t["output"].float()))
+            reg.append(seed_regularizer(layer, t["attn"]))
+        loss = torch.stack(fit).mean() + lam * torch.stack(reg).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = npt.get_adapter_params(model)
