@@ -108,9 +108,13 @@ def check_injection(model, layer_idx: int, stage: str) -> None:
     if layer_idx not in layers:
         fail(f"--inject_nan: layer {layer_idx} is not an NPT layer of this model "
              f"(NPT layers: {_ranges(sorted(layers))})")
-    adapter = layers[layer_idx].adapter
-    if stage in PLANTED_IN and getattr(adapter, PLANTED_IN[stage]) is None:
-        config = layers[layer_idx].config
+    check_stage_on(layers[layer_idx].config, stage)
+
+
+def check_stage_on(config: npt.NPTConfig, stage: str) -> None:
+    """A delta_* stage exists only where its adapter branch is on."""
+    branch_on = {"delta_add": config.additive, "delta_mult": config.multiplicative, "delta_down": config.down}
+    if not branch_on.get(stage, True):
         fail(f"--inject_nan: stage {stage} is off in this model (modulation={config.modulation}, "
              f"modulation_target={config.modulation_target})")
 
@@ -423,10 +427,8 @@ def check_against_model(config: npt.NPTConfig, model_config, inject, checkpoint)
             fail(f"{'--checkpoint' if checkpoint else '--npt_layers'}: {e}")
         if inject is not None and inject[0] not in indices:
             fail(f"--inject_nan: layer {inject[0]} is not an NPT layer of this model (NPT layers: {_ranges(indices)})")
-    branch_on = {"delta_add": config.additive, "delta_mult": config.multiplicative, "delta_down": config.down}
-    if inject is not None and not branch_on.get(inject[1], True):
-        fail(f"--inject_nan: stage {inject[1]} is off in this model (modulation={config.modulation}, "
-             f"modulation_target={config.modulation_target})")
+    if inject is not None:
+        check_stage_on(config, inject[1])
 
 
 if __name__ == "__main__":

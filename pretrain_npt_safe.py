@@ -156,7 +156,7 @@ class TrainArgs:
                 npt_config.check_compatible(resume.npt_config, config.num_hidden_layers,
                                             f"the adapters in checkpoint {str(resume.path)!r}")
             except ValueError as e:
-                fail(f"{e}: pass the same --adapter_rank/--safe_mode/--npt_layers/--modulation_target/--down_rank")
+                fail(f"{e}: pass the same {LAYOUT_FLAGS}")
         if self.init_adapters is not None:
             self._check_init_adapters(npt_config, config.num_hidden_layers, resume)
         if self.kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -171,8 +171,7 @@ class TrainArgs:
             saved = npt.NPTConfig.from_dict(npt.read_adapter_config(Path(self.init_adapters).expanduser()))
             npt_config.check_compatible(saved, num_layers, f"the adapters in {self.init_adapters!r}")
         except (OSError, ValueError, TypeError) as e:
-            fail(f"--init_adapters: {first_line(e)}: give a checkpoint directory of a run with the same "
-                 "--adapter_rank/--safe_mode/--npt_layers/--modulation_target/--down_rank")
+            fail(f"--init_adapters: {first_line(e)}: give a checkpoint directory of a run with the same {LAYOUT_FLAGS}")
 
     def _check_values(self) -> None:
         """Values click's types let through: nan and inf floats, seeds numpy/torch refuse, a log folder."""
@@ -238,6 +237,8 @@ class TrainArgs:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "resume_from_checkpoint"}
 
 
+# the flags the adapters' layout follows: a checkpoint's adapters fit only a run with the same values
+LAYOUT_FLAGS = "--adapter_rank/--safe_mode/--npt_layers/--modulation_target/--down_rank"
 MODEL_FLAGS = ("model_name", "use_quantization", "use_fp16", "trust_remote_code")  # from npt_cli.model_options
 # changing these on resume would silently make a different run than the checkpoint's
 RESUME_FIXED = ("model_name", "dataset_name", "dataset_split", "text_column", "streaming", "num_samples", "max_length",
