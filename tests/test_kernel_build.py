@@ -29,6 +29,8 @@ pytest.importorskip("triton", reason="the build check needs the triton package")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # workers import kernels too
+# Triton 3.9's default (FP fusion on), said explicitly: unset, every build warns that 3.10 changes it
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 ms = importlib.import_module("kernels.modulated_swiglu")
 
 # target -> (_block_config's capability, multiprocessors of the reference GPU, shared memory per block)
