@@ -1,7 +1,7 @@
 """Neuro-Plastic Transformer (NPT) layers for Hugging Face decoder models.
 
 An NPT layer drops the attention residual and lets the attention output modulate the MLP
-gate per token through a low-rank adapter (see ../shared/SPEC.md section 1):
+gate per token through a low-rank adapter:
 
     h' = h + down(silu(g) * up)      gate = W_gate LN2(h),  up = W_up LN2(h)
     z  = A_proj(attn)                g = gate * (0.5 + sigmoid(z B_mult^T)) + add_scale * z B_add^T
@@ -10,6 +10,18 @@ or, for modulation_target "down" (and with the gate modulation above too for "ga
 
     h' = h + (W_down + sum_k v_k u_k^T) (silu(gate) * up)      v = B_down z split into K vectors (D,),
                                                                u_k learned static F-vectors
+
+or, for modulation_target "exact", the layer as an exact identity gives it (Dherin et al. 2025, "Learning
+without training: the implicit dynamics of in-context learning", arXiv 2507.16003; for gated MLPs with RMSNorm
+Goldwaser, Munn, Gonzalvo, Dherin, arXiv 2511.17864). With RMSNorm weight w (eps inside rms), x = LN2(h) and
+s = rms(h) / rms(h + a):
+
+    LN2(h + a) = s (x + w a / rms(h))      so  gate' = s (W_gate x + W_gate (w a) / rms(h)),  up' likewise,
+    y = h + a + W_down (silu(gate') up')   = the original layer
+
+the attention's whole effect is per-token rank-1 patches of W_gate and W_up, the norm's scale s and
+a act^T / |act|^2 on W_down. The exact target sees the attention only through a rank-r code:
+z = A_proj(a - mu), a_hat = mu + B z, and applies the identity to a_hat (init_exact: the closed-form start).
 
 Equivalence pre-training fits each NPT layer to the original one: update_error measures the share of
 the layer's update (y - h) a student misses.
@@ -44,14 +56,14 @@ __all__ = [
     "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
     "regularization", "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured",
-    "layer_error", "EquivalenceLoss", "equivalence_loss", "OBJECTIVES", "LOSSES", "TARGETS", "StepResult",
+    "layer_error", "init_exact", "next_token_kl", "EquivalenceLoss", "equivalence_loss", "OBJECTIVES", "LOSSES", "TARGETS", "StepResult",
     "optimizer_step", "undo_step", "weights_finite", "nan_embeddings", "is_4bit",
     "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype", "model_path",
     "EMBEDDED_MODEL",
 ]
 
 MODULATIONS = ("both", "additive", "multiplicative")
-TARGETS = ("gate", "down", "gate+down")
+TARGETS = ("gate", "down", "gate+down", "exact")
 CONFIG_NAME = "npt_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 EMBEDDED_MODEL = "smollm2-135m"
@@ -64,7 +76,7 @@ class NPTConfig:
     modulation: str = "both"  # both | additive | multiplicative
     layers: str | list[int] = "all"  # all | upper_half | lower_half | "8-15" | "1,3,5" | [ints]
     add_scale: float = 0.1
-    modulation_target: str = "gate"  # gate | down | gate+down
+    modulation_target: str = "gate"  # gate | down | gate+down | exact
     down_rank: int = 4  # K of the per-token rank-K modulation of down_proj
 
     def __post_init__(self):
@@ -88,6 +100,10 @@ class NPTConfig:
     @property
     def down(self) -> bool:
         return "down" in self.modulation_target
+
+    @property
+    def exact(self) -> bool:
+        return self.modulation_target == "exact"
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """The 0-based decoder layers this config converts, validated against `num_layers`."""
@@ -144,14 +160,19 @@ class NPTConfig:
 class NPTAdapter(nn.Module):
     """Low-rank code z = A_proj(attn) (fp32) and its expansions: B_add, B_mult (F, r) modulate the
     gate; for the down target, B_down (K*D, r) gives the per-token vectors v_k and down_u (K, F) the
-    static input vectors u_k of dW_down = sum_k v_k u_k^T."""
+    static input vectors u_k of dW_down = sum_k v_k u_k^T. For the exact target, z = A_proj(attn - mu)
+    and a_hat = mu + B z, the attention as the layer sees it (0 until init_exact sets mu, A_proj, B)."""
 
     def __init__(self, d_model: int, d_ffn: int, config: NPTConfig):
         super().__init__()
         r = config.rank
         self.A_proj = nn.Linear(d_model, r, bias=False)
         nn.init.normal_(self.A_proj.weight, std=0.02)
-        self.B_add = self.B_mult = self.B_down = self.down_u = None
+        self.B_add = self.B_mult = self.B_down = self.down_u = self.B = self.mu = None
+        if config.exact:
+            self.B = nn.Linear(r, d_model, bias=False)
+            nn.init.zeros_(self.B.weight)
+            self.mu = nn.Parameter(torch.zeros(d_model))
         if config.down:
             self.B_down = nn.Linear(r, config.down_rank * d_model, bias=False)
             nn.init.zeros_(self.B_down.weight)  # dW_down exactly 0 at init: no initial effect
@@ -171,6 +192,14 @@ class NPTAdapter(nn.Module):
     def down_vectors(self, z: torch.Tensor) -> torch.Tensor:
         """v = the per-token output vectors v_k of dW_down, from the code z."""
         return self.B_down(z).unflatten(-1, (self.down_u.shape[0], -1))  # (..., K, D)
+
+    def code(self, attn: torch.Tensor) -> torch.Tensor:
+        """z = A_proj(attn - mu) for the exact target (fp32)."""
+        return self.A_proj(attn.float() - self.mu)  # (..., r)
+
+    def attention_estimate(self, z: torch.Tensor) -> torch.Tensor:
+        """a_hat = mu + B z: the rank-r estimate of the attention output (fp32)."""
+        return self.mu + self.B(z)  # (..., D)
 
 
 # ----------------------------------------------------------------------------- layer
@@ -213,7 +242,10 @@ class NPTLayer(nn.Module):
         return self.layer.self_attn(hidden_states=self.layer.input_layernorm(hidden_states), **kwargs)[0]
 
     def modulated_mlp(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """h' = h + down(silu(g) * up); the MLP reads LN2(h), not LN2(h + attn)."""
+        """h' = h + down(silu(g) * up); the MLP reads LN2(h), not LN2(h + attn). For the exact target,
+        exact_mlp."""
+        if self.config.exact:
+            return self.exact_mlp(hidden_states, attn)
         mlp = self.layer.mlp
         x = self.layer.post_attention_layernorm(hidden_states)  # (B, T, D)
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # (B, T, F)
@@ -230,6 +262,18 @@ class NPTLayer(nn.Module):
         self.last_reg = sum(terms) / len(terms)  # (B, T)
         return hidden_states + out.to(hidden_states.dtype)
 
+    def exact_mlp(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The exact target: the layer as the identity of section 1b gives it for a_hat = mu + B A_proj(a - mu),
+        y = h + a_hat + MLP(LN2(h + a_hat)). That is the layer's own MLP on s (LN2(h) + w a_hat / rms(h)),
+        i.e. W_gate and W_up patched per token by rank-1 terms, the norm's scale by s, and W_down by
+        a_hat act^T / |act|^2 (consolidate writes these); computed here as the original layer computes it,
+        in the base model's dtype, so at full rank with the closed-form start it is the original layer."""
+        ad = self.adapter
+        z = ad.code(attn)  # (B, T, r) fp32
+        residual = hidden_states + ad.attention_estimate(z).to(hidden_states.dtype)  # h + a_hat
+        self.last_reg = z.new_zeros(z.shape[:-1])  # (B, T): the code reproduces the attention, nothing to shrink
+        return residual + self.layer.mlp(self.layer.post_attention_layernorm(residual))
+
     def forward(self, hidden_states, *args, **kwargs):
         if not self.npt_enabled:
             self.last_reg = None
@@ -245,6 +289,8 @@ class NPTLayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        if c.exact:
+            return f"layer_idx={self.layer_idx}, rank={c.rank}, target=exact"
         return (f"layer_idx={self.layer_idx}, rank={c.rank}, modulation={c.modulation}, target={c.modulation_target}"
                 + (f", down_rank={c.down_rank}" if c.down else ""))
 
@@ -545,8 +591,47 @@ def _stop_after_last_npt_layer(model: nn.Module):
             handle.remove()
 
 
+# ----------------------------------------------------------------------------- closed-form start
+@torch.no_grad()
+def init_exact(model: nn.Module, batches) -> dict[int, float]:
+    """The exact target's closed-form start: per NPT layer, mu = the mean of the teacher's attention output a
+    over the real tokens of `batches` (dicts with input_ids, attention_mask) and A_proj = P^T, B = P with P the
+    top-`rank` principal directions of a (so a_hat = mu + P P^T (a - mu), the best rank-r estimate of a in the
+    least-squares sense). Deterministic: statistics in float64, each direction's largest entry positive.
+    Returns {layer_idx: share of a's variance the code keeps}."""
+    layers = npt_layers(model)
+    if not layers or not all(layer.config.exact for layer in layers):
+        raise ValueError("init_exact needs a model converted with modulation_target='exact'")
+    stats = {layer.layer_idx: None for layer in layers}
+    for batch in batches:
+        records, _ = run_captured(model, batch, ("attn",), teacher=True)
+        real = batch["attention_mask"].bool()
+        for i, rec in records.items():
+            a = rec["attn"][real].double()  # (N, D)
+            part = (torch.tensor(float(len(a)), dtype=torch.float64), a.sum(0), a.T @ a)
+            stats[i] = part if stats[i] is None else tuple(x + y for x, y in zip(stats[i], part))
+    if any(v is None or v[0] < 1 for v in stats.values()):
+        raise ValueError("init_exact needs at least one batch with a real token")
+    kept = {}
+    for layer in layers:
+        n, total, outer = stats[layer.layer_idx]
+        mu = total / n
+        cov = outer / n - torch.outer(mu, mu)  # (D, D)
+        values, vectors = torch.linalg.eigh(cov.cpu())  # ascending
+        top = vectors[:, -layer.config.rank:].flip(-1)  # (D, r), largest first
+        peak = top.gather(0, top.abs().argmax(0, keepdim=True))  # (1, r): the sign convention
+        top = top * torch.where(peak < 0, -1.0, 1.0).to(top.dtype)
+        ad = layer.adapter
+        ad.mu.copy_(mu)
+        ad.A_proj.weight.copy_(top.T)
+        ad.B.weight.copy_(top)
+        kept[layer.layer_idx] = float(values[-layer.config.rank:].clamp_min(0).sum() / values.clamp_min(0).sum()
+                                      .clamp_min(torch.finfo(torch.float64).tiny))
+    return kept
+
+
 # ----------------------------------------------------------------------------- equivalence loss
-OBJECTIVES = ("layerwise", "end_to_end")
+OBJECTIVES = ("layerwise", "end_to_end", "kl")
 LOSSES = ("update", "cosine")  # update_error (the layer's update) | normalized_mse (2 - 2 cos of whole states)
 
 
@@ -556,7 +641,7 @@ class EquivalenceLoss:
     loss: torch.Tensor  # fit + regularization_lambda * reg: what backward runs on
     fit: torch.Tensor  # mean over NPT layers of layer_error
     reg: torch.Tensor  # regularization(model, attention_mask)
-    layer_fit: torch.Tensor  # (L,) layer_error per NPT layer, detached
+    layer_fit: torch.Tensor  # (L,) layer_error per NPT layer, detached (kl: on the student's own trajectory)
     tokens: int  # real (non-padding) tokens
 
 
@@ -574,31 +659,42 @@ def layer_error(student: torch.Tensor, teacher: dict[str, torch.Tensor], mask: t
 
 def equivalence_loss(model: nn.Module, batch: dict, objective: str = "layerwise",
                      regularization_lambda: float = 0.01, loss: str = "update") -> EquivalenceLoss:
-    """Equivalence loss of one batch (input_ids, attention_mask): mean layer_error over NPT layers and
-    real tokens, + regularization_lambda * regularization.
+    """Equivalence loss of one batch (input_ids, attention_mask): the fit + regularization_lambda * regularization.
 
     layerwise: one teacher pass (npt_disabled, no_grad) captures each NPT layer's input h, attention
     output and output y; each NPT layer's modulated MLP then runs on (h, attn) and is compared to y
-    (no gradient crosses layers). end_to_end: the student runs its own trajectory.
+    (no gradient crosses layers). end_to_end: the student runs its own trajectory. For both, the fit is the
+    mean layer_error over NPT layers and real tokens. kl: the student runs its own trajectory and the fit is
+    next_token_kl, the teacher's next-token distribution against the student's (`loss` unused).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     mask = batch["attention_mask"]
     layers = npt_layers(model)
-    layerwise = objective == "layerwise"
-    teacher, _ = run_captured(model, batch, ("input", "attn", "output") if layerwise else ("input", "output"),
-                              teacher=True)
-    if layerwise:
+    kl = objective == "kl"
+    if objective == "layerwise":
+        teacher, _ = run_captured(model, batch, ("input", "attn", "output"), teacher=True)
         student = {layer.layer_idx: layer.modulated_mlp(teacher[layer.layer_idx]["input"],
                                                         teacher[layer.layer_idx]["attn"]) for layer in layers}
     else:
-        student = {i: c["output"] for i, c in run_captured(model, batch, ("output",))[0].items()}
-    layer_fit = torch.stack([layer_error(student[layer.layer_idx], teacher[layer.layer_idx], mask, loss)
-                             for layer in layers])  # (L,)
-    fit = layer_fit.mean()
+        teacher, t_logits = run_captured(model, batch, ("input", "output"), teacher=True, logits=kl)
+        records, s_logits = run_captured(model, batch, ("output",), logits=kl)
+        student = {i: c["output"] for i, c in records.items()}
+    layer_fit = torch.stack([layer_error(student[layer.layer_idx], teacher[layer.layer_idx], mask,
+                                         "update" if kl else loss) for layer in layers])  # (L,)
+    fit = next_token_kl(s_logits, t_logits, mask) if kl else layer_fit.mean()
     reg = regularization(model, mask)
     return EquivalenceLoss(loss=fit + regularization_lambda * reg, fit=fit, reg=reg, layer_fit=layer_fit.detach(),
                            tokens=int(mask.sum()))
+
+
+def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, in fp32, averaged over real tokens."""
+    t = torch.log_softmax(teacher_logits.detach().float(), -1)
+    s = torch.log_softmax(student_logits.float(), -1)
+    per_token = (t.exp() * (t - s)).sum(-1)  # (B, T)
+    return masked_mean(per_token, mask)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -822,24 +918,29 @@ def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1
                 attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """Permanent update: add to each NPT layer's W_gate the rank-1 matrix that reproduces the
     chosen token's modulation, dW = alpha (g_t - gate_t) x_t^T / ||x_t||^2, x_t = LN2(h_t); for the
-    down target, add alpha sum_k v_k u_k^T of that token to W_down (exact for any input).
+    down target, add alpha sum_k v_k u_k^T of that token to W_down (exact for any input); for the exact
+    target, the token's patches of W_gate, W_up, W_down and the post-attention norm's scale (_consolidate_exact).
 
     All updates come from one forward pass. Returns {layer_idx: dW_gate} ({layer_idx: dW_down} for
-    the down target alone).
+    the down target alone; {layer_idx: {"gate", "up", "down", "norm_scale"}} for exact).
     """
     layers = npt_layers(model)
     if not layers:
         raise ValueError("model has no NPT layers: convert_to_npt first")
     for layer in layers:
         mlp = layer.layer.mlp
-        if any(is_4bit(w) or not torch.is_floating_point(w.weight) for w in (mlp.gate_proj, mlp.down_proj)):
+        if any(is_4bit(w) or not torch.is_floating_point(w.weight) for w in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
             raise ValueError("consolidate needs full-precision MLP weights; this model is quantized "
                              "(4-bit): reload it without use_quantization")
-    with capture(model, ("mlp_input", "gate", "z")) as captures:  # (x, gate, z) of every NPT layer, one forward
+    names = ("input", "gate", "up", "z") if model.npt_config.exact else ("mlp_input", "gate", "z")
+    with capture(model, names) as captures:  # what every NPT layer's updates need, one forward
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     updates = {}
     for layer in layers:
         c, ad = captures[layer.layer_idx], layer.adapter
+        if layer.config.exact:
+            updates[layer.layer_idx] = _consolidate_exact(layer, {k: v[0, token_index] for k, v in c.items()}, alpha)
+            continue
         z = c["z"][0, token_index]  # (r,)
         if ad.down_u is not None:  # before W_gate changes: the update does not depend on the input
             delta = alpha * ad.down_vectors(z).t() @ ad.down_u  # (D, K) @ (K, F) = sum_k v_k u_k^T
@@ -854,6 +955,31 @@ def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1
         _add_to_weight(layer.layer.mlp.gate_proj.weight, delta)
         updates[layer.layer_idx] = delta
     return updates
+
+
+def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Writes one token's exact-target patches (the identity in this module's docstring) into the plain layer h + MLP(LN2(h)):
+    W_gate, W_up += alpha (W (w a_hat) / rms(h)) x^T / |x|^2 with x = LN2(h); the norm's scale w *= 1 + alpha (s - 1),
+    s = rms(h) / rms(h + a_hat); W_down += alpha a_hat act^T / |act|^2 with act the exact layer's. At alpha = 1 the
+    plain layer then gives, on that token's h, the exact layer's output."""
+    dec, norm = layer.layer, layer.layer.post_attention_layernorm
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    h = c["input"].float()  # (D,)
+    a_hat = layer.adapter.attention_estimate(c["z"].float())  # (D,)
+    w = norm.weight.float()
+    rms = lambda v: (v.square().mean() + eps).sqrt()  # noqa: E731 - the norm's own definition, eps inside
+    x = w * h / rms(h)  # LN2(h)
+    direction = w * a_hat / rms(h)  # what the attention adds to LN2's input direction
+    act = torch.nn.functional.silu(c["gate"].float()) * c["up"].float()  # (F,)
+    s = rms(h) / rms(h + a_hat)
+    patches = {"gate": alpha * torch.outer(dec.mlp.gate_proj.weight.float() @ direction, x) / x.square().sum(),
+               "up": alpha * torch.outer(dec.mlp.up_proj.weight.float() @ direction, x) / x.square().sum(),
+               "down": alpha * torch.outer(a_hat, act) / act.square().sum().clamp_min(torch.finfo(torch.float32).tiny),
+               "norm_scale": 1 + alpha * (s - 1)}
+    for name, module in (("gate", dec.mlp.gate_proj), ("up", dec.mlp.up_proj), ("down", dec.mlp.down_proj)):
+        _add_to_weight(module.weight, patches[name])
+    norm.weight.copy_((w * patches["norm_scale"]).to(norm.weight.dtype))
+    return patches
 
 
 def _add_to_weight(w: torch.Tensor, delta: torch.Tensor) -> None:

@@ -69,14 +69,21 @@ class TrainArgs:
     kernel: str = flag("auto", "Modulated-SwiGLU backend (auto: Triton on CUDA, torch otherwise).",
                        type=click.Choice(["auto", "triton", "torch"]))
     objective: str = flag("layerwise", "layerwise: each NPT layer on the teacher's input and attention; "
-                                       "end_to_end: the student's own trajectory.", type=click.Choice(npt.OBJECTIVES))
+                                       "end_to_end: the student's own trajectory; kl: the teacher's next-token "
+                                       "distribution against the student's (its own trajectory).",
+                          type=click.Choice(npt.OBJECTIVES))
     loss: str = flag("update", "Per-layer fit: update (|y_s - y_t|^2 / |y_t - h|^2 per token: the share of the "
                                "layer's update missed) or cosine (2 - 2 cos of whole states).",
                      type=click.Choice(npt.LOSSES))
     modulation_target: str = flag("gate", "What the attention code modulates: gate (the seed's form), down (a "
-                                          "per-token rank-K update of W_down) or gate+down.",
+                                          "per-token rank-K update of W_down), gate+down, or exact (per-token "
+                                          "patches of W_gate, W_up, W_down and the norm scale that reproduce the "
+                                          "layer from a rank-r code of its attention).",
                                   type=click.Choice(npt.TARGETS))
     down_rank: int = flag(4, "K, the rank of the per-token down_proj modulation.", type=click.IntRange(min=1))
+    init_batches: int = flag(32, "exact target: training micro-batches whose attention outputs give the "
+                                 "closed-form start (principal directions), before the first step.",
+                             type=click.IntRange(min=1))
     dataset_name: str = flag("builtin", "builtin (pydoc_data.topics), a hub dataset, or a local "
                                         ".txt/.jsonl/.json/.parquet file.")
     dataset_split: str = flag("train", "Split of a hub dataset.")
@@ -292,6 +299,7 @@ class TrainerState:
     best: float | None = None  # best eval loss (or mean train loss) seen at a save
     tokens: int = 0
     run_id: str = ""  # which run wrote a checkpoint: pruning and `latest` only consider this run's
+    closed_form_start: dict | None = None  # the exact target's start (npt.init_exact): what it was computed from
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -952,12 +960,38 @@ def restore(plan: Plan, model, optimizer, scheduler) -> TrainerState:
 
 def describe_target(c: npt.NPTConfig) -> str:
     """What the attention code modulates, in words for the start line."""
+    if c.exact:
+        return "exact target (per-token patches from a rank-r code of the attention)"
     parts = [f"{c.modulation_target} target"]
     if c.additive or c.multiplicative:
         parts.append(f"{c.modulation} gate modulation")
     if c.down:
         parts.append(f"down_rank {c.down_rank}")
     return ", ".join(parts)
+
+
+def closed_form_start(args: TrainArgs, data: Data, procs: Processes, model, state: TrainerState) -> str | None:
+    """The exact target's start (npt.init_exact) from the first --init_batches micro-batches of the training data,
+    for a new run that does not start from saved adapters; a line saying what it did. Every process computes it
+    from the same windows; rank 0's result is broadcast so all hold the same adapters."""
+    if not model.npt_config.exact or state.step or state.closed_form_start or args.init_adapters is not None:
+        return None
+    windows = [w for w, _ in itertools.islice(data.stream.windows((0, 0, 0)), args.init_batches * args.batch_size)]
+    batches = [{k: v.to(procs.device) for k, v in collate(windows[i:i + args.batch_size], data.pad_id).items()}
+               for i in range(0, len(windows), args.batch_size)]
+    t0 = time.time()
+    with procs.autocast():
+        kept = npt.init_exact(model, batches)
+    if procs.world > 1:
+        with torch.no_grad():
+            for p in npt.get_adapter_params(model):
+                torch.distributed.broadcast(p.data, src=0)
+    tokens = int(sum(b["attention_mask"].sum() for b in batches))
+    state.closed_form_start = {"method": "principal directions", "batches": len(batches), "tokens": tokens}
+    share = sum(kept.values()) / len(kept)
+    return (f"closed-form start: principal directions of each NPT layer's attention output over {tokens} tokens "
+            f"({len(batches)} micro-batches, {time.time() - t0:.1f} s); the rank-{args.adapter_rank} code keeps "
+            f"{100 * share:.1f}% of its variance (mean over layers, lowest {100 * min(kept.values()):.1f}%)")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -1235,7 +1269,10 @@ def train(args: TrainArgs) -> int:
     total_steps = count_steps(args, data, procs.world)
     model, optimizer, scheduler = build_model(args, plan, procs, total_steps)
     state = restore(plan, model, optimizer, scheduler)
+    start = closed_form_start(args, data, procs, model, state)  # exact target: before step 0's eval
     session = Session(args, plan, data, procs, model, optimizer, scheduler, state, total_steps).open()
+    if start:
+        session.sinks.message(start)
     code = loop(session)
     finish(session, code)
     return code

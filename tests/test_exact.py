@@ -1,0 +1,222 @@
+"""The `exact` modulation target, its closed-form start, its consolidation and the kl objective, against
+float64 references written from the formulas (no project code), on tiny random Llama, Mistral and Qwen2."""
+import copy
+
+import pytest
+import torch
+
+import npt
+from test_npt import ARCHS, capture_layer_io, rel_err, rms_norm64, tiny
+
+
+def random_batches(n=3, batch=2, length=20, seed=1, pad=3):
+    """Batches with left padding on their second row (garbage ids there)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 128, (batch, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, :pad] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def exact_model(arch="llama", rank=8, layers="all", init=True, **kw):
+    model = npt.convert_to_npt(tiny(arch, **kw), npt.NPTConfig(rank=rank, layers=layers, modulation_target="exact"))
+    if init:
+        npt.init_exact(model, random_batches())
+    return model
+
+
+def mlp64(dec, x):
+    gate = x @ dec.mlp.gate_proj.weight.double().T
+    up = x @ dec.mlp.up_proj.weight.double().T
+    return (gate * torch.sigmoid(gate) * up) @ dec.mlp.down_proj.weight.double().T
+
+
+def original_layer64(dec, h, attn):
+    """The decoder layer after its attention: h + a + MLP(LN2(h + a)), float64."""
+    r = h.double() + attn.double()
+    return r + mlp64(dec, rms_norm64(r, dec.post_attention_layernorm))
+
+
+def a_hat64(ad, attn):
+    mu = ad.mu.double()
+    return mu + (attn.double() - mu) @ ad.A_proj.weight.double().T @ ad.B.weight.double().T
+
+
+def forward_records(model, batch):
+    records, handles = capture_layer_io(model)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    for h in handles:
+        h.remove()
+    return records, logits
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_full_rank_closed_form_start_is_the_original_layer(arch):
+    model = exact_model(arch, rank=64)  # d_model 64: full rank
+    batch = random_batches(1, seed=7)[0]  # fresh inputs, not the ones the start saw
+    records, logits = forward_records(model, batch)
+    real = batch["attention_mask"].bool()
+    for layer in npt.npt_layers(model):
+        rec = records[layer.layer_idx]
+        ref = original_layer64(layer.layer, rec["h"], rec["attn"])
+        assert rel_err(rec["out"][real], ref[real]) <= 1e-5, (arch, layer.layer_idx)
+    with torch.no_grad(), npt.npt_disabled(model):
+        teacher = model(**batch).logits
+    assert rel_err(logits[real], teacher[real].double()) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_exact_layer_matches_float64_reference_below_full_rank(arch):
+    model = exact_model(arch, rank=6, layers="0,2")
+    with torch.no_grad():
+        for layer in npt.npt_layers(model):  # away from the closed-form start: any adapters
+            layer.adapter.mu.normal_(std=0.1)
+            layer.adapter.B.weight.add_(torch.randn_like(layer.adapter.B.weight) * 0.1)
+    batch = random_batches(1, seed=8)[0]
+    records, _ = forward_records(model, batch)
+    real = batch["attention_mask"].bool()
+    for layer in npt.npt_layers(model):
+        rec = records[layer.layer_idx]
+        ref = original_layer64(layer.layer, rec["h"], a_hat64(layer.adapter, rec["attn"]))
+        assert rel_err(rec["out"][real], ref[real]) <= 1e-5, (arch, layer.layer_idx)
+        assert rel_err(rec["out"][real], original_layer64(layer.layer, rec["h"], rec["attn"])[real]) > 1e-3
+    assert npt.regularization(model, batch["attention_mask"]).item() == 0.0
+
+
+def test_closed_form_start_is_deterministic_and_equals_its_definition():
+    model = exact_model("mistral", rank=5, init=False)
+    batches = random_batches(3, seed=4)
+    kept = npt.init_exact(model, batches)
+    first = {k: v.clone() for k, v in npt._adapter_state(model).items()}
+    assert npt.init_exact(model, batches) == kept
+    assert all(torch.equal(first[k], v) for k, v in npt._adapter_state(model).items())
+    # the definition, in float64 from the teacher's attention outputs on real tokens only
+    attn = {}
+    handles = [layer.layer.self_attn.register_forward_hook(
+        lambda m, args, out, i=layer.layer_idx: attn.setdefault(i, []).append(out[0].detach()))
+        for layer in npt.npt_layers(model)]
+    with torch.no_grad(), npt.npt_disabled(model):
+        for b in batches:
+            b = {**b, "input_ids": torch.where(b["attention_mask"].bool(), b["input_ids"], 5)}  # other padding ids
+            model(**b)
+    for h in handles:
+        h.remove()
+    real = torch.cat([b["attention_mask"].bool() for b in batches])
+    for layer in npt.npt_layers(model):
+        a = torch.cat(attn[layer.layer_idx])[real].double()  # (N, D)
+        mu = a.mean(0)
+        values, vectors = torch.linalg.eigh((a - mu).T @ (a - mu) / len(a))
+        top = vectors[:, -5:]
+        ad = layer.adapter
+        assert rel_err(ad.mu, mu) <= 1e-6
+        assert torch.equal(ad.A_proj.weight, ad.B.weight.T)
+        torch.testing.assert_close(ad.B.weight.double() @ ad.A_proj.weight.double(), top @ top.T, atol=1e-6, rtol=0)
+        peak = ad.B.weight.gather(0, ad.B.weight.abs().argmax(0, keepdim=True))
+        assert (peak > 0).all()  # the sign convention
+        assert kept[layer.layer_idx] == pytest.approx((values[-5:].sum() / values.sum()).item(), rel=1e-9)
+
+
+def test_init_exact_refuses_other_targets_and_empty_batches():
+    with pytest.raises(ValueError, match="exact"):
+        npt.init_exact(npt.convert_to_npt(tiny(), npt.NPTConfig(rank=4)), random_batches(1))
+    empty = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.zeros(1, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="real token"):
+        npt.init_exact(exact_model(init=False), [empty])
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_consolidated_patches_reproduce_the_exact_layer_for_the_token(arch):
+    """The patch form: W_gate, W_up, W_down and the norm's scale patched, then the plain layer h + MLP(LN2(h))
+    (no attention) gives the exact layer's output on the chosen token's h."""
+    model = exact_model(arch, rank=6)
+    ids = torch.randint(1, 128, (1, 9))
+    records, _ = forward_records(model, {"input_ids": ids})
+    expected = {layer.layer_idx: original_layer64(layer.layer, records[layer.layer_idx]["h"][0, 4],
+                                                  a_hat64(layer.adapter, records[layer.layer_idx]["attn"][0, 4]))
+                for layer in npt.npt_layers(model)}
+    half = copy.deepcopy(model)
+    patches = npt.consolidate(model, ids, token_index=4, alpha=1.0)
+    for layer in npt.npt_layers(model):
+        h, dec = records[layer.layer_idx]["h"][0, 4].double(), layer.layer
+        plain = h + mlp64(dec, rms_norm64(h, dec.post_attention_layernorm))
+        assert rel_err(plain, expected[layer.layer_idx]) <= 1e-5, (arch, layer.layer_idx)
+    halves = npt.consolidate(half, ids, token_index=4, alpha=0.5)
+    for i, p in patches.items():
+        assert set(p) == {"gate", "up", "down", "norm_scale"}
+        torch.testing.assert_close(halves[i]["gate"], 0.5 * p["gate"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(halves[i]["norm_scale"] - 1, 0.5 * (p["norm_scale"] - 1), rtol=1e-5, atol=1e-7)
+
+
+def test_exact_adapters_save_load_and_teacher_bitwise(tmp_path):
+    model = exact_model("qwen2", rank=4, layers="1-2")
+    npt.save_adapters(model, tmp_path)
+    fresh = tiny("qwen2")
+    npt.load_adapters(fresh, tmp_path)
+    assert fresh.npt_config.modulation_target == "exact"
+    batch = random_batches(1, seed=9)[0]
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, fresh(**batch).logits)
+        with npt.npt_disabled(model):
+            assert torch.equal(model(**batch).logits, tiny("qwen2")(**batch).logits)
+    gate = npt.convert_to_npt(tiny("qwen2"), npt.NPTConfig(rank=4, layers="1-2"))
+    with pytest.raises(ValueError, match="modulation_target"):
+        npt.load_adapters(gate, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exact_target_on_half_precision_bases(dtype):
+    model = exact_model("llama", rank=64).to(dtype)  # full rank: only the base's precision is off
+    for p in npt.get_adapter_params(model):
+        p.data = p.data.float()  # fp32 master adapters on a half-precision base
+    batch = random_batches(1, seed=10)[0]
+    out = npt.equivalence_loss(model, batch, "layerwise", 0.01)
+    grads = torch.autograd.grad(out.loss, npt.get_adapter_params(model))
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in npt.get_adapter_params(model))
+    assert out.fit.item() < 0.01  # the closed-form start reproduces the updates at half precision too
+
+
+def kl64(s_logits, t_logits, mask):
+    t, s = torch.log_softmax(t_logits.double(), -1), torch.log_softmax(s_logits.double(), -1)
+    per = (t.exp() * (t - s)).sum(-1)
+    return torch.where(mask.bool(), per, 0).sum() / mask.sum()
+
+
+def test_next_token_kl_and_its_gradient_match_float64():
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(2, 5, 50, generator=g) * 3).requires_grad_()
+    t = torch.randn(2, 5, 50, generator=g) * 3
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    s.data[0, 0] = float("nan")  # padding never counts
+    value = npt.next_token_kl(s, t, mask)
+    (grad,) = torch.autograd.grad(value, s)
+    s64 = s.detach().double().requires_grad_()
+    ref = kl64(s64, t, mask)
+    (ref_grad,) = torch.autograd.grad(ref, s64)
+    assert value.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(grad[mask.bool()].double(), ref_grad[mask.bool()], rtol=1e-4, atol=1e-7)
+    assert npt.next_token_kl(t, t, mask).abs().item() < 1e-6
+
+
+def test_kl_objective_trains_the_exact_adapters_toward_the_teacher():
+    model = exact_model("llama", rank=2)
+    batch = random_batches(1, seed=11)[0]
+    out = npt.equivalence_loss(model, batch, "kl", 0.01)
+    with torch.no_grad(), npt.npt_disabled(model):
+        t_logits = model(**batch).logits
+    with torch.no_grad():
+        s_logits = model(**batch).logits
+    assert out.fit.item() == pytest.approx(kl64(s_logits, t_logits, batch["attention_mask"]).item(), rel=1e-4)
+    assert out.layer_fit.shape == (3,) and (out.layer_fit > 0).all()  # update errors on the student's trajectory
+    params = npt.get_adapter_params(model)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    start = out.fit.item()
+    for _ in range(20):
+        opt.zero_grad()
+        npt.equivalence_loss(model, batch, "kl", 0.0).loss.backward()
+        opt.step()
+    assert npt.equivalence_loss(model, batch, "kl", 0.0).fit.item() < 0.5 * start
