@@ -7,7 +7,9 @@ and the NaN and Inf counts:
 
     input_norm      LN1(h)                               npt.capture "input_norm"
     attn_out        SelfAttn(LN1(h))                     npt.capture "attn"
-    low_rank        z = A_proj(attn)                     npt.capture "z"
+    low_rank        z = A_proj(attn) (exact: A_proj(attn - mu))  npt.capture "z"
+    a_hat           mu + B z, the attention as the exact target sees it   adapter.attention_estimate (exact)
+    norm_scale      s = rms(h) / rms(h + a_hat), the norm-scale patch      from the captured input (exact)
     delta_add       a = B_add(z)                         adapter.B_add on the captured z
     delta_mult      modulation_factor(B_mult(z))         adapter.B_mult + npt.modulation_factor
     modulated_gate  g (SPEC section 1)                   npt.modulated_gate on the captured gate, z
@@ -52,8 +54,8 @@ import npt
 from npt_cli import (can_create_in, command, fail, load_model_config_or_fail, load_model_or_fail, model_options,
                      precision_name)
 
-STAGES = ("input_norm", "attn_out", "low_rank", "delta_add", "delta_mult", "modulated_gate", "delta_down", "mlp_out",
-          "layer_out")
+STAGES = ("input_norm", "attn_out", "low_rank", "a_hat", "norm_scale", "delta_add", "delta_mult", "modulated_gate",
+          "delta_down", "mlp_out", "layer_out")
 DEFAULT_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "In 1905 Albert Einstein published four papers that changed physics.",
@@ -113,10 +115,14 @@ def check_injection(model, layer_idx: int, stage: str) -> None:
 
 def check_stage_on(config: npt.NPTConfig, stage: str) -> None:
     """A delta_* stage exists only where its adapter branch is on."""
-    branch_on = {"delta_add": config.additive, "delta_mult": config.multiplicative, "delta_down": config.down}
+    branch_on = {"delta_add": config.additive, "delta_mult": config.multiplicative, "delta_down": config.down,
+                 "a_hat": config.exact, "norm_scale": config.exact}
     if not branch_on.get(stage, True):
         fail(f"--inject_nan: stage {stage} is off in this model (modulation={config.modulation}, "
              f"modulation_target={config.modulation_target})")
+    if stage == "norm_scale":
+        fail("--inject_nan: norm_scale is derived for the report, never computed by the layer: plant the NaN in "
+             "a_hat, which it comes from")
 
 
 def _plant(x: torch.Tensor, token: int) -> torch.Tensor:
@@ -126,7 +132,7 @@ def _plant(x: torch.Tensor, token: int) -> torch.Tensor:
     return x
 
 
-PLANTED_IN = {"delta_add": "B_add", "delta_mult": "B_mult", "delta_down": "B_down"}  # stage -> adapter module
+PLANTED_IN = {"delta_add": "B_add", "delta_mult": "B_mult", "delta_down": "B_down", "a_hat": "B"}  # stage -> module
 
 
 @contextlib.contextmanager
@@ -146,14 +152,23 @@ def _nan_in_weight(weight: torch.Tensor):
 # ----------------------------------------------------------------------------- inspection
 # capture point (npt.capture) -> the stage it shows; delta_add / delta_mult / modulated_gate are derived
 # from the captured z and gate, which the fused kernel never materializes
-STAGE_OF = {"input_norm": "input_norm", "attn": "attn_out", "z": "low_rank", "gate": "modulated_gate",
+STAGE_OF = {"input": None, "input_norm": "input_norm", "attn": "attn_out", "z": "low_rank", "gate": "modulated_gate",
             "mlp_out": "mlp_out", "output": "layer_out"}
 
 
-def derived_stages(layer, z: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor) -> dict:
+def derived_stages(layer, z: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> dict:
     """delta_add / delta_mult / modulated_gate stats from one forward's z and gate, with the adapter's
-    own modules and the kernels' reference math."""
+    own modules and the kernels' reference math; for the exact target a_hat, norm_scale (from the layer input h)
+    and modulated_gate (the captured gate: W_gate LN2(h + a_hat) is the patched gate itself)."""
     adapter = layer.adapter
+    if layer.config.exact:
+        with torch.no_grad():
+            a_hat = adapter.attention_estimate(z)
+            norm = layer.layer.post_attention_layernorm
+            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+            rms = lambda v: (v.float().square().mean(-1) + eps).sqrt()  # noqa: E731 - the norm's definition
+            return {"a_hat": tensor_stats(a_hat, mask), "norm_scale": tensor_stats(rms(h) / rms(h.float() + a_hat), mask),
+                    "modulated_gate": tensor_stats(gate, mask)}
     with torch.no_grad():
         g = npt.modulated_gate(gate, z, *adapter.weights(), layer.config.add_scale)[0]
         return {"delta_add": None if adapter.B_add is None else tensor_stats(adapter.B_add(z), mask),
@@ -175,13 +190,14 @@ def instrument(model, mask: torch.Tensor, inject: tuple[int, str] | None = None)
 
     def observe(layer_idx, name, tensor):
         stage = STAGE_OF[name]
-        planted = _plant(tensor, token) if inject == (layer_idx, stage) else None
+        planted = _plant(tensor, token) if stage is not None and inject == (layer_idx, stage) else None
         tensor = tensor if planted is None else planted
-        if name in ("z", "gate"):
+        if name in ("input", "z", "gate"):
             held[name] = tensor
         if name == "mlp_out":
-            records[layer_idx].update(derived_stages(layers[layer_idx], held.pop("z"), held.pop("gate"), mask))
-        if name != "gate":
+            records[layer_idx].update(derived_stages(layers[layer_idx], held.pop("z"), held.pop("gate"),
+                                                     held.pop("input"), mask))
+        if name not in ("input", "gate"):
             records[layer_idx][stage] = tensor_stats(tensor, mask)
         return planted
 

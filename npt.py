@@ -56,7 +56,8 @@ __all__ = [
     "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
     "regularization", "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured",
-    "layer_error", "init_exact", "next_token_kl", "EquivalenceLoss", "equivalence_loss", "OBJECTIVES", "LOSSES", "TARGETS", "StepResult",
+    "layer_error", "attention_moments", "teacher_attention_moments", "init_exact", "next_token_kl", "EquivalenceLoss", "equivalence_loss",
+    "OBJECTIVES", "LOSSES", "TARGETS", "StepResult",
     "optimizer_step", "undo_step", "weights_finite", "nan_embeddings", "is_4bit",
     "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype", "model_path",
     "EMBEDDED_MODEL",
@@ -519,8 +520,9 @@ CAPTURE_NAMES = ("input", *_CAPTURE_MODULES)  # "input": the layer's input h
 def capture(model: nn.Module, names=CAPTURE_NAMES, edit=None, keep: bool = True):
     """Record named per-layer tensors of the forwards run inside: yields {layer_idx: {name: tensor}}.
 
-    `names` come from CAPTURE_NAMES. `edit(layer_idx, name, tensor)`, if given, sees every output as it
-    is produced; a tensor it returns replaces that module's output (and is what is recorded). With
+    `names` come from CAPTURE_NAMES. `edit(layer_idx, name, tensor)`, if given, sees every output (and the
+    layer's "input") as it is produced; a tensor it returns replaces that module's output (and is what is
+    recorded; an input is never replaced). With
     keep=False nothing is stored (edit alone observes). Hooks are removed on exit, even on errors.
     """
     unknown = sorted(set(names) - set(CAPTURE_NAMES))
@@ -532,8 +534,8 @@ def capture(model: nn.Module, names=CAPTURE_NAMES, edit=None, keep: bool = True)
             rec = records[layer.layer_idx] = {}
             for name in names:
                 if name == "input":
-                    handle = layer.register_forward_pre_hook(functools.partial(_record_input, rec, keep),
-                                                             with_kwargs=True)
+                    handle = layer.register_forward_pre_hook(
+                        functools.partial(_record_input, rec, keep, edit, layer.layer_idx), with_kwargs=True)
                 else:
                     hook = functools.partial(_record_output, rec, keep, edit, layer.layer_idx, name)
                     handle = layer.get_submodule(_CAPTURE_MODULES[name]).register_forward_hook(hook)
@@ -541,9 +543,12 @@ def capture(model: nn.Module, names=CAPTURE_NAMES, edit=None, keep: bool = True)
         yield records
 
 
-def _record_input(rec, keep, module, args, kwargs):
+def _record_input(rec, keep, edit, layer_idx, module, args, kwargs):
+    tensor = args[0] if args else kwargs["hidden_states"]
+    if edit is not None:
+        edit(layer_idx, "input", tensor)  # observed only: a layer's input is not replaced
     if keep:
-        rec["input"] = args[0] if args else kwargs["hidden_states"]
+        rec["input"] = tensor
 
 
 def _record_output(rec, keep, edit, layer_idx, name, module, args, out):
@@ -592,42 +597,60 @@ def _stop_after_last_npt_layer(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------- closed-form start
+def attention_moments(attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, sum, sum of outer products) of attention outputs (N, D), in float64: what init_exact needs,
+    summable over batches (and processes)."""
+    a = attn.detach().reshape(-1, attn.shape[-1]).double()  # (N, D)
+    return torch.tensor(float(len(a)), dtype=torch.float64), a.sum(0), a.T @ a
+
+
 @torch.no_grad()
-def init_exact(model: nn.Module, batches) -> dict[int, float]:
-    """The exact target's closed-form start: per NPT layer, mu = the mean of the teacher's attention output a
-    over the real tokens of `batches` (dicts with input_ids, attention_mask) and A_proj = P^T, B = P with P the
-    top-`rank` principal directions of a (so a_hat = mu + P P^T (a - mu), the best rank-r estimate of a in the
-    least-squares sense). Deterministic: statistics in float64, each direction's largest entry positive.
-    Returns {layer_idx: share of a's variance the code keeps}."""
-    layers = npt_layers(model)
-    if not layers or not all(layer.config.exact for layer in layers):
-        raise ValueError("init_exact needs a model converted with modulation_target='exact'")
-    stats = {layer.layer_idx: None for layer in layers}
+def teacher_attention_moments(model: nn.Module, batches) -> dict:
+    """{layer_idx: attention_moments} of the teacher's attention outputs over the real tokens of `batches`."""
+    stats = {}
     for batch in batches:
         records, _ = run_captured(model, batch, ("attn",), teacher=True)
         real = batch["attention_mask"].bool()
-        for i, rec in records.items():
-            a = rec["attn"][real].double()  # (N, D)
-            part = (torch.tensor(float(len(a)), dtype=torch.float64), a.sum(0), a.T @ a)
-            stats[i] = part if stats[i] is None else tuple(x + y for x, y in zip(stats[i], part))
-    if any(v is None or v[0] < 1 for v in stats.values()):
+        stats = add_moments(stats, {i: attention_moments(rec["attn"][real]) for i, rec in records.items()})
+    return stats
+
+
+def add_moments(a: dict, b: dict) -> dict:
+    return {i: tuple(x + y for x, y in zip(a[i], b[i])) if i in a and i in b else a.get(i, b.get(i))
+            for i in {*a, *b}}
+
+
+@torch.no_grad()
+def init_exact(model: nn.Module, batches=(), moments: dict | None = None) -> dict[int, float]:
+    """The exact target's closed-form start: per NPT layer, mu = the mean of the teacher's attention output a
+    over the real tokens of `batches` (dicts with input_ids, attention_mask) and A_proj = P^T, B = P with P the
+    top-`rank` principal directions of a (so a_hat = mu + P P^T (a - mu), the best rank-r estimate of a in the
+    least-squares sense). `moments` ({layer_idx: attention_moments(...)}) replaces the teacher passes where the
+    attention outputs are already at hand. Deterministic: statistics in float64, each direction's largest entry
+    positive. Returns {layer_idx: share of a's variance the code keeps}."""
+    layers = npt_layers(model)
+    if not layers or not all(layer.config.exact for layer in layers):
+        raise ValueError("init_exact needs a model converted with modulation_target='exact'")
+    stats = add_moments(dict(moments or {}), teacher_attention_moments(model, batches))
+    if any(layer.layer_idx not in stats or stats[layer.layer_idx][0] < 1 for layer in layers):
         raise ValueError("init_exact needs at least one batch with a real token")
-    kept = {}
-    for layer in layers:
-        n, total, outer = stats[layer.layer_idx]
-        mu = total / n
-        cov = outer / n - torch.outer(mu, mu)  # (D, D)
-        values, vectors = torch.linalg.eigh(cov.cpu())  # ascending
-        top = vectors[:, -layer.config.rank:].flip(-1)  # (D, r), largest first
-        peak = top.gather(0, top.abs().argmax(0, keepdim=True))  # (1, r): the sign convention
-        top = top * torch.where(peak < 0, -1.0, 1.0).to(top.dtype)
-        ad = layer.adapter
-        ad.mu.copy_(mu)
-        ad.A_proj.weight.copy_(top.T)
-        ad.B.weight.copy_(top)
-        kept[layer.layer_idx] = float(values[-layer.config.rank:].clamp_min(0).sum() / values.clamp_min(0).sum()
-                                      .clamp_min(torch.finfo(torch.float64).tiny))
-    return kept
+    return {layer.layer_idx: _principal_start(layer, *stats[layer.layer_idx]) for layer in layers}
+
+
+def _principal_start(layer: NPTLayer, n: torch.Tensor, total: torch.Tensor, outer: torch.Tensor) -> float:
+    """Sets mu, A_proj, B of one exact layer from its attention moments; the share of variance kept."""
+    mu = total / n
+    values, vectors = torch.linalg.eigh((outer / n - torch.outer(mu, mu)).cpu())  # covariance (D, D), ascending
+    r = layer.config.rank
+    top = vectors[:, -r:].flip(-1)  # (D, r), largest first
+    peak = top.gather(0, top.abs().argmax(0, keepdim=True))  # (1, r): the sign convention
+    top = top * torch.where(peak < 0, -1.0, 1.0).to(top.dtype)
+    ad = layer.adapter
+    ad.mu.copy_(mu)
+    ad.A_proj.weight.copy_(top.T)
+    ad.B.weight.copy_(top)
+    values = values.clamp_min(0)
+    return float(values[-r:].sum() / values.sum().clamp_min(torch.finfo(torch.float64).tiny))
 
 
 # ----------------------------------------------------------------------------- equivalence loss
@@ -643,6 +666,7 @@ class EquivalenceLoss:
     reg: torch.Tensor  # regularization(model, attention_mask)
     layer_fit: torch.Tensor  # (L,) layer_error per NPT layer, detached (kl: on the student's own trajectory)
     tokens: int  # real (non-padding) tokens
+    logits: tuple | None = None  # kl: (teacher, student) next-token logits, detached, for the caller's metrics
 
 
 def layer_error(student: torch.Tensor, teacher: dict[str, torch.Tensor], mask: torch.Tensor,
@@ -685,7 +709,7 @@ def equivalence_loss(model: nn.Module, batch: dict, objective: str = "layerwise"
     fit = next_token_kl(s_logits, t_logits, mask) if kl else layer_fit.mean()
     reg = regularization(model, mask)
     return EquivalenceLoss(loss=fit + regularization_lambda * reg, fit=fit, reg=reg, layer_fit=layer_fit.detach(),
-                           tokens=int(mask.sum()))
+                           tokens=int(mask.sum()), logits=(t_logits, s_logits.detach()) if kl else None)
 
 
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

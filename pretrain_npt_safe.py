@@ -60,7 +60,8 @@ class TrainArgs:
     use_quantization: bool = False
     use_fp16: bool = False
     trust_remote_code: bool = False
-    adapter_rank: int = flag(16, "Rank r of the NPT adapters (1..d_model).", type=click.IntRange(min=1))
+    adapter_rank: int | None = flag(None, "Rank r of the NPT adapters (1..d_model). [default: 256 for the exact "
+                                          "target (d_model if smaller), 16 for the others]", type=click.IntRange(min=1))
     share_embeddings: bool = flag(False, "Accepted for compatibility: the teacher is always the same model "
                                          "(npt_disabled), so embeddings are always shared.")
     safe_mode: bool = flag(False, "Additive modulation only (no multiplicative branch).")
@@ -148,10 +149,11 @@ class TrainArgs:
         if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
             fail(f"model {self.model_name!r} cannot be converted to NPT: it needs a SwiGLU MLP (hidden_act silu), "
                  f"this one uses {config.hidden_act!r}")
-        if not 1 <= self.adapter_rank <= config.hidden_size:
-            fail(f"--adapter_rank {self.adapter_rank} is out of range: it must lie in 1..{config.hidden_size} "
+        rank = self.adapter_rank or (min(EXACT_RANK, config.hidden_size) if self.modulation_target == "exact" else 16)
+        if not 1 <= rank <= config.hidden_size:
+            fail(f"--adapter_rank {rank} is out of range: it must lie in 1..{config.hidden_size} "
                  "(the model's d_model)")
-        npt_config = npt.NPTConfig(rank=self.adapter_rank, modulation="additive" if self.safe_mode else "both",
+        npt_config = npt.NPTConfig(rank=rank, modulation="additive" if self.safe_mode else "both",
                                    layers=self.npt_layers, modulation_target=self.modulation_target,
                                    down_rank=self.down_rank)
         try:
@@ -244,6 +246,7 @@ class TrainArgs:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "resume_from_checkpoint"}
 
 
+EXACT_RANK = 256  # the exact target's default rank: the measured choice (README, "Which modulation target")
 # the flags the adapters' layout follows: a checkpoint's adapters fit only a run with the same values
 LAYOUT_FLAGS = "--adapter_rank/--safe_mode/--npt_layers/--modulation_target/--down_rank"
 MODEL_FLAGS = ("model_name", "use_quantization", "use_fp16", "trust_remote_code")  # from npt_cli.model_options
@@ -324,8 +327,8 @@ def evaluate(model, batches, objective: str = "layerwise", regularization_lambda
             out = npt.equivalence_loss(model, b, objective, regularization_lambda, loss)
             per_layer = (out if (objective, loss) == ("layerwise", "update")
                          else npt.equivalence_loss(model, b, "layerwise", 0.0, "update")).layer_fit
-            _, t_logits = npt.run_captured(model, b, (), teacher=True, logits=True)
-            _, s_logits = npt.run_captured(model, b, (), logits=True)
+            t_logits, s_logits = out.logits or (npt.run_captured(model, b, (), teacher=True, logits=True)[1],
+                                                npt.run_captured(model, b, (), logits=True)[1])
         mask = b["attention_mask"]
         n = int(mask.sum())
         tot["tokens"] += n
@@ -971,26 +974,34 @@ def describe_target(c: npt.NPTConfig) -> str:
 
 
 def closed_form_start(args: TrainArgs, data: Data, procs: Processes, model, state: TrainerState) -> str | None:
-    """The exact target's start (npt.init_exact) from the first --init_batches micro-batches of the training data,
-    for a new run that does not start from saved adapters; a line saying what it did. Every process computes it
-    from the same windows; rank 0's result is broadcast so all hold the same adapters."""
+    """The exact target's start (npt.init_exact) from the first --init_batches x --batch_size x processes windows of
+    the training data, for a new run that does not start from saved adapters; a line saying what it did. Each
+    process gathers the attention moments of its share of the windows; their sums are reduced over processes, so
+    every process sets the same adapters, whatever the number of processes."""
     if not model.npt_config.exact or state.step or state.closed_form_start or args.init_adapters is not None:
         return None
-    windows = [w for w, _ in itertools.islice(data.stream.windows((0, 0, 0)), args.init_batches * args.batch_size)]
-    batches = [{k: v.to(procs.device) for k, v in collate(windows[i:i + args.batch_size], data.pad_id).items()}
-               for i in range(0, len(windows), args.batch_size)]
+    from tqdm.auto import tqdm
+
+    per = args.batch_size
+    windows = [w for w, _ in itertools.islice(data.stream.windows((0, 0, 0)), args.init_batches * per * procs.world)]
+    mine = windows[procs.rank::procs.world]
+    batches = [{k: v.to(procs.device) for k, v in collate(mine[i:i + per], data.pad_id).items()}
+               for i in range(0, len(mine), per)]
     t0 = time.time()
     with procs.autocast():
-        kept = npt.init_exact(model, batches)
-    if procs.world > 1:
-        with torch.no_grad():
-            for p in npt.get_adapter_params(model):
-                torch.distributed.broadcast(p.data, src=0)
-    tokens = int(sum(b["attention_mask"].sum() for b in batches))
-    state.closed_form_start = {"method": "principal directions", "batches": len(batches), "tokens": tokens}
+        stats = npt.teacher_attention_moments(model, tqdm(batches, desc="closed-form start", disable=not procs.main,
+                                                          dynamic_ncols=True, leave=False))
+    if procs.reduce is not None:
+        order = sorted(stats)
+        flat = procs.reduce(torch.cat([t.flatten() for i in order for t in stats[i]]))
+        parts = iter(flat.double().split([t.numel() for i in order for t in stats[i]]))
+        stats = {i: tuple(next(parts).view_as(t) for t in stats[i]) for i in order}
+    kept = npt.init_exact(model, moments=stats)
+    tokens = int(next(iter(stats.values()))[0])
+    state.closed_form_start = {"method": "principal directions", "windows": len(windows), "tokens": tokens}
     share = sum(kept.values()) / len(kept)
     return (f"closed-form start: principal directions of each NPT layer's attention output over {tokens} tokens "
-            f"({len(batches)} micro-batches, {time.time() - t0:.1f} s); the rank-{args.adapter_rank} code keeps "
+            f"({len(windows)} windows, {time.time() - t0:.1f} s); the rank-{model.npt_config.rank} code keeps "
             f"{100 * share:.1f}% of its variance (mean over layers, lowest {100 * min(kept.values()):.1f}%)")
 
 
@@ -1029,7 +1040,7 @@ class Session:
         per_step = args.batch_size * procs.world * args.gradient_accumulation_steps
         self.sinks.message(
             f"NPT pre-training: {args.model_name}, {len(self.plan.layer_indices)} NPT layers, "
-            f"rank {args.adapter_rank}, "
+            f"rank {self.plan.npt_config.rank}, "
             f"{describe_target(self.plan.npt_config)}, {args.objective} objective, {args.loss} loss, "
             f"{self.total_steps} steps of "
             f"{per_step} x {args.max_length} tokens, {procs.world} process(es)"
@@ -1269,8 +1280,8 @@ def train(args: TrainArgs) -> int:
     total_steps = count_steps(args, data, procs.world)
     model, optimizer, scheduler = build_model(args, plan, procs, total_steps)
     state = restore(plan, model, optimizer, scheduler)
-    start = closed_form_start(args, data, procs, model, state)  # exact target: before step 0's eval
     session = Session(args, plan, data, procs, model, optimizer, scheduler, state, total_steps).open()
+    start = closed_form_start(args, data, procs, model, state)  # exact target: before step 0's eval
     if start:
         session.sinks.message(start)
     code = loop(session)

@@ -10,6 +10,7 @@ teacher pass per step) and reports, on 16 held-out windows, the update error per
 end, and the converted model's perplexity and top-1 agreement against the teacher's.
 
     python benchmarks/layer_fit.py --layers 15 --target gate --target down --lam 0 --lam 1e-2
+    python benchmarks/layer_fit.py --layers 15 --target exact --rank 16 --rank 64   # closed-form start, then trained
 """
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ def fit(config: npt.NPTConfig, data, held, held_ids, steps, lr, lam, batch, seed
     model.eval()
     torch.manual_seed(seed)
     npt.convert_to_npt(model, config)
+    if config.exact:  # the closed-form start from the cached training windows' attention outputs
+        npt.init_exact(model, moments={i: npt.attention_moments(d["attn"]) for i, d in data.items()})
     params = npt.get_adapter_params(model)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / steps))
@@ -157,11 +160,11 @@ def main(layers, steps, batch, n_windows, targets, lams, lrs, ranks, down_ranks,
 
 def markdown(rows: list[dict]) -> str:
     """The rows as the RESULTS.md table: held-out update error (mean over layers), perplexity, agreement."""
-    lines = ["| layers | target | lr | lambda | update error start -> end (ratio) | student ppl start -> end "
-             "(teacher) | top-1 agreement start -> end | code size (reg) |", "|" + " --- |" * 8]
+    lines = ["| layers | target | rank | lr | lambda | update error start -> end (ratio) | student ppl start -> end "
+             "(teacher) | top-1 agreement start -> end | code size (reg) |", "|" + " --- |" * 9]
     for r in rows:
         span = f"{r['layers'][0]}-{r['layers'][-1]}" if len(r["layers"]) > 1 else str(r["layers"][0])
-        lines.append(f"| {span} | {r['target']} | {r['lr']:g} | {r['lam']:g} | {r['mean_start']:.3f} -> "
+        lines.append(f"| {span} | {r['target']} | {r['rank']} | {r['lr']:g} | {r['lam']:g} | {r['mean_start']:.3f} -> "
                      f"{r['mean_final']:.3f} ({r['mean_final'] / r['mean_start']:.2f}) | {r['student_ppl_start']:.2f} -> "
                      f"{r['student_ppl_final']:.2f} ({r['teacher_ppl']:.2f}) | {r['agreement_start']:.3f} -> "
                      f"{r['agreement_final']:.3f} | {r['reg_final']:.3g} |")

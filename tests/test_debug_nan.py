@@ -77,9 +77,10 @@ def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
     assert "Traceback" not in proc.stderr
     assert verdict(proc.stdout) == "first non-finite: none found (every stage of every NPT layer and the logits are finite)"
     rows = table_rows(proc.stdout)
-    on = [s for s in STAGES if s != "delta_down"]  # the default gate target: the down branch is off
-    assert set(rows) == {(i, s) for i in range(NUM_LAYERS) for s in on}
-    assert len(re.findall(r"^\s*\d+\s+delta_down\s+off$", proc.stdout, re.M)) == NUM_LAYERS
+    off = ("delta_down", "a_hat", "norm_scale")  # the default gate target: the down and exact stages are off
+    assert set(rows) == {(i, s) for i in range(NUM_LAYERS) for s in STAGES if s not in off}
+    for stage in off:
+        assert len(re.findall(rf"^\s*\d+\s+{stage}\s+off$", proc.stdout, re.M)) == NUM_LAYERS
 
     report = json.loads(out_json.read_text())
     assert report["first_nonfinite"] is None
@@ -87,7 +88,7 @@ def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
     assert [e["layer"] for e in report["layers"]] == list(range(NUM_LAYERS))
     for entry in report["layers"]:
         assert list(entry["stages"]) == list(STAGES)
-        assert entry["stages"].pop("delta_down") is None
+        assert all(entry["stages"].pop(stage) is None for stage in off)
         for stage, s in entry["stages"].items():
             assert s["nan"] == s["inf"] == 0 and s["numel"] > 0
             assert s["min"] <= s["max"] and s["mean_abs"] >= 0
@@ -110,7 +111,7 @@ def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
 @pytest.mark.parametrize("layer", [0, 13, NUM_LAYERS - 1])
 def test_injected_nan_is_found_at_exactly_that_layer_and_stage(npt_model, embedded, layer):
     tokenizer = embedded[1]
-    for stage in (s for s in STAGES if s != "delta_down"):  # the gate target: delta_down is off
+    for stage in (s for s in STAGES if s not in ("delta_down", "a_hat", "norm_scale")):  # off for the gate target
         report = debug_nan.inspect_model(npt_model, tokenizer, inject=(layer, stage))
         assert_first(report, layer, stage)
         # the NaN is real, not cosmetic: it flows on into the layer's output
@@ -156,6 +157,27 @@ def test_down_target_stages(embedded, target):
         assert report["layers"][1]["stages"]["layer_out"]["nan"] > 0, stage
     with pytest.raises(UserError, match="delta_down is off"):
         debug_nan.inspect_model(fresh_npt(embedded, layers="10"), embedded[1], inject=(10, "delta_down"))
+
+
+def test_exact_target_stages(embedded):
+    model = fresh_npt(embedded, layers="10-12", modulation_target="exact", rank=16)
+    ids = embedded[1](["The attention output, seen through a rank-16 code."] * 2, return_tensors="pt")
+    npt.init_exact(model, [dict(ids)])
+    clean = debug_nan.inspect_model(model, embedded[1])
+    assert clean["first_nonfinite"] is None
+    for e in clean["layers"]:
+        assert all(e["stages"][s] is None for s in ("delta_add", "delta_mult", "delta_down"))
+        assert e["stages"]["a_hat"]["numel"] > 0 and e["stages"]["a_hat"]["mean_abs"] > 0
+        scale = e["stages"]["norm_scale"]  # s = rms(h) / rms(h + a_hat): the attention changes the norm a little
+        assert 0.2 < scale["min"] <= scale["max"] < 5 and scale["min"] != scale["max"]
+    for stage in ("low_rank", "a_hat"):
+        report = debug_nan.inspect_model(model, embedded[1], inject=(11, stage))
+        assert_first(report, 11, stage)
+        assert report["layers"][1]["stages"]["norm_scale"]["nan"] > 0 and report["layers"][1]["stages"]["layer_out"]["nan"] > 0
+    with pytest.raises(UserError, match="norm_scale is derived"):
+        debug_nan.inspect_model(model, embedded[1], inject=(11, "norm_scale"))
+    with pytest.raises(UserError, match="a_hat is off"):
+        debug_nan.inspect_model(fresh_npt(embedded, layers="10"), embedded[1], inject=(10, "a_hat"))
 
 
 def test_partial_conversion_and_safe_mode(embedded):
