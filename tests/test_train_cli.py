@@ -80,11 +80,12 @@ def test_seed_recommended_command_4bit(tmp_path):
     args.remove("--use_wandb")
     proc = ok(run(*args, "--max_steps", 2, "--max_length", 64, timeout=600))
     final = tmp_path / "out" / "checkpoint-final"
-    keys = adapters(final).keys()
-    assert keys and all(".A_proj." in k or ".B_add." in k for k in keys), "safe mode must save additive adapters only"
-    assert not any("B_mult" in k for k in keys)
+    keys = adapters(final).keys()  # the default exact target: no gate factor, so safe mode changes nothing there
+    assert keys and all(k.split(".")[2] in ("A_proj", "B", "mu") for k in keys)
+    assert not any("B_mult" in k or "B_add" in k for k in keys)
     cfg = json.loads((final / "npt_config.json").read_text())
-    assert cfg["modulation"] == "additive" and cfg["rank"] == 16 and len(cfg["layer_indices"]) == 30
+    assert cfg["modulation_target"] == "exact" and cfg["rank"] == 16 and len(cfg["layer_indices"]) == 30
+    assert cfg["modulation"] == "additive"  # what --safe_mode selects for the gate targets
     losses = [r["loss"] for r in train_rows(tmp_path / "out")]
     assert [r["step"] for r in train_rows(tmp_path / "out")] == [1, 2]  # the first and last steps are always logged
     assert losses and all(isinstance(v, float) and math.isfinite(v) for v in losses)
@@ -121,22 +122,28 @@ def test_consecutive_nan_stops_with_last_good_checkpoint(tmp_path, tiny_llama_di
 # ----------------------------------------------------------------------------- 5. resume
 @pytest.mark.parametrize("data", ["builtin", "jsonl-streaming", "builtin, gate+down target"])
 def test_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path, tiny_llama_dir, data):
-    extra = ["--modulation_target", "gate+down"] if data.endswith("target") else []
+    """The default exact target and kl objective (its closed-form start not redone), and gate+down layerwise."""
+    extra = ["--adapter_rank", 8]
+    if data.endswith("target"):
+        extra = ["--modulation_target", "gate+down", "--objective", "layerwise"]
     if data == "jsonl-streaming":
         f = tmp_path / "docs.jsonl"
         rng = random.Random(0)
         words = "alpha beta gamma delta modulation attention layer token gradient".split()
         f.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))}) + "\n"
                              for _ in range(60)))
-        extra = ["--dataset_name", f, "--streaming"]
+        extra += ["--dataset_name", f, "--streaming"]
     common = ["--model_name", tiny_llama_dir, "--max_steps", 6, *FAST, "--save_steps", 3, *extra]
-    ok(run(*common, "--output_dir", tmp_path / "a"))
+    first = ok(run(*common, "--output_dir", tmp_path / "a"))
     a = tmp_path / "a"
     state = json.loads((a / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["position"] != [0, 0, 0]
+    exact = "gate+down" not in data
+    assert ("closed-form start" in first.stderr) == exact == (state["closed_form_start"] is not None)
     with pytest.raises(AssertionError):  # training moves the adapters after the checkpoint
         assert_bitwise(a / "checkpoint-3", a / "checkpoint-final")
-    ok(run(*common, "--output_dir", tmp_path / "b", "--resume_from_checkpoint", a / "checkpoint-3"))
+    resumed = ok(run(*common, "--output_dir", tmp_path / "b", "--resume_from_checkpoint", a / "checkpoint-3"))
+    assert "closed-form start" not in resumed.stderr  # the checkpoint's adapters hold it
     assert_bitwise(a / "checkpoint-final", tmp_path / "b" / "checkpoint-final")
     assert_bitwise(a / "checkpoint-6", tmp_path / "b" / "checkpoint-6")
     la = {r["step"]: r["loss"] for r in train_rows(a)}
@@ -178,10 +185,13 @@ def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path, tiny_ll
 
 
 # ----------------------------------------------------------------------------- 7. DDP
-def test_torchrun_two_processes_match_one_process(tmp_path, tiny_llama_dir):
-    """gate+down: the gate and the down modulation's gradients both sync."""
+@pytest.mark.parametrize("target", ["gate+down", "exact"])
+def test_torchrun_two_processes_match_one_process(tmp_path, tiny_llama_dir, target):
+    """gate+down layerwise: the gate and the down modulation's gradients both sync; exact with kl: the closed-form
+    start, gathered in shards, is the one process's, and the kl gradients sync."""
+    layout = (["--objective", "layerwise"] if target == "gate+down" else ["--adapter_rank", 8, "--init_batches", 3])
     common = ["--model_name", tiny_llama_dir, "--max_steps", 4, *FAST, "--gradient_accumulation_steps", 2,
-              "--save_steps", 2, "--modulation_target", "gate+down"]
+              "--save_steps", 2, "--modulation_target", target, *layout]
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     ddp = ok(run(*common, "--batch_size", 1, "--output_dir", tmp_path / "ddp", launcher=torchrun, timeout=400))
     ok(run(*common, "--batch_size", 2, "--output_dir", tmp_path / "one"))

@@ -29,6 +29,9 @@ def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
     state = trainer.restore(plan, model, optimizer, scheduler)
     assert state == trainer.TrainerState(run_id=state.run_id) and len(state.run_id) == 12
     session = trainer.Session(args, plan, data, procs, model, optimizer, scheduler, state, 3).open()
+    line = trainer.closed_form_start(args, data, procs, model, state)  # the default exact target's start
+    assert line.startswith("closed-form start") and state.closed_form_start["tokens"] > 64
+    assert trainer.closed_form_start(args, data, procs, model, state) is None  # done once, recorded in the state
     assert trainer.loop(session) == 0 and state.step == 3 and state.tokens > 0
     trainer.finish(session, 0)
     saved = json.loads((tmp_path / "out" / "checkpoint-final" / "trainer_state.json").read_text())
@@ -40,8 +43,10 @@ def test_resume_plan_reads_the_checkpoint(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert trainer.train(tiny_args(tiny_llama_dir, out)) == 0
     plan = tiny_args(tiny_llama_dir, tmp_path / "again", resume_from_checkpoint=str(out / "checkpoint-2")).validate()
-    assert plan.resume.state.step == 2 and plan.resume.npt_config == npt.NPTConfig(rank=16)
-    with pytest.raises(trainer.UserError, match="rank is 16 there, 8 here"):
+    assert plan.resume.state.step == 2  # the default: exact at d_model (64), capped from 256
+    assert plan.resume.npt_config == npt.NPTConfig(rank=64, modulation_target="exact")
+    assert plan.resume.state.closed_form_start["method"] == "principal directions"
+    with pytest.raises(trainer.UserError, match="rank is 64 there, 8 here"):
         tiny_args(tiny_llama_dir, tmp_path / "again", adapter_rank=8,
                   resume_from_checkpoint=str(out / "checkpoint-2")).validate()
 
