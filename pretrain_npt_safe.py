@@ -605,7 +605,8 @@ def is_disk_full(e: BaseException) -> bool:
     """ENOSPC / EDQUOT, as an OSError or as safetensors' own error (which wraps the OS error in its text)."""
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return type(e).__name__ == "SafetensorError" and ("code: 28" in str(e) or "StorageFull" in str(e))
+    code = re.search(r"(?:os error|code:) (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    return code is not None and int(code.group(1)) in (errno.ENOSPC, errno.EDQUOT)
 
 
 def checkpoint_bytes(model, optimizer) -> int:
