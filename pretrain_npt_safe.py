@@ -892,7 +892,11 @@ class Sinks:
         from tqdm.auto import tqdm
 
         tqdm.write(text, file=sys.stderr)
-        if self.log_file:
+        self.log(text)
+
+    def log(self, text: str):
+        """A line in --log_file only."""
+        if self.main and self.log_file:
             with open(self.log_file, "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
@@ -1392,20 +1396,25 @@ def finish(s: Session, code: int) -> None:
 
 
 def run_session(s: Session) -> int:
-    """The loop and the end of the run; a full disk stops it with one line and EXIT_DISK_FULL."""
+    """Open the session, loop, finish; a full disk stops the run with one line and EXIT_DISK_FULL."""
+    from tqdm.auto import tqdm
+
     try:
+        s.open()
         code = loop(s)
         finish(s, code)
         return code
-    except OSError as e:
-        if not is_disk_full(e):
+    except (OSError, DiskFull) as e:
+        if isinstance(e, OSError) and not is_disk_full(e):
             raise
-        s.sinks.message(f"error: no space left on the device writing {e.filename or s.plan.output_dir}: free space "
-                        "and resume from the last checkpoint")
-    except DiskFull as e:
-        s.sinks.message(f"error: {e}")
-    with contextlib.suppress(OSError):
-        s.sinks.close()
+        line = (f"error: {e}" if isinstance(e, DiskFull) else f"error: no space left on the device writing "
+                f"{e.filename or s.plan.output_dir}: free space and resume from the last checkpoint")
+    tqdm.write(line, file=sys.stderr)
+    if s.sinks is not None:
+        with contextlib.suppress(OSError):  # the log file may be on the full disk too
+            s.sinks.log(line)
+        with contextlib.suppress(OSError):
+            s.sinks.close()
     return EXIT_DISK_FULL
 
 
@@ -1418,8 +1427,7 @@ def train(args: TrainArgs) -> int:
         total_steps = count_steps(args, data, procs.world)
         model, optimizer, scheduler = build_model(args, plan, procs, total_steps)
         state = restore(plan, model, optimizer, scheduler)
-        session = Session(args, plan, data, procs, model, optimizer, scheduler, state, total_steps).open()
-        return run_session(session)
+        return run_session(Session(args, plan, data, procs, model, optimizer, scheduler, state, total_steps))
 
 
 LOCK_NAME, HOLDER_NAME = ".npt-lock", ".npt-lock.holder"  # the advisory lock; who holds it (for the message)
@@ -1437,17 +1445,20 @@ def hold_output_dir(args: TrainArgs, plan: Plan):
 
     out = plan.output_dir
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out / LOCK_NAME), timeout=0)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
         fail(f"--output_dir {args.output_dir!r} is in use by another run ({lock_holder(out)}): wait for it to end, "
              "or use another --output_dir")
+    except OSError as e:
+        fail(f"--output_dir {args.output_dir!r}: cannot create it or its lock file {LOCK_NAME}: {e.strerror or e}")
     ok = False
     try:
-        (out / HOLDER_NAME).write_text(json.dumps({"pid": os.getpid(), "run_id": plan.run_id,
-                                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        with contextlib.suppress(OSError):  # only for the message a second run prints
+            (out / HOLDER_NAME).write_text(json.dumps({"pid": os.getpid(), "run_id": plan.run_id,
+                                                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
         args._check_run_of(out, plan.resume)  # again under the lock: a run that ended meanwhile left its files
         yield
         ok = True
