@@ -89,6 +89,11 @@ class NPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not _is_number(self.add_scale) or not math.isfinite(self.add_scale):
+            raise ValueError(f"add_scale must be a finite number, got {self.add_scale!r}")
+        if not isinstance(self.layers, (str, list, tuple)) or (
+                not isinstance(self.layers, str) and not all(_is_int(i) for i in self.layers)):
+            raise ValueError(f"layers must be a string or a list of integers, got {self.layers!r}")
 
     @property
     def additive(self) -> bool:
@@ -153,8 +158,19 @@ class NPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NPTConfig":
+        """From a saved npt_config.json; a ValueError naming the field that is malformed."""
+        if not isinstance(d, dict):
+            raise ValueError(f"an NPT config must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 # ----------------------------------------------------------------------------- adapter
@@ -891,13 +907,23 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
+    """path/npt_config.json as a dict, checked: a ValueError naming the file and the malformed field."""
     f = Path(path) / CONFIG_NAME
     if not f.is_file():
         raise FileNotFoundError(f"no NPT adapters at {path}: {CONFIG_NAME} is missing")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f} is not valid JSON ({e}): the checkpoint is corrupt") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{f} must hold a JSON object, not a {type(meta).__name__}: the checkpoint is corrupt")
+    if "num_layers" in meta and (not _is_int(meta["num_layers"]) or meta["num_layers"] < 1):
+        raise ValueError(f"{f}: num_layers must be a positive integer, got {meta['num_layers']!r}")
+    try:
+        NPTConfig.from_dict(meta)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{f}: {e}") from None
+    return meta
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -945,12 +971,12 @@ def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1
     down target, add alpha sum_k v_k u_k^T of that token to W_down (exact for any input); for the exact
     target, the token's patches of W_gate, W_up, W_down and the post-attention norm's scale (_consolidate_exact).
 
-    All updates come from one forward pass. Returns {layer_idx: dW_gate} ({layer_idx: dW_down} for
-    the down target alone; {layer_idx: {"gate", "up", "down", "norm_scale"}} for exact).
+    `token_index` counts the real tokens of sequence 0 (attention_mask), so the default -1 is its last real
+    token under right padding too. All updates come from one forward pass. Returns {layer_idx: dW_gate}
+    ({layer_idx: dW_down} for the down target alone; {layer_idx: {"gate", "up", "down", "norm_scale"}} for exact).
     """
+    token_index = _consolidation_position(model, input_ids, token_index, alpha, attention_mask)
     layers = npt_layers(model)
-    if not layers:
-        raise ValueError("model has no NPT layers: convert_to_npt first")
     for layer in layers:
         mlp = layer.layer.mlp
         if any(is_4bit(w) or not torch.is_floating_point(w.weight) for w in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
@@ -1004,6 +1030,30 @@ def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float
         _add_to_weight(module.weight, patches[name])
     norm.weight.copy_((w * patches["norm_scale"]).to(norm.weight.dtype))
     return patches
+
+
+def _consolidation_position(model: nn.Module, input_ids, token_index, alpha, attention_mask) -> int:
+    """consolidate's inputs checked before any weight changes (a ValueError naming the problem); the
+    position in sequence 0 of its `token_index`-th real token (-1: the last real one, whatever the padding)."""
+    if not npt_layers(model):
+        raise ValueError("model has no NPT layers: convert_to_npt first")
+    if not _is_number(alpha) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a non-empty 2-D tensor (batch, tokens), got {shape}")
+    if attention_mask is None:
+        real = torch.arange(input_ids.shape[1])
+    elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}")
+    else:
+        real = attention_mask[0].nonzero().flatten().cpu()  # positions of sequence 0's real tokens
+    if not _is_int(token_index) or not -len(real) <= token_index < len(real):
+        raise ValueError(f"token_index {token_index!r} is outside the {len(real)} real tokens of sequence 0 "
+                         f"(use -{len(real)}..{len(real) - 1})")
+    if not weights_finite(get_adapter_params(model)):
+        raise ValueError("the adapters are not finite: consolidating them would write NaN/Inf into the base weights")
+    return int(real[token_index])
 
 
 def _add_to_weight(w: torch.Tensor, delta: torch.Tensor) -> None:

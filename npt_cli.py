@@ -101,16 +101,44 @@ def load_model_config_or_fail(model_name: str, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(npt.model_path(model_name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         _cannot_load_model(model_name, e)
-    return getattr(config, "text_config", None) or config
+    config = getattr(config, "text_config", None) or config
+    check_convertible_or_fail(model_name, config)
+    return config
+
+
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # Mixtral, Qwen-MoE, DeepSeek
+
+
+def check_convertible_or_fail(model_name: str, config) -> None:
+    """Refuse, from config.json alone, a model whose layers NPT cannot wrap: one dense SwiGLU MLP per layer."""
+    why = None
+    experts = next((k for k in MOE_KEYS if (getattr(config, k, None) or 0) > 1), None)
+    if experts is not None:
+        why = f"it is a mixture of experts ({experts} = {getattr(config, experts)}), not one dense MLP per layer"
+    elif getattr(config, "hidden_act", None) is None:
+        act = getattr(config, "activation_function", None)
+        why = (f"its {config.model_type} MLP has no gate_proj (no SwiGLU; activation {act!r})" if act else
+               f"its {config.model_type} config names no SwiGLU MLP (no hidden_act)")
+    elif config.hidden_act not in ("silu", "swish"):
+        why = f"it needs a SwiGLU MLP (hidden_act silu), this one uses {config.hidden_act!r}"
+    if why:
+        fail(f"model {model_name!r} cannot be converted to NPT: {why}; convertible: Llama, Mistral, Qwen2, SmolLM")
 
 
 def load_tokenizer_or_fail(model_name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    path = npt.model_path(model_name)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        fail(f"model folder {model_name!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save one there with "
+             "tokenizer.save_pretrained(folder)")
     try:
-        return AutoTokenizer.from_pretrained(npt.model_path(model_name), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        fail(f"cannot load the tokenizer of {model_name!r}: {first_line(e)}")
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        fail(f"cannot load the tokenizer of {model_name!r}: {' '.join(str(e).split())[:300] or type(e).__name__}")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def check_output_dir_or_fail(output_dir: str, flag: str = "--output_dir") -> Path:

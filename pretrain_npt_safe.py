@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -111,8 +113,12 @@ class TrainArgs:
     mixed_precision: str = flag("no", "Autocast precision (off with --use_quantization).",
                                 type=click.Choice(["no", "fp16", "bf16"]))
     output_dir: str = flag("./outputs/npt-safe-pretrained")
-    overwrite_output_dir: bool = flag(False, "Start a new run in an --output_dir that holds another run's checkpoints "
-                                             "or metrics (its checkpoints are kept, never pruned or resumed).")
+    overwrite_output_dir: bool = flag(False, "Start a new run in an --output_dir that holds another run. Replaced: "
+                                             "metrics.jsonl, loss_curve.png, equivalence.json, and that run's "
+                                             "checkpoints of the names this run saves. Kept: its other checkpoints "
+                                             "(never pruned or resumed) and everything this trainer did not write "
+                                             "(a checkpoint-* folder is its own only if its trainer_state.json says "
+                                             "so; a run is refused when such a name is in the way).")
     run_name: str | None = flag(None, "Run name for TensorBoard/wandb (default: output dir name).")
     log_steps: int = flag(5, "Log every N optimizer steps.", type=click.IntRange(min=1))
     log_file: str | None = flag(None, "Also append log lines and metrics to this file.")
@@ -146,10 +152,11 @@ class TrainArgs:
         output_dir = check_output_dir_or_fail(self.output_dir)
         resume = self._resume_or_fail(output_dir)
         self._check_run_of(output_dir, resume)
-        config = load_model_config_or_fail(self.model_name, self.trust_remote_code)
-        if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
-            fail(f"model {self.model_name!r} cannot be converted to NPT: it needs a SwiGLU MLP (hidden_act silu), "
-                 f"this one uses {config.hidden_act!r}")
+        config = load_model_config_or_fail(self.model_name, self.trust_remote_code)  # refuses unconvertible models
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and self.max_length > positions:  # refused: positions past it were never trained
+            fail(f"--max_length {self.max_length} exceeds the model's {positions} positions "
+                 f"(max_position_embeddings): use --max_length {positions} or less")
         rank = self.adapter_rank or (min(EXACT_RANK, config.hidden_size) if self.modulation_target == "exact" else 16)
         if not 1 <= rank <= config.hidden_size:
             fail(f"--adapter_rank {rank} is out of range: it must lie in 1..{config.hidden_size} "
@@ -171,17 +178,27 @@ class TrainArgs:
             self._check_init_adapters(npt_config, config.num_hidden_layers, resume)
         if self.kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             fail("--kernel triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --kernel auto")
-        return Plan(output_dir, npt_config, layer_indices, resume, inject, wandb)
+        run_id = resume.state.run_id if resume is not None and resume.state.run_id else uuid.uuid4().hex[:12]
+        return Plan(output_dir, npt_config, layer_indices, resume, inject, wandb, run_id)
 
     def _check_init_adapters(self, npt_config: npt.NPTConfig, num_layers: int, resume: "Resume | None") -> None:
         """--init_adapters names saved adapters of this layout (their config is read; weights load later)."""
         if resume is not None:
             fail("--init_adapters starts a new run and --resume_from_checkpoint continues one: give only one")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(self.init_adapters).expanduser()
         try:
-            saved = npt.NPTConfig.from_dict(npt.read_adapter_config(Path(self.init_adapters).expanduser()))
+            saved = npt.NPTConfig.from_dict(npt.read_adapter_config(path))
             npt_config.check_compatible(saved, num_layers, f"the adapters in {self.init_adapters!r}")
-        except (OSError, ValueError, TypeError) as e:
+            weights = load_file(str(path / npt.WEIGHTS_NAME)) if (path / npt.WEIGHTS_NAME).is_file() else {}
+        except (OSError, ValueError, TypeError, SafetensorError) as e:
             fail(f"--init_adapters: {first_line(e)}: give a checkpoint directory of a run with the same {LAYOUT_FLAGS}")
+        bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+        if bad:
+            fail(f"--init_adapters: the adapters in {self.init_adapters!r} are not finite ({bad[0]}"
+                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): give a checkpoint of a run that stayed finite")
 
     def _check_values(self) -> None:
         """Values click's types let through: nan and inf floats, seeds numpy/torch refuse, a log folder."""
@@ -196,6 +213,10 @@ class TrainArgs:
             fail("--num_samples must be a positive number of documents, or -1 for all")
         if self.streaming and self.max_steps <= 0:
             fail("--streaming needs --max_steps > 0 (the length of a stream is unknown)")
+        if self.run_name is not None and (not self.run_name.strip() or Path(self.run_name).is_absolute()
+                                          or ".." in Path(self.run_name).parts):
+            fail(f"--run_name {self.run_name!r} must be a name, not a path: TensorBoard writes it under "
+                 "OUTPUT_DIR/tensorboard/")
         if self.log_file is not None:
             log = Path(self.log_file).expanduser().resolve()
             if log.is_dir() or not log.parent.is_dir() or not can_create_in(log.parent):
@@ -204,6 +225,12 @@ class TrainArgs:
     def _check_run_of(self, output_dir: Path, resume: "Resume | None") -> None:
         """Refuse to start a new run over another one's files, and to resume with changed data or optimisation
         flags (the checkpoint's trainer_state.json records the original ones)."""
+        foreign = sorted(p.name for p in output_dir.glob("checkpoint-*")
+                         if is_checkpoint_name(p.name) and not is_own_checkpoint(p))
+        if foreign:
+            fail(f"--output_dir {self.output_dir!r} holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
+                 f", not written by this trainer (no {STATE_NAME} of its own): the trainer would replace it; move it "
+                 "away or use a new --output_dir")
         if resume is None:
             theirs = sorted(p.name for p in output_dir.glob("*") if p.name == "metrics.jsonl" or is_checkpoint(p))
             if theirs and not self.overwrite_output_dir:
@@ -211,12 +238,24 @@ class TrainArgs:
                      f"{', ...' if len(theirs) > 3 else ''}): use a new --output_dir, --resume_from_checkpoint, "
                      "or --overwrite_output_dir")
             return
+        self._check_resume_target(output_dir, resume)
         saved = resume.saved.get("args", {})
         changed = [f"--{k} {saved[k]!r} -> {getattr(self, k)!r}" for k in RESUME_FIXED
                    if k in saved and saved[k] != getattr(self, k)]
         if changed:
             fail(f"cannot resume from {str(resume.path)!r} with changed flags ({'; '.join(changed)}): pass the "
                  "checkpoint's values, or start a new run in a new --output_dir")
+
+    def _check_resume_target(self, output_dir: Path, resume: "Resume") -> None:
+        """Resuming from a checkpoint outside --output_dir must not write into another run's files there."""
+        if resume.path.expanduser().resolve().parent == output_dir:
+            return
+        runs = {checkpoint_run(d) for d in output_dir.glob("checkpoint-*") if is_checkpoint(d)}
+        others = {r[0] for r in runs if r is not None and r[0] != resume.state.run_id}
+        ours = any(r is not None and r[0] == resume.state.run_id for r in runs)
+        if others or ((output_dir / "metrics.jsonl").exists() and not ours):
+            fail(f"--output_dir {self.output_dir!r} holds another run than the checkpoint "
+                 f"{self.resume_from_checkpoint!r}: resume into a new --output_dir or the checkpoint's own")
 
     def _wandb_or_fail(self):
         if not self.use_wandb:
@@ -251,8 +290,8 @@ EXACT_RANK = 256  # the exact target's default rank: the measured choice (README
 # the flags the adapters' layout follows: a checkpoint's adapters fit only a run with the same values
 LAYOUT_FLAGS = "--adapter_rank/--safe_mode/--npt_layers/--modulation_target/--down_rank"
 MODEL_FLAGS = ("model_name", "use_quantization", "use_fp16", "trust_remote_code")  # from npt_cli.model_options
-# changing these on resume would silently make a different run than the checkpoint's
-RESUME_FIXED = ("model_name", "dataset_name", "dataset_split", "text_column", "streaming", "num_samples", "max_length",
+# changing these on resume would silently make a different run than the checkpoint's (precision flags too: refused)
+RESUME_FIXED = ("model_name", "use_quantization", "use_fp16", "mixed_precision", "dataset_name", "dataset_split", "text_column", "streaming", "num_samples", "max_length",
                 "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "optimizer_type",
                 "scheduler_type", "warmup_steps", "max_grad_norm", "regularization_lambda", "objective", "loss", "seed")
 
@@ -288,6 +327,7 @@ class Plan:
     resume: "Resume | None"
     inject: set[int]  # micro-batch groups to poison (tests)
     wandb: object | None  # the wandb module when --use_wandb
+    run_id: str = ""  # the resumed run's id, or a new one: checkpoints and the output-dir lock name it
 
 
 # ----------------------------------------------------------------------------- state
@@ -343,10 +383,11 @@ def evaluate(model, batches, objective: str = "layerwise", regularization_lambda
         tot["agree"] += (t_lp.argmax(-1) == s_lp.argmax(-1)).sum().item()
         tot["pred"] += int(pm.sum())
     n, p = max(tot["tokens"], 1), max(tot["pred"], 1)
+    per_layer = [float(v) for v in (layer_sum / n)] if layer_sum is not None else []
     return {"eval_loss": tot["loss"] / n, "eval_teacher_ppl": math.exp(min(tot["t_nll"] / p, 700)),
             "eval_student_ppl": math.exp(min(tot["s_nll"] / p, 700)), "eval_agreement": tot["agree"] / p,
-            "eval_update_error": float(layer_sum.mean() / n) if layer_sum is not None else math.nan,
-            "eval_layer_update_error": [float(v) for v in (layer_sum / n)] if layer_sum is not None else []}
+            "eval_update_error": sum(per_layer) / len(per_layer) if per_layer else math.nan,  # the table's mean
+            "eval_layer_update_error": per_layer}
 
 
 
@@ -380,7 +421,7 @@ def load_text_dataset(name: str, split: str, streaming: bool, text_column: str):
     import datasets
 
     datasets.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)  # its error logs would repeat our one line
     if name == "builtin":
         ds = datasets.Dataset.from_dict({"text": builtin_texts()})
         text_column = "text"
@@ -405,8 +446,20 @@ def load_text_dataset(name: str, split: str, streaming: bool, text_column: str):
     except UserError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError...)
-        fail(f"cannot load dataset {name!r} (split {split!r}): {first_line(e)}")
+        fail(f"cannot load dataset {name!r} (split {split!r}): {dataset_error(e)}")
     return ds, text_column
+
+
+def dataset_error(e: BaseException) -> str:
+    """What was wrong with a dataset, from the error datasets raises (its generation error wraps the cause)."""
+    cause = e.__cause__ or e.__context__ if type(e).__name__ == "DatasetGenerationError" else None
+    if cause is None:
+        return first_line(e)
+    if type(cause).__name__ == "SchemaInferenceError":
+        return "it holds no records (no line of text, no JSON object)"
+    if type(cause).__name__ == "ArrowInvalid" and "JSON" in str(cause):
+        return f"it is not JSON records: a .json holds a list of objects, a .jsonl one object per line ({first_line(cause)})"
+    return first_line(cause)
 
 
 def check_text_column(ds, text_column: str, name: str):
@@ -417,13 +470,13 @@ def check_text_column(ds, text_column: str, name: str):
     except UserError:
         raise
     except Exception as e:  # datasets raises many types (UnicodeDecodeError, ArrowInvalid, DatasetGenerationError...)
-        fail(f"cannot read dataset {name!r}: {first_line(e)}")
+        fail(f"cannot read dataset {name!r}: {dataset_error(e)}")
     if first is None:
         fail(f"dataset {name!r} is empty (no non-empty text in column {text_column!r})")
 
 
 def _first_text(ds, text_column: str, name: str) -> str | None:
-    first = None
+    first, other = None, None
     for ex in ds:
         if text_column not in ex:
             fail(f"dataset {name!r} has no column {text_column!r} (columns: {', '.join(ex)}); "
@@ -432,6 +485,11 @@ def _first_text(ds, text_column: str, name: str) -> str | None:
         if isinstance(t, str) and t.strip():
             first = t
             break
+        if t is not None and not isinstance(t, str):
+            other = other or type(t).__name__
+    if first is None and other is not None:
+        fail(f"dataset {name!r}: column {text_column!r} holds {other} values, not text; choose a text column with "
+             "--text_column")
     return first
 
 
@@ -525,27 +583,20 @@ def save_checkpoint(output_dir: Path, name: str, model, optimizer, scheduler, st
                     meta: dict | None = None) -> Path:
     """Adapters (npt format) + trainer state without pickle, written to a temp dir then renamed.
     `meta` (the arguments, the world size) is recorded beside the state."""
-    from safetensors.torch import save_file
-
     final = output_dir / name
+    if final.exists() and not is_own_checkpoint(final):  # appeared during the run: a user's, never replaced
+        fail(f"cannot save {final}: a folder or file of that name that this trainer did not write is in the way")
     tmp = output_dir / own_name("tmp", state.run_id, name)
     shutil.rmtree(tmp, ignore_errors=True)
-    npt.save_adapters(model, tmp)
-    opt = optimizer.state_dict()
-    tensors = {f"{pid}.{k}": (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu().contiguous()
-               for pid, st in opt["state"].items() for k, v in st.items()}
-    save_file(tensors, str(tmp / OPTIM_NAME))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / RNG_NAME))
-    py = random.getstate()
-    full = {**state.to_dict(), **(meta or {}), "optimizer_param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
-            "python_rng": [py[0], list(py[1]), py[2]]}
-    (tmp / STATE_NAME).write_text(json.dumps(_json_safe(full), indent=1) + "\n")
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        _write_checkpoint(tmp, model, optimizer, scheduler, state, meta)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written folder left behind
+        if is_disk_full(e):
+            raise DiskFull(f"no space left on the device to save {final} (a checkpoint needs about "
+                           f"{checkpoint_bytes(model, optimizer) / 1e6:.2f} MB, {shutil.disk_usage(output_dir).free / 1e6:.2f}"
+                           f" MB are free): the previous checkpoints are intact; free space and resume") from None
+        raise
     if final.exists():  # a directory cannot be renamed over a non-empty one: move the old one aside first
         old = output_dir / own_name("old", state.run_id, name)
         os.rename(final, old)
@@ -556,14 +607,76 @@ def save_checkpoint(output_dir: Path, name: str, model, optimizer, scheduler, st
     return final
 
 
+class DiskFull(Exception):
+    """The device filled up while saving: one line, exit code 4 (EXIT_DISK_FULL)."""
+
+
+EXIT_DISK_FULL = 4  # 2: bad input, 3: too many non-finite micro-batches
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, as an OSError or as safetensors' own error (which wraps the OS error in its text)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = re.search(r"(?:os error|code:) (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    return code is not None and int(code.group(1)) in (errno.ENOSPC, errno.EDQUOT)
+
+
+def checkpoint_bytes(model, optimizer) -> int:
+    """About what a checkpoint takes on disk: the fp32 adapters and optimizer state, RNG and state files."""
+    params = sum(p.numel() * 4 for p in npt.get_adapter_params(model))
+    opt = sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+              if isinstance(v, torch.Tensor))
+    return params + opt + 64_000
+
+
+def _write_checkpoint(tmp: Path, model, optimizer, scheduler, state: TrainerState, meta: dict | None) -> None:
+    """The checkpoint's files in `tmp`, synced to disk."""
+    from safetensors.torch import save_file
+
+    npt.save_adapters(model, tmp)
+    opt = optimizer.state_dict()
+    tensors = {f"{pid}.{k}": (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu().contiguous()
+               for pid, st in opt["state"].items() for k, v in st.items()}
+    save_file(tensors, str(tmp / OPTIM_NAME))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / RNG_NAME))
+    py = random.getstate()
+    full = {"writer": STATE_WRITER, **state.to_dict(), **(meta or {}), "optimizer_param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
+            "python_rng": [py[0], list(py[1]), py[2]]}
+    (tmp / STATE_NAME).write_text(json.dumps(_json_safe(full), indent=1) + "\n")
+    for f in tmp.iterdir():  # data on disk before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
 def own_name(kind: str, run_id: str, name: str) -> str:
     """A temp name the trainer recognises as its own run's (tmp: being written, old: being replaced,
     del: being deleted); a user's .tmp-* or .old-* folders are never touched."""
     return f".npt-{kind}-{run_id}-{name}"
 
 
+def is_checkpoint_name(name: str) -> bool:
+    return bool(CKPT_RE.match(name)) or name in ("checkpoint-best", "checkpoint-final")
+
+
 def is_checkpoint(d: Path) -> bool:
-    return d.is_dir() and bool(CKPT_RE.match(d.name) or d.name in ("checkpoint-best", "checkpoint-final"))
+    return d.is_dir() and is_checkpoint_name(d.name)
+
+
+STATE_WRITER = "pretrain_npt_safe.py"  # trainer_state.json's "writer": what marks a folder as this trainer's
+
+
+def is_own_checkpoint(d: Path) -> bool:
+    """A checkpoint this trainer wrote (its trainer_state.json says so); a user's folder or file of that name
+    is never replaced or deleted."""
+    try:
+        saved = json.loads((d / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return is_checkpoint(d) and isinstance(saved, dict) and saved.get("writer") == STATE_WRITER
 
 
 def checkpoint_run(d: Path) -> tuple[str, int] | None:
@@ -655,21 +768,68 @@ STATE_TYPES = {"step": int, "micro_groups": int, "skipped_total": int, "consecut
 
 
 def state_problem(saved) -> str | None:
-    """What is wrong with a trainer_state.json's content (missing keys, wrong types), or None."""
+    """What is wrong with a trainer_state.json's content (missing keys, wrong types, values out of range), or
+    None: every value a resume feeds into training is checked here, before the model loads."""
     if not isinstance(saved, dict):
         return "is not a JSON object"
     missing = [k for k in STATE_TYPES if k not in saved]
     if missing:
         return f"lacks {', '.join(missing)}"
     wrong = [k for k, t in STATE_TYPES.items() if not isinstance(saved[k], t) or isinstance(saved[k], bool)]
-    if wrong or not isinstance(saved.get("run_id", ""), str):
-        return f"has the wrong type for {', '.join(wrong or ['run_id'])}"
+    wrong += [k for k in ("tokens", "micro_groups", "skipped_total", "consecutive_nan") if k in saved
+              and not _is_int(saved[k])]
+    wrong += [k for k, t in (("run_id", str), ("args", dict)) if not isinstance(saved.get(k, t()), t)]
+    if saved.get("best") is not None and not _finite(saved["best"]):
+        wrong.append("best")
+    if not isinstance(saved.get("closed_form_start") or {}, dict):
+        wrong.append("closed_form_start")
+    if wrong:
+        return f"has the wrong type for {', '.join(sorted(set(wrong)))}"
     if saved["step"] < 0 or len(saved["position"]) != 3 or not all(
-            isinstance(v, int) and v >= 0 for v in saved["position"]):
+            _is_int(v) and v >= 0 for v in saved["position"]):
         return "has a negative step or a position that is not 3 non-negative integers"
-    if len(saved["python_rng"]) != 3 or not isinstance(saved["python_rng"][1], list) or not all(
-            isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved["optimizer_param_groups"]):
-        return "has a malformed python_rng or optimizer_param_groups"
+    rng = saved["python_rng"]
+    if len(rng) != 3 or not _is_int(rng[0]) or not isinstance(rng[1], list) or not all(
+            _is_int(v) for v in rng[1]) or not (rng[2] is None or _finite(rng[2])):
+        return "has a malformed python_rng"
+    return optimizer_state_problem(saved["optimizer_param_groups"]) or scheduler_state_problem(saved["scheduler"])
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def optimizer_state_problem(groups: list) -> str | None:
+    """The optimizer's param groups: one group of adapter parameters, its hyper-parameters finite and in range."""
+    if len(groups) != 1 or not isinstance(groups[0], dict) or not isinstance(groups[0].get("params"), list):
+        return "optimizer_param_groups must be one group with its params"
+    g = groups[0]
+    checks = {"lr": lambda v: _finite(v) and v >= 0, "initial_lr": lambda v: _finite(v) and v > 0,
+              "eps": lambda v: _finite(v) and v > 0, "weight_decay": lambda v: _finite(v) and v >= 0,
+              "maximize": lambda v: v is False, "amsgrad": lambda v: isinstance(v, bool),
+              "betas": lambda v: isinstance(v, list) and len(v) == 2 and all(_finite(b) and 0 <= b < 1 for b in v)}
+    bad = [k for k, ok in checks.items() if k in g and not ok(g[k])]
+    if "lr" not in g or "betas" not in g or bad:
+        return (f"optimizer_param_groups: {', '.join(bad or ['lr/betas'])} out of range or of the wrong type "
+                f"({', '.join(f'{k}={g.get(k)!r}' for k in bad or ['lr', 'betas'])}; lr >= 0, initial_lr > 0, betas "
+                "a pair in [0, 1))")
+    return None
+
+
+def scheduler_state_problem(sched: dict) -> str | None:
+    """The learning-rate schedule: its step an integer >= 0, its base rates positive and finite."""
+    lrs = sched.get("base_lrs")
+    if not _is_int(sched.get("last_epoch")) or sched["last_epoch"] < 0:
+        return f"scheduler.last_epoch must be an integer >= 0, got {sched.get('last_epoch')!r}"
+    if not isinstance(lrs, list) or len(lrs) != 1 or not all(_finite(v) and v > 0 for v in lrs):
+        return f"scheduler.base_lrs must be one positive finite rate, got {lrs!r}"
+    if not all(_finite(v) and v >= 0 for v in sched.get("_last_lr", [0.0])) or not _is_int(
+            sched.get("_step_count", 0)):
+        return "scheduler._last_lr or _step_count is malformed"
     return None
 
 
@@ -747,7 +907,11 @@ class Sinks:
         from tqdm.auto import tqdm
 
         tqdm.write(text, file=sys.stderr)
-        if self.log_file:
+        self.log(text)
+
+    def log(self, text: str):
+        """A line in --log_file only."""
+        if self.main and self.log_file:
             with open(self.log_file, "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
@@ -805,8 +969,13 @@ class Sinks:
             ax.set_title("equivalence per layer (eval)")
         fig.tight_layout()
         tmp = self.dir / ".loss_curve.png.tmp"
-        fig.savefig(tmp, format="png")
-        plt.close(fig)
+        try:
+            fig.savefig(tmp, format="png")
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk: no half-written file left
+            raise
+        finally:
+            plt.close(fig)
         os.replace(tmp, self.dir / "loss_curve.png")
 
     def close(self):
@@ -910,10 +1079,13 @@ def start_processes(args: TrainArgs) -> Processes:
 
 def count_steps(args: TrainArgs, data: Data, world: int) -> int:
     """Optimizer steps of the run: --max_steps, or --num_epochs over the data."""
-    if args.max_steps > 0:
-        return args.max_steps
     per_step = args.batch_size * world * args.gradient_accumulation_steps
-    return max(1, math.ceil(args.num_epochs * data.windows_per_epoch / per_step))
+    total = args.max_steps if args.max_steps > 0 else max(1, math.ceil(args.num_epochs * data.windows_per_epoch
+                                                                          / per_step))
+    if args.warmup_steps > total:  # warned, not refused: a short trial run with the default warmup is legitimate
+        warnings.warn(f"--warmup_steps {args.warmup_steps} is longer than the run ({total} steps): the learning rate "
+                      f"peaks at {total / args.warmup_steps:.0%} of --learning_rate", stacklevel=1)
+    return total
 
 
 def build_model(args: TrainArgs, plan: Plan, procs: Processes, total_steps: int):
@@ -952,13 +1124,12 @@ def build_model(args: TrainArgs, plan: Plan, procs: Processes, total_steps: int)
 def restore(plan: Plan, model, optimizer, scheduler) -> TrainerState:
     """A fresh state, or the checkpoint's (its adapters, optimizer, scheduler and RNG loaded)."""
     if plan.resume is None:
-        return TrainerState(run_id=uuid.uuid4().hex[:12])
+        return TrainerState(run_id=plan.run_id)
     try:
         restore_checkpoint(plan.resume, model, optimizer, scheduler)
     except (ValueError, TypeError, KeyError) as e:
         fail(f"cannot resume from {str(plan.resume.path)!r}: {e}")
-    if not plan.resume.state.run_id:  # a checkpoint written before run ids: this run adopts it
-        plan.resume.state.run_id = uuid.uuid4().hex[:12]
+    plan.resume.state.run_id = plan.run_id  # a checkpoint written before run ids: this run adopts it
     return plan.resume.state
 
 
@@ -1273,21 +1444,93 @@ def finish(s: Session, code: int) -> None:
     s.procs.accelerator.end_training()
 
 
+def run_session(s: Session) -> int:
+    """Open the session, loop, finish; a full disk stops the run with one line and EXIT_DISK_FULL."""
+    from tqdm.auto import tqdm
+
+    try:
+        s.open()
+        start = closed_form_start(s.args, s.data, s.procs, s.model, s.state)  # exact target: before step 0's eval
+        if start:
+            s.sinks.message(start)
+        code = loop(s)
+        finish(s, code)
+        return code
+    except (OSError, DiskFull) as e:
+        if isinstance(e, OSError) and not is_disk_full(e):
+            raise
+        line = (f"error: {e}" if isinstance(e, DiskFull) else f"error: no space left on the device writing "
+                f"{e.filename or s.plan.output_dir}: free space and resume from the last checkpoint")
+    tqdm.write(line, file=sys.stderr)
+    if s.sinks is not None:
+        with contextlib.suppress(OSError):  # the log file may be on the full disk too
+            s.sinks.log(line)
+        with contextlib.suppress(OSError):
+            s.sinks.close()
+    return EXIT_DISK_FULL
+
+
 def train(args: TrainArgs) -> int:
-    """A whole run, phase by phase; the exit code (0, or 3 after too many non-finite micro-batches)."""
+    """A whole run, phase by phase; the exit code (0; 3 after too many non-finite micro-batches; 4 on a full disk)."""
     plan = args.validate()  # every bad flag refused here, before any work
-    data = load_data(args)  # tokenizer, training windows, held-out text
-    procs = start_processes(args)  # accelerate / torchrun, precision
-    total_steps = count_steps(args, data, procs.world)
-    model, optimizer, scheduler = build_model(args, plan, procs, total_steps)
-    state = restore(plan, model, optimizer, scheduler)
-    session = Session(args, plan, data, procs, model, optimizer, scheduler, state, total_steps).open()
-    start = closed_form_start(args, data, procs, model, state)  # exact target: before step 0's eval
-    if start:
-        session.sinks.message(start)
-    code = loop(session)
-    finish(session, code)
-    return code
+    with hold_output_dir(args, plan):  # one run per --output_dir, for the run's whole life
+        data = load_data(args)  # tokenizer, training windows, held-out text
+        procs = start_processes(args)  # accelerate / torchrun, precision
+        total_steps = count_steps(args, data, procs.world)
+        model, optimizer, scheduler = build_model(args, plan, procs, total_steps)
+        state = restore(plan, model, optimizer, scheduler)
+        return run_session(Session(args, plan, data, procs, model, optimizer, scheduler, state, total_steps))
+
+
+LOCK_NAME, HOLDER_NAME = ".npt-lock", ".npt-lock.holder"  # the advisory lock; who holds it (for the message)
+
+
+@contextlib.contextmanager
+def hold_output_dir(args: TrainArgs, plan: Plan):
+    """Hold an advisory lock (filelock) on --output_dir while the run lives; the main process takes it. The OS
+    drops it when the process dies, so a killed run's lock never blocks its resume. A run refused after the
+    lock leaves nothing behind that it created."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    out = plan.output_dir
+    created = not out.exists()
+    lock = FileLock(str(out / LOCK_NAME), timeout=0)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except Timeout:
+        fail(f"--output_dir {args.output_dir!r} is in use by another run ({lock_holder(out)}): wait for it to end, "
+             "or use another --output_dir")
+    except OSError as e:
+        fail(f"--output_dir {args.output_dir!r}: cannot create it or its lock file {LOCK_NAME}: {e.strerror or e}")
+    ok = False
+    try:
+        with contextlib.suppress(OSError):  # only for the message a second run prints
+            (out / HOLDER_NAME).write_text(json.dumps({"pid": os.getpid(), "run_id": plan.run_id,
+                                                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        args._check_run_of(out, plan.resume)  # again under the lock: a run that ended meanwhile left its files
+        yield
+        ok = True
+    finally:
+        with contextlib.suppress(OSError):
+            (out / HOLDER_NAME).unlink()
+            if not ok and set(os.listdir(out)) == {LOCK_NAME}:  # refused before writing anything
+                (out / LOCK_NAME).unlink()
+                if created:
+                    out.rmdir()
+        lock.release()
+
+
+def lock_holder(out: Path) -> str:
+    """'pid N, run ID, since T' from the holder's side file (it may still be writing it)."""
+    try:
+        h = json.loads((out / HOLDER_NAME).read_text())
+        return f"pid {h['pid']}, run {h['run_id']}, since {h['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its pid is not recorded yet"
 
 
 # ----------------------------------------------------------------------------- CLI

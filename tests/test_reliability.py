@@ -130,3 +130,132 @@ def test_seed_adapter_config_mismatch_is_a_clear_error(base, bad, message):
     with pytest.raises(ValueError) as e:
         npt.convert_to_npt(model, bad)
     assert message in str(e.value) and not npt.npt_layers(model)
+
+
+# ----------------------------------------------------------------------------- issue 17: values entering the weights
+def trained(base, **config):
+    """A converted copy whose adapters have a non-zero modulation (B_mult starts at 0)."""
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4, **config))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in npt.get_adapter_params(model):
+            p.normal_(0, 0.05)
+    return model
+
+
+def base_weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapter." not in k}
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf"), "1.0", True])
+def test_consolidate_refuses_a_non_finite_alpha_and_changes_nothing(base, alpha):
+    model = trained(base, modulation_target="gate+down")
+    before = base_weights(model)
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        npt.consolidate(model, batch(0)["input_ids"], alpha=alpha)
+    after = base_weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a base weight changed"
+
+
+@pytest.mark.parametrize("ids, kwargs, message", [
+    (torch.randint(1, 97, (1, 6)), {"token_index": 6}, "token_index 6 is outside the 6 real tokens"),
+    (torch.randint(1, 97, (1, 6)), {"token_index": -7}, "token_index -7 is outside the 6 real tokens"),
+    (torch.randint(1, 97, (1, 6)), {"token_index": 3, "attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0]])},
+     "outside the 3 real tokens"),
+    (torch.randint(1, 97, (1, 6)), {"attention_mask": torch.zeros(1, 6, dtype=torch.long)}, "outside the 0 real"),
+    (torch.randint(1, 97, (1, 6)), {"attention_mask": torch.ones(1, 5, dtype=torch.long)}, "attention_mask must"),
+    (torch.zeros(1, 0, dtype=torch.long), {}, "non-empty 2-D tensor"),
+    (torch.randint(1, 97, (6,)), {}, "non-empty 2-D tensor (batch, tokens), got (6,)"),
+    ([[1, 2, 3]], {}, "non-empty 2-D tensor"),
+])
+def test_consolidate_refuses_bad_indices_and_inputs_and_changes_nothing(base, ids, kwargs, message):
+    model = trained(base)
+    before = base_weights(model)
+    with pytest.raises(ValueError) as e:
+        npt.consolidate(model, ids, **kwargs)
+    assert message in str(e.value)
+    after = base_weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_consolidate_refuses_non_finite_adapters(base):
+    model = trained(base)
+    with torch.no_grad():
+        npt.get_adapter_params(model)[0][0, 0] = float("nan")
+    before = base_weights(model)
+    with pytest.raises(ValueError, match="adapters are not finite"):
+        npt.consolidate(model, batch(0)["input_ids"])
+    assert all(torch.equal(v, base_weights(model)[k]) for k, v in before.items())
+
+
+def test_consolidate_default_is_the_last_real_token_under_right_padding(base):
+    """Right padding: the default token is the last real one, as for the unpadded sequence."""
+    ids = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(2))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.tensor([[1] * 5 + [0] * 3])
+    plain, pad = trained(base, modulation_target="gate+down"), trained(base, modulation_target="gate+down")
+    want = npt.consolidate(plain, ids)
+    got = npt.consolidate(pad, padded, attention_mask=mask)
+    assert want.keys() == got.keys()
+    assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
+    last_pad = npt.consolidate(trained(base, modulation_target="gate+down"), padded, token_index=7)  # the pad itself
+    assert not all(torch.allclose(want[k], last_pad[k], atol=1e-6) for k in want)
+
+
+# ----------------------------------------------------------------------------- issue 17: malformed npt_config.json
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c.update(add_scale="big"), "add_scale"),
+    (lambda c: c.update(add_scale=float("nan")), "add_scale"),
+    (lambda c: c.update(num_layers="2"), "num_layers"),
+    (lambda c: c.update(rank=2.5), "rank"),
+    (lambda c: c.update(layers={"a": 1}), "layers"),
+    (lambda c: c.update(modulation_target=7), "modulation_target"),
+    (lambda c: [1, 2], "JSON object"),
+    (lambda c: "a string", "JSON object"),
+])
+def test_load_adapters_names_the_malformed_field(base, tmp_path, edit, field):
+    import json
+
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
+    npt.save_adapters(model, tmp_path)
+    config = json.loads((tmp_path / "npt_config.json").read_text())
+    changed = edit(config)
+    (tmp_path / "npt_config.json").write_text(json.dumps(config if changed is None else changed))
+    with pytest.raises(ValueError) as e:
+        npt.load_adapters(copy.deepcopy(base), tmp_path)
+    assert field in str(e.value) and "npt_config.json" in str(e.value), str(e.value)
+
+
+# ----------------------------------------------------------------------------- issue 17: a full disk while saving
+@pytest.mark.parametrize("error", ["OSError", "SafetensorError"])  # safetensors wraps the OS error in its own
+def test_full_disk_while_saving_leaves_the_previous_checkpoint_intact(base, tmp_path, monkeypatch, error):
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    import pretrain_npt_safe as trainer
+
+    model = trained(base)
+    opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = trainer.TrainerState(step=1, run_id="r1")
+    first = trainer.save_checkpoint(tmp_path, "checkpoint-best", model, opt, sched, state)
+    saved = {f.name: f.read_bytes() for f in first.iterdir()}
+    real_save = safetensors.torch.save_file
+
+    def full(tensors, filename, *a, **k):
+        if filename.endswith("optimizer.safetensors"):
+            raise (OSError(errno.ENOSPC, "No space left on device", filename) if error == "OSError" else
+                   SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+        return real_save(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with torch.no_grad():
+        npt.get_adapter_params(model)[0].add_(1.0)
+    with pytest.raises(trainer.DiskFull) as e:
+        trainer.save_checkpoint(tmp_path, "checkpoint-best", model, opt, sched, trainer.TrainerState(step=2, run_id="r1"))
+    assert str(tmp_path / "checkpoint-best") in str(e.value) and "MB" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best"]  # no half-written folder
+    assert {f.name: f.read_bytes() for f in first.iterdir()} == saved
+    npt.load_adapters(copy.deepcopy(base), first)

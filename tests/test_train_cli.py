@@ -78,7 +78,7 @@ def test_seed_recommended_command_4bit(tmp_path):
     args[args.index("--model_name") + 1] = "smollm2-135m"
     args[args.index("--output_dir") + 1] = str(tmp_path / "out")
     args.remove("--use_wandb")
-    proc = ok(run(*args, "--max_steps", 2, "--max_length", 64, timeout=600))
+    proc = ok(run(*args, "--max_steps", 2, "--max_length", 64, "--init_batches", 4, timeout=600))
     final = tmp_path / "out" / "checkpoint-final"
     keys = adapters(final).keys()  # the default exact target: no gate factor, so safe mode changes nothing there
     assert keys and all(k.split(".")[2] in ("A_proj", "B", "mu") for k in keys)

@@ -6,6 +6,7 @@ import os
 import pty
 import select
 import shutil
+import subprocess
 import sys
 import time
 
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import debug_nan
 import npt
 import test_fixed_npt
-from test_train_cli import FAST, ROOT, SCRIPT, adapters, assert_bitwise, ok, rows, run
+from test_train_cli import FAST, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
 
 
 def run_in_terminal(args, typed: bytes, env: dict, timeout=120) -> tuple[int, str]:
@@ -162,3 +163,197 @@ def test_other_scripts_refuse_remote_code_without_the_flag(tmp_path, tiny_llama_
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "--trust_remote_code" in lines[0], result.stderr
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- issue 17: one run per output dir
+RACE = [*FAST, "--save_steps", 1, "--eval_steps", 0]
+
+
+def launch(*args):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_all(procs, timeout=300) -> list[float]:
+    """Seconds until each process ended (their output read afterwards)."""
+    t0, ended = time.time(), [None] * len(procs)
+    while None in ended and time.time() - t0 < timeout:
+        for i, p in enumerate(procs):
+            if ended[i] is None and p.poll() is not None:
+                ended[i] = time.time() - t0
+        time.sleep(0.1)
+    return ended
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr[-2000:]
+    return lines[0]
+
+
+def without_timing(rows_):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows_]
+
+
+def test_two_trainers_on_one_output_dir_exactly_one_trains(tmp_path, tiny_llama_dir):
+    lone, out = tmp_path / "lone", tmp_path / "out"
+    ok(run("--model_name", tiny_llama_dir, "--output_dir", lone, *RACE, "--max_steps", 4))
+    procs = [launch("--model_name", tiny_llama_dir, "--output_dir", out, *RACE, "--max_steps", 4) for _ in range(2)]
+    ended = wait_all(procs)
+    outputs = [p.communicate() for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], [o[1][-1500:] for o in outputs]
+    won, lost = codes.index(0), codes.index(2)
+    line = one_error_line(outputs[lost][1])
+    assert "in use by another run" in line and f"pid {procs[won].pid}" in line, line
+    assert ended[lost] < ended[won], ended  # refused at once, not after training
+    names = sorted(p.name for p in lone.iterdir() if p.name.startswith("checkpoint-"))
+    assert names == sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    for name in names:
+        assert_bitwise(out / name, lone / name)
+    assert without_timing(rows(out)) == without_timing(rows(lone))
+
+
+def test_resume_while_the_run_trains_is_refused_and_a_killed_runs_lock_is_not(tmp_path, tiny_llama_dir):
+    out = tmp_path / "out"
+    first = launch("--model_name", tiny_llama_dir, "--output_dir", out, *RACE, "--max_steps", 40)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-1").is_dir() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    second = run("--model_name", tiny_llama_dir, "--output_dir", out, *RACE, "--max_steps", 40,
+                 "--resume_from_checkpoint", "latest")
+    assert second.returncode == 2 and "in use by another run" in one_error_line(second.stderr)
+    assert first.poll() is None, "the running trainer died"
+    first.kill()  # kill -9: its lock goes with it
+    first.communicate()
+    steps = [r["step"] for r in rows(out) if "loss" in r]
+    assert steps == sorted(set(steps)), steps  # nothing interleaved
+    ok(run("--model_name", tiny_llama_dir, "--output_dir", out, *RACE, "--max_steps", max(steps) + 1,
+           "--resume_from_checkpoint", "latest"))
+
+
+def user_files(out):
+    return {str(p.relative_to(out)): (p.read_bytes() if p.is_file() else None) for p in sorted(out.rglob("*"))}
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_output_dir_with_a_users_checkpoint_names_is_left_untouched(tmp_path, tiny_llama_dir, first_run, overwrite):
+    out = tmp_path / "out"
+    out.mkdir()
+    if overwrite:  # another run's files beside the user's
+        shutil.copytree(first_run / "checkpoint-1", out / "checkpoint-1")
+        shutil.copy(first_run / "metrics.jsonl", out)
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "notes.txt").write_text("my notes")
+    (out / "checkpoint-3").write_text("a user's file")
+    (out / "checkpoint-final").mkdir()
+    (out / "checkpoint-final" / "precious.txt").write_text("precious")
+    before = user_files(out)
+    result = CliRunner().invoke(trainer_main(), ["--model_name", str(tiny_llama_dir), "--output_dir", str(out), *map(
+        str, RACE), "--max_steps", "3", *(["--overwrite_output_dir"] if overwrite else [])], catch_exceptions=False)
+    assert result.exit_code == 2 and "not written by this trainer" in one_error_line(result.stderr)
+    assert "checkpoint-2" in result.stderr
+    assert user_files(out) == before
+
+
+def test_overwrite_help_says_what_it_replaces_and_keeps():
+    text = " ".join(CliRunner().invoke(trainer_main(), ["--help"]).output.split())
+    assert ("Replaced: metrics.jsonl, loss_curve.png, equivalence.json, and that run's checkpoints of the names this "
+            "run saves. Kept: its other checkpoints (never pruned or resumed) and everything this trainer did not "
+            "write") in text
+
+
+def trainer_main():
+    import pretrain_npt_safe
+
+    return pretrain_npt_safe.main
+
+
+# ----------------------------------------------------------------------------- issue 17: a full disk
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of that size (unmounted after the test)."""
+    mounted = []
+
+    def mount(size):
+        d = tmp_path / f"tmpfs{len(mounted)}"
+        d.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                          capture_output=True).returncode:
+            pytest.skip("mounting a tmpfs needs root; test_reliability's ENOSPC test covers saving in-process")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+def test_full_disk_while_saving_exits_4_and_the_last_checkpoint_resumes_bitwise(tmp_path, tiny_llama_dir, tmpfs):
+    lone, out = tmp_path / "lone", tmpfs("400k") / "out"
+    ok(run("--model_name", tiny_llama_dir, "--output_dir", lone, *RACE, "--max_steps", 3))
+    proc = run("--model_name", tiny_llama_dir, "--output_dir", out, *RACE, "--max_steps", 3)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 4 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "no space left" in errors[0] and str(out) in errors[0] and "MB" in errors[0], errors[0]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".npt-tmp")]  # nothing half-written
+    steps = sorted(int(p.name.split("-")[1]) for p in out.iterdir() if p.name.split("-")[-1].isdigit())
+    assert steps and steps[-1] < 3
+    last = out / f"checkpoint-{steps[-1]}"
+    assert_loadable(last, tiny_llama_dir)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    ok(run("--model_name", tiny_llama_dir, "--output_dir", copy, *RACE, "--max_steps", 3,
+           "--resume_from_checkpoint", copy / last.name))
+    assert_bitwise(copy / "checkpoint-3", lone / "checkpoint-3")
+    assert_bitwise(copy / "checkpoint-final", lone / "checkpoint-final")
+
+
+def test_full_disk_at_the_final_save_is_one_line_and_exit_4(tmp_path, tiny_llama_dir, tmpfs):
+    out = tmpfs("100k") / "out"
+    proc = run("--model_name", tiny_llama_dir, "--output_dir", out, *FAST, "--max_steps", 2, "--eval_steps", 0)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 4 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "checkpoint-" in errors[0] and "MB" in errors[0]
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".npt-tmp", "checkpoint-"))]
+
+
+# ----------------------------------------------------------------------------- issue 17: the other scripts
+@pytest.mark.parametrize("edit, field", [(lambda c: [c], "JSON object"), (lambda c: {**c, "add_scale": "big"}, "add_scale"),
+                                         (lambda c: {**c, "num_layers": "2"}, "num_layers")])
+def test_debug_nan_refuses_a_malformed_npt_config(tmp_path, tiny_llama_dir, first_run, edit, field):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(first_run / "checkpoint-1", ckpt)
+    config = json.loads((ckpt / "npt_config.json").read_text())
+    (ckpt / "npt_config.json").write_text(json.dumps(edit(config)))
+    result = CliRunner().invoke(debug_nan.main, ["--model_name", str(tiny_llama_dir), "--checkpoint", str(ckpt)],
+                                catch_exceptions=False)
+    assert result.exit_code == 2 and field in one_error_line(result.stderr) and result.stdout == ""
+
+
+@pytest.mark.parametrize("model", ["gpt2", "gelu", "mixtral"])
+def test_fixed_npt_refuses_an_unconvertible_model_with_one_line(tmp_path, tiny_llama_dir, model):
+    from transformers import GPT2Config, MixtralConfig
+
+    folder = tmp_path / model
+    if model == "gelu":
+        shutil.copytree(tiny_llama_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    elif model == "gpt2":
+        GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(folder)
+    else:
+        MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, num_local_experts=4).save_pretrained(folder)
+    result = CliRunner().invoke(test_fixed_npt.main, ["--model_name", str(folder)], catch_exceptions=False)
+    assert result.exit_code == 2 and "cannot be converted to NPT" in one_error_line(result.stderr)
+    assert result.stdout == ""
+
+
+def test_warmup_longer_than_the_run_warns_once():
+    import pretrain_npt_safe
+
+    with pytest.warns(UserWarning, match="peaks at 3% of --learning_rate") as caught:
+        assert pretrain_npt_safe.count_steps(pretrain_npt_safe.TrainArgs(max_steps=3, warmup_steps=100), None, 1) == 3
+    assert len(caught) == 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, MixtralConfig
 
 import npt
 import pretrain_npt_safe as trainer
@@ -67,6 +67,55 @@ def hostile_inputs(d, tiny_llama_dir, model, opt, sched):
     optim = load_file(str(d / "run" / "optim_nan" / "optimizer.safetensors"))
     optim["0.exp_avg_sq"][0] = float("nan")
     save_file(optim, str(d / "run" / "optim_nan" / "optimizer.safetensors"))
+    issue17_inputs(d, tiny_llama_dir, model, opt, sched, args)
+
+
+STATE_EDITS = {  # issue 17: trainer_state.json values a resume would feed into training
+    "lr_negative": lambda s: s["optimizer_param_groups"][0].update(lr=-1e-3),
+    "lr_string": lambda s: s["optimizer_param_groups"][0].update(lr="0.001"),
+    "initial_lr_zero": lambda s: s["optimizer_param_groups"][0].update(initial_lr=0.0),
+    "betas_one": lambda s: s["optimizer_param_groups"][0].update(betas=[0.9]),
+    "betas_one_or_more": lambda s: s["optimizer_param_groups"][0].update(betas=[0.9, 1.0]),
+    "maximize": lambda s: s["optimizer_param_groups"][0].update(maximize=True),
+    "last_epoch_string": lambda s: s["scheduler"].update(last_epoch="1"),
+    "base_lrs_negative": lambda s: s["scheduler"].update(base_lrs=[-1e-3]),
+    "best_string": lambda s: s.update(best="low"),
+    "args_list": lambda s: s.update(args=[1]),
+    "rng_strings": lambda s: s.update(python_rng=[3, ["a"], None]),
+}
+CONFIG_EDITS = {  # issue 17: npt_config.json of the wrong shape
+    "add_scale_big": lambda c: c.update(add_scale="big"),
+    "add_scale_nan": lambda c: c.update(add_scale=float("nan")),
+    "num_layers_string": lambda c: c.update(num_layers="2"),
+    "top_level_list": lambda c: [c],
+}
+
+
+def issue17_inputs(d, tiny_llama_dir, model, opt, sched, args):
+    """Issue 17's files: hostile trainer states, npt configs, NaN adapters, datasets, model folders."""
+    for name, change in {**STATE_EDITS, **CONFIG_EDITS}.items():
+        trainer.save_checkpoint(d / "run", name, model, opt, sched, trainer.TrainerState(step=1), {"args": args})
+        target = "npt_config.json" if name in CONFIG_EDITS else "trainer_state.json"
+        data = json.loads((d / "run" / name / target).read_text())
+        (d / "run" / name / target).write_text(json.dumps(change(data) or data))
+    trainer.save_checkpoint(d / "run", "nan_adapters", model, opt, sched, trainer.TrainerState(step=1), {"args": args})
+    weights = load_file(str(d / "run" / "nan_adapters" / "adapter_model.safetensors"))
+    next(iter(weights.values()))[0] = float("nan")
+    save_file(weights, str(d / "run" / "nan_adapters" / "adapter_model.safetensors"))
+    (d / "numbers.jsonl").write_text('{"text": 5}\n{"text": [1, 2]}\n{"text": {"a": 1}}\n')
+    (d / "bare_string.json").write_text('"just a string"')
+    (d / "nul.txt").write_bytes(b"\0" * 5000)
+    shutil.copytree(tiny_llama_dir, d / "no_tokenizer")
+    for f in (d / "no_tokenizer").iterdir():
+        if "token" in f.name or f.name.endswith((".jinja", ".txt")):
+            f.unlink()
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(d / "gpt2_config_only")  # no weights: refused first
+    MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, num_local_experts=4).save_pretrained(d / "mixtral_config_only")
+    other = d / "other_run_ckpt"  # another run's directory: its metrics and its checkpoint
+    trainer.save_checkpoint(other, "checkpoint-1", model, opt, sched, trainer.TrainerState(step=1, run_id="theirs"),
+                            {"args": args})
+    (other / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
 
 
 def edit_json(path, change):
@@ -135,7 +184,56 @@ def bad_cases(d, model):
         "init_adapters corrupt weights": ["--model_name", model, "--init_adapters", str(d / "run" / "checkpoint-1")],
         "init_adapters and resume": ["--model_name", model, "--init_adapters", str(d / "run" / "checkpoint-1"),
                                      "--resume_from_checkpoint", str(d / "run" / "checkpoint-1")],
+        **issue17_cases(d, model),
     }
+
+
+def issue17_cases(d, model):
+    run = d / "run"
+    return {
+        **{f"state {name}": ["--model_name", model, "--resume_from_checkpoint", str(run / name)] for name in STATE_EDITS},
+        **{f"resume npt_config {name}": ["--model_name", model, "--resume_from_checkpoint", str(run / name)]
+           for name in CONFIG_EDITS},
+        **{f"init_adapters npt_config {name}": ["--model_name", model, "--init_adapters", str(run / name)]
+           for name in CONFIG_EDITS},
+        "init_adapters NaN": ["--model_name", model, "--init_adapters", str(run / "nan_adapters")],
+        "resume NaN adapters": ["--model_name", model, "--resume_from_checkpoint", str(run / "nan_adapters")],
+        "run_name under /proc": ["--model_name", model, "--use_tensorboard", "--run_name", "/proc/x"],
+        "run_name absolute": ["--model_name", model, "--use_tensorboard", "--run_name", str(d / "tb-elsewhere")],
+        "run_name ..": ["--model_name", model, "--use_tensorboard", "--run_name", "../../escape"],
+        "text column of numbers": ["--model_name", model, "--dataset_name", str(d / "numbers.jsonl")],
+        "json of a bare string": ["--model_name", model, "--dataset_name", str(d / "bare_string.json")],
+        "txt of NUL bytes": ["--model_name", model, "--dataset_name", str(d / "nul.txt")],
+        "model folder without tokenizer": ["--model_name", str(d / "no_tokenizer")],
+        "GPT-2 config, no weights": ["--model_name", str(d / "gpt2_config_only")],
+        "MoE (Mixtral) config, no weights": ["--model_name", str(d / "mixtral_config_only")],
+        "max_length past the positions": ["--model_name", model, "--max_length", "513"],
+        "use_fp16 changed on resume": ["--model_name", model, "--resume_from_checkpoint", str(run / "saved_args"),
+                                       "--use_fp16"],
+        "resume from elsewhere into another run": ["--model_name", model, "--resume_from_checkpoint",
+                                                   str(run / "saved_args"), "--output_dir", str(d / "other_run_ckpt")],
+        "resume from elsewhere into another run's metrics": [
+            "--model_name", model, "--resume_from_checkpoint", str(run / "saved_args"), "--output_dir",
+            str(d / "other_run")],
+    }
+
+
+# what the one line must say (issue 17, class 4: what was actually wrong)
+MESSAGES = {
+    "state lr_negative": "lr", "state betas_one": "betas", "state last_epoch_string": "last_epoch",
+    "state lr_string": "lr", "state maximize": "maximize", "resume npt_config add_scale_big": "add_scale",
+    "init_adapters npt_config add_scale_big": "add_scale", "init_adapters npt_config add_scale_nan": "add_scale must be",
+    "init_adapters npt_config num_layers_string": "num_layers must be a positive integer, got '2'",
+    "init_adapters npt_config top_level_list": "JSON object", "init_adapters NaN": "not finite",
+    "resume NaN adapters": "not finite", "run_name under /proc": "--run_name",
+    "text column of numbers": "holds int values, not text", "json of a bare string": "not JSON records",
+    "txt of NUL bytes": "no records", "model folder without tokenizer": "has no tokenizer",
+    "GPT-2 config, no weights": "no gate_proj", "MoE (Mixtral) config, no weights": "mixture of experts",
+    "max_length past the positions": "max_position_embeddings", "use_fp16 changed on resume": "--use_fp16 False -> True",
+    "resume from elsewhere into another run": "holds another run",
+    "resume from elsewhere into another run's metrics": "holds another run",
+    "not Llama-shaped (GPT-2)": "cannot be converted",
+}
 
 
 CASES = list(bad_cases(Path("/x"), "m"))
@@ -159,6 +257,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, inputs, tiny_llama_d
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, f"{case}: exit {result.exit_code}\n{result.stderr}"
     assert len(lines) == 1 and lines[0].startswith("error: "), f"{case}: {result.stderr!r}"
+    assert MESSAGES.get(case, "") in lines[0], f"{case}: {lines[0]}"
+    assert "An error occurred" not in lines[0] and not lines[0].rstrip().endswith(":"), lines[0]  # never cut off
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert not out.exists(), f"{case}: {out} was created"
     assert sorted(p.name for p in inputs.rglob("*")) == before, f"{case}: files were written"
