@@ -56,7 +56,8 @@ __all__ = [
     "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
     "regularization", "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured",
-    "layer_error", "attention_moments", "teacher_attention_moments", "init_exact", "next_token_kl", "EquivalenceLoss", "equivalence_loss",
+    "layer_error", "attention_moments", "teacher_attention_moments", "init_exact", "next_token_kl",
+    "EquivalenceLoss", "equivalence_loss",
     "OBJECTIVES", "LOSSES", "TARGETS", "StepResult",
     "optimizer_step", "undo_step", "weights_finite", "nan_embeddings", "is_4bit",
     "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype", "model_path",
@@ -979,7 +980,8 @@ def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1
     layers = npt_layers(model)
     for layer in layers:
         mlp = layer.layer.mlp
-        if any(is_4bit(w) or not torch.is_floating_point(w.weight) for w in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        if any(is_4bit(w) or not torch.is_floating_point(w.weight)
+               for w in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
             raise ValueError("consolidate needs full-precision MLP weights; this model is quantized "
                              "(4-bit): reload it without use_quantization")
     names = ("input", "gate", "up", "z") if model.npt_config.exact else ("mlp_input", "gate", "z")
@@ -1008,7 +1010,8 @@ def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1
 
 
 def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """Writes one token's exact-target patches (the identity in this module's docstring) into the plain layer h + MLP(LN2(h)):
+    """Writes one token's exact-target patches (the identity in this module's docstring) into the plain layer
+    h + MLP(LN2(h)):
     W_gate, W_up += alpha (W (w a_hat) / rms(h)) x^T / |x|^2 with x = LN2(h); the norm's scale w *= 1 + alpha (s - 1),
     s = rms(h) / rms(h + a_hat); W_down += alpha a_hat act^T / |act|^2 with act the exact layer's. At alpha = 1 the
     plain layer then gives, on that token's h, the exact layer's output."""

@@ -53,7 +53,8 @@ def main(layers, ranks, n_windows, json_file):
         with torch.no_grad():
             errors = npt.equivalence_loss(model, {"input_ids": held, "attention_mask": torch.ones_like(held)},
                                           "end_to_end", 0.0).layer_fit
-        row = {"layers": layers, "rank": rank, **agreement(model, held), "variance_kept": sum(kept.values()) / len(kept),
+        row = {"layers": layers, "rank": rank, **agreement(model, held),
+               "variance_kept": sum(kept.values()) / len(kept),
                "update_error_own_trajectory": errors.mean().item(), "start_seconds": seconds}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -67,7 +68,8 @@ def main(layers, ranks, n_windows, json_file):
     print("| layers | rank | variance kept | student ppl (teacher) | ratio | top-1 agreement | update error |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['layers']} | {r['rank']} | {r['variance_kept']:.3f} | {r['student_ppl']:.2f} ({r['teacher_ppl']:.2f}) "
+        print(f"| {r['layers']} | {r['rank']} | {r['variance_kept']:.3f} | "
+              f"{r['student_ppl']:.2f} ({r['teacher_ppl']:.2f}) "
               f"| {r['student_ppl'] / r['teacher_ppl']:.3f}x | {r['agreement']:.3f} | "
               f"{r['update_error_own_trajectory']:.4f} |")
 
