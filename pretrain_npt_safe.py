@@ -291,8 +291,8 @@ EXACT_RANK = 256  # the exact target's default rank: the measured choice (README
 LAYOUT_FLAGS = "--adapter_rank/--safe_mode/--npt_layers/--modulation_target/--down_rank"
 MODEL_FLAGS = ("model_name", "use_quantization", "use_fp16", "trust_remote_code")  # from npt_cli.model_options
 # changing these on resume would silently make a different run than the checkpoint's (precision flags too: refused)
-RESUME_FIXED = ("model_name", "use_quantization", "use_fp16", "mixed_precision", "dataset_name", "dataset_split", "text_column", "streaming", "num_samples", "max_length",
-                "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "optimizer_type",
+RESUME_FIXED = ("model_name", "use_quantization", "use_fp16", "mixed_precision", "dataset_name", "dataset_split",
+                "text_column", "streaming", "num_samples", "max_length", "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "optimizer_type",
                 "scheduler_type", "warmup_steps", "max_grad_norm", "regularization_lambda", "objective", "loss", "seed")
 
 
@@ -644,8 +644,8 @@ def _write_checkpoint(tmp: Path, model, optimizer, scheduler, state: TrainerStat
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / RNG_NAME))
     py = random.getstate()
-    full = {"writer": STATE_WRITER, **state.to_dict(), **(meta or {}), "optimizer_param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
-            "python_rng": [py[0], list(py[1]), py[2]]}
+    full = {"writer": STATE_WRITER, **state.to_dict(), **(meta or {}), "optimizer_param_groups": opt["param_groups"],
+            "scheduler": scheduler.state_dict(), "python_rng": [py[0], list(py[1]), py[2]]}
     (tmp / STATE_NAME).write_text(json.dumps(_json_safe(full), indent=1) + "\n")
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
         with open(f, "rb") as fh:
