@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "pretrain_npt_safe.py")
 FAST = ["--max_length", "32", "--batch_size", "2", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
         "--warmup_steps", "2", "--log_steps", "1", "--save_steps", "0", "--seed", "3"]
+GATE = ["--modulation_target", "gate", "--objective", "layerwise"]  # the seed's form, where a test is about it
 
 
 def run(*args, env=None, timeout=300, launcher=()):

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import debug_nan
 import npt
 import test_fixed_npt
-from test_train_cli import FAST, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
+from test_train_cli import FAST, GATE, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
 
 
 def run_in_terminal(args, typed: bytes, env: dict, timeout=120) -> tuple[int, str]:
@@ -83,7 +83,7 @@ def test_diverging_learning_rate_keeps_the_last_finite_adapters(tmp_path, tiny_l
     out = tmp_path / "out"
     proc = run("--model_name", tiny_llama_dir, "--output_dir", out, *FAST, "--learning_rate", lr,
                "--warmup_steps", warmup, "--gradient_accumulation_steps", 1, "--max_consecutive_nan", 2,
-               "--save_steps", 1, "--max_steps", 6, "--eval_steps", 0)
+               "--save_steps", 1, "--max_steps", 6, "--eval_steps", 0, *GATE)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     good = warmup // 2  # steps that stayed finite
     assert f"holds the adapters of step {good}" in proc.stderr
@@ -291,9 +291,9 @@ def tmpfs(tmp_path):
 
 
 def test_full_disk_while_saving_exits_4_and_the_last_checkpoint_resumes_bitwise(tmp_path, tiny_llama_dir, tmpfs):
-    lone, out = tmp_path / "lone", tmpfs("400k") / "out"
-    ok(run("--model_name", tiny_llama_dir, "--output_dir", lone, *RACE, "--max_steps", 3))
-    proc = run("--model_name", tiny_llama_dir, "--output_dir", out, *RACE, "--max_steps", 3)
+    lone, out = tmp_path / "lone", tmpfs("400k") / "out"  # sized for the gate target's checkpoints
+    ok(run("--model_name", tiny_llama_dir, "--output_dir", lone, *RACE, *GATE, "--max_steps", 3))
+    proc = run("--model_name", tiny_llama_dir, "--output_dir", out, *RACE, *GATE, "--max_steps", 3)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 4 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "no space left" in errors[0] and str(out) in errors[0] and "MB" in errors[0], errors[0]
@@ -304,7 +304,7 @@ def test_full_disk_while_saving_exits_4_and_the_last_checkpoint_resumes_bitwise(
     assert_loadable(last, tiny_llama_dir)
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    ok(run("--model_name", tiny_llama_dir, "--output_dir", copy, *RACE, "--max_steps", 3,
+    ok(run("--model_name", tiny_llama_dir, "--output_dir", copy, *RACE, *GATE, "--max_steps", 3,
            "--resume_from_checkpoint", copy / last.name))
     assert_bitwise(copy / "checkpoint-3", lone / "checkpoint-3")
     assert_bitwise(copy / "checkpoint-final", lone / "checkpoint-final")

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 import npt
 import pretrain_npt_safe as trainer
 
+GATE = ["--modulation_target", "gate"]  # the layout the fixture's adapters were saved in (NPTConfig())
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -196,8 +198,8 @@ def issue17_cases(d, model):
            for name in CONFIG_EDITS},
         **{f"init_adapters npt_config {name}": ["--model_name", model, "--init_adapters", str(run / name)]
            for name in CONFIG_EDITS},
-        "init_adapters NaN": ["--model_name", model, "--init_adapters", str(run / "nan_adapters")],
-        "resume NaN adapters": ["--model_name", model, "--resume_from_checkpoint", str(run / "nan_adapters")],
+        "init_adapters NaN": ["--model_name", model, "--init_adapters", str(run / "nan_adapters"), *GATE],
+        "resume NaN adapters": ["--model_name", model, "--resume_from_checkpoint", str(run / "nan_adapters"), *GATE],
         "run_name under /proc": ["--model_name", model, "--use_tensorboard", "--run_name", "/proc/x"],
         "run_name absolute": ["--model_name", model, "--use_tensorboard", "--run_name", str(d / "tb-elsewhere")],
         "run_name ..": ["--model_name", model, "--use_tensorboard", "--run_name", "../../escape"],
