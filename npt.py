@@ -281,8 +281,8 @@ class NPTLayer(nn.Module):
         return hidden_states + out.to(hidden_states.dtype)
 
     def exact_mlp(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The exact target: the layer as the identity of section 1b gives it for a_hat = mu + B A_proj(a - mu),
-        y = h + a_hat + MLP(LN2(h + a_hat)). That is the layer's own MLP on s (LN2(h) + w a_hat / rms(h)),
+        """The exact target: the layer as the identity in the module docstring gives it for
+        a_hat = mu + B A_proj(a - mu), y = h + a_hat + MLP(LN2(h + a_hat)). That is the layer's own MLP on s (LN2(h) + w a_hat / rms(h)),
         i.e. W_gate and W_up patched per token by rank-1 terms, the norm's scale by s, and W_down by
         a_hat act^T / |act|^2 (consolidate writes these); computed here as the original layer computes it,
         in the base model's dtype, so at full rank with the closed-form start it is the original layer."""
