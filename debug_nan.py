@@ -165,10 +165,8 @@ def derived_stages(layer, z: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, 
         with torch.no_grad():
             a_hat = adapter.attention_estimate(z)
             norm = layer.layer.post_attention_layernorm
-            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-            rms = lambda v: (v.float().square().mean(-1) + eps).sqrt()  # noqa: E731 - the norm's definition
             return {"a_hat": tensor_stats(a_hat, mask),
-                    "norm_scale": tensor_stats(rms(h) / rms(h.float() + a_hat), mask),
+                    "norm_scale": tensor_stats(npt.norm_rms(norm, h) / npt.norm_rms(norm, h.float() + a_hat), mask),
                     "modulated_gate": tensor_stats(gate, mask)}
     with torch.no_grad():
         g = npt.modulated_gate(gate, z, *adapter.weights(), layer.config.add_scale)[0]

@@ -56,7 +56,7 @@ __all__ = [
     "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
     "regularization", "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured",
-    "layer_error", "attention_moments", "teacher_attention_moments", "init_exact", "next_token_kl",
+    "layer_error", "norm_rms", "attention_moments", "teacher_attention_moments", "init_exact", "next_token_kl",
     "EquivalenceLoss", "equivalence_loss",
     "OBJECTIVES", "LOSSES", "TARGETS", "StepResult",
     "optimizer_step", "undo_step", "weights_finite", "nan_embeddings", "is_4bit",
@@ -1009,6 +1009,12 @@ def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1
     return updates
 
 
+def norm_rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """rms(x) as an RMSNorm module computes it (its eps inside the root), in fp32, over the last dimension."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    return (x.float().square().mean(-1) + eps).sqrt()
+
+
 def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """Writes one token's exact-target patches (the identity in this module's docstring) into the plain layer
     h + MLP(LN2(h)):
@@ -1016,15 +1022,13 @@ def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float
     s = rms(h) / rms(h + a_hat); W_down += alpha a_hat act^T / |act|^2 with act the exact layer's. At alpha = 1 the
     plain layer then gives, on that token's h, the exact layer's output."""
     dec, norm = layer.layer, layer.layer.post_attention_layernorm
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
     h = c["input"].float()  # (D,)
     a_hat = layer.adapter.attention_estimate(c["z"].float())  # (D,)
     w = norm.weight.float()
-    rms = lambda v: (v.square().mean() + eps).sqrt()  # noqa: E731 - the norm's own definition, eps inside
-    x = w * h / rms(h)  # LN2(h)
-    direction = w * a_hat / rms(h)  # what the attention adds to LN2's input direction
+    x = w * h / norm_rms(norm, h)  # LN2(h)
+    direction = w * a_hat / norm_rms(norm, h)  # what the attention adds to LN2's input direction
     act = torch.nn.functional.silu(c["gate"].float()) * c["up"].float()  # (F,)
-    s = rms(h) / rms(h + a_hat)
+    s = norm_rms(norm, h) / norm_rms(norm, h + a_hat)
     patches = {"gate": alpha * torch.outer(dec.mlp.gate_proj.weight.float() @ direction, x) / x.square().sum(),
                "up": alpha * torch.outer(dec.mlp.up_proj.weight.float() @ direction, x) / x.square().sum(),
                "down": alpha * torch.outer(a_hat, act) / act.square().sum().clamp_min(torch.finfo(torch.float32).tiny),

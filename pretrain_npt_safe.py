@@ -1145,20 +1145,20 @@ def describe_target(c: npt.NPTConfig) -> str:
     return ", ".join(parts)
 
 
-def closed_form_start(args: TrainArgs, data: Data, procs: Processes, model, state: TrainerState) -> str | None:
+def closed_form_start(s: "Session") -> str | None:
     """The exact target's start (npt.init_exact) from the first --init_batches x --batch_size x processes windows of
     the training data, for a new run that does not start from saved adapters; a line saying what it did. Each
     process gathers the attention moments of its share of the windows; their sums are reduced over processes, so
     every process sets the same adapters, whatever the number of processes."""
+    args, procs, model, state = s.args, s.procs, s.model, s.state
     if not model.npt_config.exact or state.step or state.closed_form_start or args.init_adapters is not None:
         return None
     from tqdm.auto import tqdm
 
     per = args.batch_size
-    windows = [w for w, _ in itertools.islice(data.stream.windows((0, 0, 0)), args.init_batches * per * procs.world)]
+    windows = [w for w, _ in itertools.islice(s.data.stream.windows((0, 0, 0)), args.init_batches * per * procs.world)]
     mine = windows[procs.rank::procs.world]
-    batches = [{k: v.to(procs.device) for k, v in collate(mine[i:i + per], data.pad_id).items()}
-               for i in range(0, len(mine), per)]
+    batches = [s._micro_batch(mine[i:i + per]) for i in range(0, len(mine), per)]
     t0 = time.time()
     with procs.autocast():
         stats = npt.teacher_attention_moments(model, tqdm(batches, desc="closed-form start", disable=not procs.main,
@@ -1450,7 +1450,7 @@ def run_session(s: Session) -> int:
 
     try:
         s.open()
-        start = closed_form_start(s.args, s.data, s.procs, s.model, s.state)  # exact target: before step 0's eval
+        start = closed_form_start(s)  # exact target: before step 0's eval
         if start:
             s.sinks.message(start)
         code = loop(s)

@@ -29,9 +29,9 @@ def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
     state = trainer.restore(plan, model, optimizer, scheduler)
     assert state == trainer.TrainerState(run_id=state.run_id) and len(state.run_id) == 12
     session = trainer.Session(args, plan, data, procs, model, optimizer, scheduler, state, 3).open()
-    line = trainer.closed_form_start(args, data, procs, model, state)  # the default exact target's start
+    line = trainer.closed_form_start(session)  # the default exact target's start
     assert line.startswith("closed-form start") and state.closed_form_start["tokens"] > 64
-    assert trainer.closed_form_start(args, data, procs, model, state) is None  # done once, recorded in the state
+    assert trainer.closed_form_start(session) is None  # done once, recorded in the state
     assert trainer.loop(session) == 0 and state.step == 3 and state.tokens > 0
     trainer.finish(session, 0)
     saved = json.loads((tmp_path / "out" / "checkpoint-final" / "trainer_state.json").read_text())
