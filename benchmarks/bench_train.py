@@ -41,7 +41,7 @@ def _current_rss_mb() -> float:
 
 def build_model(name: str, dtype, device):
     import torch
-    import npt
+    from npt_tools.models import load_base_model
 
     if name == "llama8b-random":  # Llama-3.1-8B shapes, random weights: no download
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -50,7 +50,7 @@ def build_model(name: str, dtype, device):
         with torch.device(device):
             model = LlamaForCausalLM(cfg).to(dtype)
         return model, cfg.vocab_size
-    model, tok = npt.load_base_model(name, dtype=dtype, device=device)
+    model, tok = load_base_model(name, dtype=dtype, device=device)
     return model, len(tok)
 
 
@@ -60,6 +60,7 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
 
     import torch
     import npt
+    from npt_tools.objective import equivalence_loss
 
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -86,7 +87,7 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = seed_step() if variant == "seed" else npt.equivalence_loss(model, batch, objective=variant).loss
+        loss = seed_step() if variant == "seed" else equivalence_loss(model, batch, objective=variant).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.5)
         opt.step()

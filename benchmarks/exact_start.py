@@ -2,8 +2,8 @@
 """The exact target's closed-form start, no training: how close the converted smollm2-135m is to its teacher
 at each code rank.
 
-The teacher's attention moments of every chosen layer are gathered once (npt.attention_moments over the real
-tokens of packed 128-token windows of the builtin corpus), then for each rank npt.init_exact sets the
+The teacher's attention moments of every chosen layer are gathered once (npt_tools.closed_form.attention_moments over the real
+tokens of packed 128-token windows of the builtin corpus), then for each rank init_exact sets the
 principal directions and the converted model is scored on held-out windows (layer_fit.py's: perplexity and
 top-1 agreement against the teacher's, and each layer's update error on its own trajectory).
 
@@ -22,12 +22,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import npt  # noqa: E402
+from npt_tools.closed_form import init_exact, teacher_attention_moments  # noqa: E402
+from npt_tools.models import EMBEDDED_MODEL, load_base_model  # noqa: E402
+from npt_tools.objective import equivalence_loss  # noqa: E402
 from layer_fit import HELD_OUT, agreement, windows  # noqa: E402
 
 
 def moments(model, ids: torch.Tensor, batch: int = 8) -> dict:
     """{layer_idx: attention moments} of the teacher over the windows `ids`."""
-    return npt.teacher_attention_moments(model, ({"input_ids": c, "attention_mask": torch.ones_like(c)}
+    return teacher_attention_moments(model, ({"input_ids": c, "attention_mask": torch.ones_like(c)}
                                                  for c in ids.split(batch)))
 
 
@@ -38,7 +41,7 @@ def moments(model, ids: torch.Tensor, batch: int = 8) -> dict:
               help="128-token windows the start is computed from (the trainer's --init_batches 32 x 2).")
 @click.option("--json", "json_file", default=None, help="Also write the rows to this file.")
 def main(layers, ranks, n_windows, json_file):
-    model, tok = npt.load_base_model(npt.EMBEDDED_MODEL)
+    model, tok = load_base_model(EMBEDDED_MODEL)
     model.eval().requires_grad_(False)
     ids = windows(tok, 128, n_windows + HELD_OUT)
     held = ids[-HELD_OUT:]
@@ -48,10 +51,10 @@ def main(layers, ranks, n_windows, json_file):
         npt.convert_to_npt(model, npt.NPTConfig(rank=rank, layers=layers, modulation_target="exact"))
         t0 = time.time()
         stats = stats or moments(model, ids[:-HELD_OUT])
-        kept = npt.init_exact(model, moments=stats)
+        kept = init_exact(model, moments=stats)
         seconds = time.time() - t0
         with torch.no_grad():
-            errors = npt.equivalence_loss(model, {"input_ids": held, "attention_mask": torch.ones_like(held)},
+            errors = equivalence_loss(model, {"input_ids": held, "attention_mask": torch.ones_like(held)},
                                           "end_to_end", 0.0).layer_fit
         row = {"layers": layers, "rank": rank, **agreement(model, held),
                "variance_kept": sum(kept.values()) / len(kept),

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import npt  # noqa: E402
+from npt_tools.closed_form import attention_moments, init_exact
+from npt_tools.models import EMBEDDED_MODEL, load_base_model
 
 HELD_OUT = 16
 
@@ -92,12 +94,12 @@ def agreement(model, ids) -> dict:
 
 
 def fit(config: npt.NPTConfig, data, held, held_ids, steps, lr, lam, batch, seed=0) -> dict:
-    model, _ = npt.load_base_model(npt.EMBEDDED_MODEL)
+    model, _ = load_base_model(EMBEDDED_MODEL)
     model.eval()
     torch.manual_seed(seed)
     npt.convert_to_npt(model, config)
     if config.exact:  # the closed-form start from the cached training windows' attention outputs
-        npt.init_exact(model, moments={i: npt.attention_moments(d["attn"]) for i, d in data.items()})
+        init_exact(model, moments={i: attention_moments(d["attn"]) for i, d in data.items()})
     params = npt.get_adapter_params(model)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / steps))
@@ -139,7 +141,7 @@ def fit(config: npt.NPTConfig, data, held, held_ids, steps, lr, lam, batch, seed
 @click.option("--down_rank", "down_ranks", type=int, multiple=True, default=(4,), show_default=True)
 @click.option("--json", "json_file", default=None, help="Also write the rows to this file.")
 def main(layers, steps, batch, n_windows, targets, lams, lrs, ranks, down_ranks, json_file):
-    model, tok = npt.load_base_model(npt.EMBEDDED_MODEL)
+    model, tok = load_base_model(EMBEDDED_MODEL)
     model.eval().requires_grad_(False)
     indices = npt.NPTConfig(layers=layers).layer_indices(model.config.num_hidden_layers)
     ids = windows(tok, 128, n_windows + HELD_OUT)

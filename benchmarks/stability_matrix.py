@@ -7,7 +7,7 @@ objective (each layer on the teacher's input) on packed windows of the builtin c
 steps whose loss or adapter gradient was not finite.
 
 - fixed: this project. Factor 0.5 + sigmoid(m), A_proj ~ N(0, 0.02), B_add ~ N(0, 0.001), add scale 0.1;
-  npt.optimizer_step: the update-error loss, clipping at 0.5, a non-finite micro-batch skipped, a step that
+  optimizer_step: the update-error loss, clipping at 0.5, a non-finite micro-batch skipped, a step that
   blows the weights up undone (a step counts as non-finite when any of that happened).
 - original: the seed's first version, as its NPT_FIX_SUMMARY.md describes it. Factor 1 + tanh(m) (it
   reaches 0), A_proj with nn.Linear's Kaiming init, B_add ~ N(0, 0.01), no add scale, plain MSE between
@@ -40,6 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 import debug_nan  # noqa: E402  (the seed's 1 + tanh(m) factor lives there, as a demonstration)
 import npt  # noqa: E402
+from npt_tools.models import EMBEDDED_MODEL, load_base_model
+from npt_tools.step import optimizer_step, weights_finite
 from layer_fit import windows  # noqa: E402
 
 KERNEL = sys.modules["kernels.modulated_swiglu"]  # where modulated_gate looks the factor up
@@ -49,7 +51,7 @@ PRECISIONS = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "fp16": {"use_fp16"
 
 
 def build(precision: str, config: str, layers: str, seed: int):
-    model, tokenizer = npt.load_base_model(npt.EMBEDDED_MODEL, **PRECISIONS[precision])
+    model, tokenizer = load_base_model(EMBEDDED_MODEL, **PRECISIONS[precision])
     torch.manual_seed(seed)
     npt.convert_to_npt(model, npt.NPTConfig(rank=16, layers=layers, add_scale=1.0 if config == "original" else 0.1))
     if config == "original":  # the seed's first initialisation
@@ -105,11 +107,11 @@ def run_cell(config: str, precision: str, seed: int, args) -> dict:
             if config == "original":
                 what = original_step(model, optimizer, batch, autocast, args.lam)
             else:
-                out = npt.optimizer_step(model, optimizer, scheduler, [batch], regularization_lambda=args.lam)
+                out = optimizer_step(model, optimizer, scheduler, [batch], regularization_lambda=args.lam)
                 what = next(iter(out.reasons.values()), "step") if out.skipped or not out.stepped else None
             if what:
                 bad[what] += 1
-    finite = npt.weights_finite(params, optimizer)
+    finite = weights_finite(params, optimizer)
     return {"bad": sum(bad.values()), "what": bad, "finite_end": finite, "seconds": time.time() - t0}
 
 

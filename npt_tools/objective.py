@@ -1,0 +1,77 @@
+"""The equivalence objective training minimises: each NPT layer against the original one (layerwise on the
+teacher's inputs, or end_to_end on the student's own trajectory), or the teacher's next-token distribution
+against the student's (kl); built from npt's capture and per-layer losses."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from npt import masked_mean, normalized_mse, npt_layers, regularization, run_captured, update_error
+
+OBJECTIVES = ("layerwise", "end_to_end", "kl")
+LOSSES = ("update", "cosine")  # update_error (the layer's update) | normalized_mse (2 - 2 cos of whole states)
+
+
+@dataclasses.dataclass
+class EquivalenceLoss:
+    """The equivalence loss of one batch and its parts."""
+    loss: torch.Tensor  # fit + regularization_lambda * reg: what backward runs on
+    fit: torch.Tensor  # mean over NPT layers of layer_error
+    reg: torch.Tensor  # regularization(model, attention_mask)
+    layer_fit: torch.Tensor  # (L,) layer_error per NPT layer, detached (kl: on the student's own trajectory)
+    tokens: int  # real (non-padding) tokens
+    logits: tuple | None = None  # kl: (teacher, student) next-token logits, detached, for the caller's metrics
+
+
+def layer_error(student: torch.Tensor, teacher: dict[str, torch.Tensor], mask: torch.Tensor,
+                loss: str = "update") -> torch.Tensor:
+    """How far one NPT layer's output is from the original layer's: the one per-layer comparison of the
+    loss and of eval. `teacher` holds the original layer's captured "input" (h) and "output" (y).
+    update: update_error (1 = the layer's update not reproduced, 0 = exact); cosine: normalized_mse."""
+    if loss == "update":
+        return update_error(student, teacher["output"], teacher["input"], mask)
+    if loss == "cosine":
+        return normalized_mse(student, teacher["output"], mask)
+    raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+
+
+def equivalence_loss(model: nn.Module, batch: dict, objective: str = "layerwise",
+                     regularization_lambda: float = 0.01, loss: str = "update") -> EquivalenceLoss:
+    """Equivalence loss of one batch (input_ids, attention_mask): the fit + regularization_lambda * regularization.
+
+    layerwise: one teacher pass (npt_disabled, no_grad) captures each NPT layer's input h, attention
+    output and output y; each NPT layer's modulated MLP then runs on (h, attn) and is compared to y
+    (no gradient crosses layers). end_to_end: the student runs its own trajectory. For both, the fit is the
+    mean layer_error over NPT layers and real tokens. kl: the student runs its own trajectory and the fit is
+    next_token_kl, the teacher's next-token distribution against the student's (`loss` unused).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    mask = batch["attention_mask"]
+    layers = npt_layers(model)
+    kl = objective == "kl"
+    if objective == "layerwise":
+        teacher, _ = run_captured(model, batch, ("input", "attn", "output"), teacher=True)
+        student = {layer.layer_idx: layer.modulated_mlp(teacher[layer.layer_idx]["input"],
+                                                        teacher[layer.layer_idx]["attn"]) for layer in layers}
+    else:
+        teacher, t_logits = run_captured(model, batch, ("input", "output"), teacher=True, logits=kl)
+        records, s_logits = run_captured(model, batch, ("output",), logits=kl)
+        student = {i: c["output"] for i, c in records.items()}
+    layer_fit = torch.stack([layer_error(student[layer.layer_idx], teacher[layer.layer_idx], mask,
+                                         "update" if kl else loss) for layer in layers])  # (L,)
+    fit = next_token_kl(s_logits, t_logits, mask) if kl else layer_fit.mean()
+    reg = regularization(model, mask)
+    return EquivalenceLoss(loss=fit + regularization_lambda * reg, fit=fit, reg=reg, layer_fit=layer_fit.detach(),
+                           tokens=int(mask.sum()), logits=(t_logits, s_logits.detach()) if kl else None)
+
+
+def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, in fp32, averaged over real tokens."""
+    t = torch.log_softmax(teacher_logits.detach().float(), -1)
+    s = torch.log_softmax(student_logits.float(), -1)
+    per_token = (t.exp() * (t - s)).sum(-1)  # (B, T)
+    return masked_mean(per_token, mask)

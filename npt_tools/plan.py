@@ -1,0 +1,202 @@
+"""What a run may do, established before any work: the checks that read files (the model's config, a checkpoint
+to resume, adapters to start from, the output dir's other runs), and the output dir's lock for the run's life."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+import npt
+from npt_tools.arguments import LAYOUT_FLAGS, RESUME_FIXED, TrainArgs, parse_steps
+from npt_tools.checkpoints import (STATE_NAME, Resume, checkpoint_run, is_checkpoint, is_checkpoint_name,
+                                   is_own_checkpoint, latest_checkpoint, read_checkpoint_or_fail)
+from npt_tools.cli import can_create_in, check_output_dir_or_fail, fail, first_line
+from npt_tools.models import load_model_config_or_fail
+
+
+@dataclasses.dataclass
+class Plan:
+    """What make_plan established, before any work: where to write, the NPT layers, what to resume."""
+    output_dir: Path
+    npt_config: npt.NPTConfig
+    layer_indices: list[int]
+    resume: "Resume | None"
+    inject: set[int]  # micro-batch groups to poison (tests)
+    wandb: object | None  # the wandb module when --use_wandb
+    run_id: str = ""  # the resumed run's id, or a new one: checkpoints and the output-dir lock name it
+
+
+def make_plan(args: TrainArgs) -> Plan:
+    """Refuse bad input (one line, exit 2) before any model or data loads or any file is written; what the flags
+    resolve to. Reads the model's config, a checkpoint to resume and adapters to start from, never weights."""
+    args.check()
+    wandb = _wandb_or_fail(args)
+    if args.log_file is not None:
+        log = Path(args.log_file).expanduser().resolve()
+        if log.is_dir() or not log.parent.is_dir() or not can_create_in(log.parent):
+            fail(f"--log_file {args.log_file!r}: cannot write there (its folder must exist and be writable)")
+    output_dir = check_output_dir_or_fail(args.output_dir)
+    resume = _resume_or_fail(args, output_dir)
+    check_run_of(args, output_dir, resume)
+    config = load_model_config_or_fail(args.model_name, args.trust_remote_code)  # refuses unconvertible models
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and args.max_length > positions:  # refused: positions past it were never trained
+        fail(f"--max_length {args.max_length} exceeds the model's {positions} positions "
+             f"(max_position_embeddings): use --max_length {positions} or less")
+    npt_config = args.npt_config(config.hidden_size)
+    try:
+        layer_indices = npt_config.layer_indices(config.num_hidden_layers)
+    except ValueError as e:
+        fail(f"--npt_layers: {e}")
+    if resume is not None:
+        try:
+            npt_config.check_compatible(resume.npt_config, config.num_hidden_layers,
+                                        f"the adapters in checkpoint {str(resume.path)!r}")
+        except ValueError as e:
+            fail(f"{e}: pass the same {LAYOUT_FLAGS}")
+    if args.init_adapters is not None:
+        _check_init_adapters(args, npt_config, config.num_hidden_layers, resume)
+    if args.kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        fail("--kernel triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --kernel auto")
+    run_id = resume.state.run_id if resume is not None and resume.state.run_id else uuid.uuid4().hex[:12]
+    return Plan(output_dir, npt_config, layer_indices, resume, parse_steps(args.inject_nan_steps), wandb, run_id)
+
+
+def _check_init_adapters(args: TrainArgs, npt_config: npt.NPTConfig, num_layers: int, resume: "Resume | None") -> None:
+    """--init_adapters names saved adapters of this layout (their config is read; weights load later)."""
+    if resume is not None:
+        fail("--init_adapters starts a new run and --resume_from_checkpoint continues one: give only one")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(args.init_adapters).expanduser()
+    try:
+        saved = npt.NPTConfig.from_dict(npt.read_adapter_config(path))
+        npt_config.check_compatible(saved, num_layers, f"the adapters in {args.init_adapters!r}")
+        weights = load_file(str(path / npt.WEIGHTS_NAME)) if (path / npt.WEIGHTS_NAME).is_file() else {}
+    except (OSError, ValueError, TypeError, SafetensorError) as e:
+        fail(f"--init_adapters: {first_line(e)}: give a checkpoint directory of a run with the same {LAYOUT_FLAGS}")
+    bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+    if bad:
+        fail(f"--init_adapters: the adapters in {args.init_adapters!r} are not finite ({bad[0]}"
+             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): give a checkpoint of a run that stayed finite")
+
+
+def check_run_of(args: TrainArgs, output_dir: Path, resume: "Resume | None") -> None:
+    """Refuse to start a new run over another one's files, and to resume with changed data or optimisation
+    flags (the checkpoint's trainer_state.json records the original ones)."""
+    foreign = sorted(p.name for p in output_dir.glob("checkpoint-*")
+                     if is_checkpoint_name(p.name) and not is_own_checkpoint(p))
+    if foreign:
+        fail(f"--output_dir {args.output_dir!r} holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
+             f", not written by this trainer (no {STATE_NAME} of its own): the trainer would replace it; move it "
+             "away or use a new --output_dir")
+    if resume is None:
+        theirs = sorted(p.name for p in output_dir.glob("*") if p.name == "metrics.jsonl" or is_checkpoint(p))
+        if theirs and not args.overwrite_output_dir:
+            fail(f"--output_dir {args.output_dir!r} already holds another run ({', '.join(theirs[:3])}"
+                 f"{', ...' if len(theirs) > 3 else ''}): use a new --output_dir, --resume_from_checkpoint, "
+                 "or --overwrite_output_dir")
+        return
+    _check_resume_target(args, output_dir, resume)
+    saved = resume.saved.get("args", {})
+    changed = [f"--{k} {saved[k]!r} -> {getattr(args, k)!r}" for k in RESUME_FIXED
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        fail(f"cannot resume from {str(resume.path)!r} with changed flags ({'; '.join(changed)}): pass the "
+             "checkpoint's values, or start a new run in a new --output_dir")
+
+
+def _check_resume_target(args: TrainArgs, output_dir: Path, resume: "Resume") -> None:
+    """Resuming from a checkpoint outside --output_dir must not write into another run's files there."""
+    if resume.path.expanduser().resolve().parent == output_dir:
+        return
+    runs = {checkpoint_run(d) for d in output_dir.glob("checkpoint-*") if is_checkpoint(d)}
+    others = {r[0] for r in runs if r is not None and r[0] != resume.state.run_id}
+    ours = any(r is not None and r[0] == resume.state.run_id for r in runs)
+    if others or ((output_dir / "metrics.jsonl").exists() and not ours):
+        fail(f"--output_dir {args.output_dir!r} holds another run than the checkpoint "
+             f"{args.resume_from_checkpoint!r}: resume into a new --output_dir or the checkpoint's own")
+
+
+def _wandb_or_fail(args: TrainArgs):
+    if not args.use_wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        fail("--use_wandb needs the wandb package: pip install wandb (or drop --use_wandb)")
+    return wandb
+
+
+def _resume_or_fail(args: TrainArgs, output_dir: Path) -> "Resume | None":
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        try:
+            path = latest_checkpoint(output_dir)
+        except ValueError as e:
+            fail(f"--resume_from_checkpoint latest is ambiguous in {args.output_dir!r}: {e}; name the checkpoint "
+                 "directory instead")
+        if path is None:
+            fail(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir!r}")
+    else:
+        path = Path(args.resume_from_checkpoint).expanduser()
+    return read_checkpoint_or_fail(path)
+
+
+LOCK_NAME, HOLDER_NAME = ".npt-lock", ".npt-lock.holder"  # the advisory lock; who holds it (for the message)
+
+
+@contextlib.contextmanager
+def hold_output_dir(args: TrainArgs, plan: Plan):
+    """Hold an advisory lock (filelock) on --output_dir while the run lives; the main process takes it. The OS
+    drops it when the process dies, so a killed run's lock never blocks its resume. A run refused after the
+    lock leaves nothing behind that it created."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    out = plan.output_dir
+    created = not out.exists()
+    lock = FileLock(str(out / LOCK_NAME), timeout=0)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except Timeout:
+        fail(f"--output_dir {args.output_dir!r} is in use by another run ({lock_holder(out)}): wait for it to end, "
+             "or use another --output_dir")
+    except OSError as e:
+        fail(f"--output_dir {args.output_dir!r}: cannot create it or its lock file {LOCK_NAME}: {e.strerror or e}")
+    ok = False
+    try:
+        with contextlib.suppress(OSError):  # only for the message a second run prints
+            (out / HOLDER_NAME).write_text(json.dumps({"pid": os.getpid(), "run_id": plan.run_id,
+                                                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        check_run_of(args, out, plan.resume)  # again under the lock: a run that ended meanwhile left its files
+        yield
+        ok = True
+    finally:
+        with contextlib.suppress(OSError):
+            (out / HOLDER_NAME).unlink()
+            if not ok and set(os.listdir(out)) == {LOCK_NAME}:  # refused before writing anything
+                (out / LOCK_NAME).unlink()
+                if created:
+                    out.rmdir()
+        lock.release()
+
+
+def lock_holder(out: Path) -> str:
+    """'pid N, run ID, since T' from the holder's side file (it may still be writing it)."""
+    try:
+        h = json.loads((out / HOLDER_NAME).read_text())
+        return f"pid {h['pid']}, run {h['run_id']}, since {h['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its pid is not recorded yet"
