@@ -337,7 +337,7 @@ SEED_KEYS = ("r", "modulation_type", "consolidation_alpha", "d_model", "d_ffn", 
 def config_from_dict(d: dict, d_model: int, d_ffn: int) -> NPTConfig:
     """An NPTConfig from the seed's adapter_config dict (r -> rank, modulation_type -> modulation; d_model
     and d_ffn checked against the model; compute_dtype accepted: adapters always compute in fp32;
-    consolidation_alpha kept on the config object for npt.consolidate's alpha) or from NPTConfig's own
+    consolidation_alpha kept on the config object for consolidate's alpha) or from NPTConfig's own
     field names; any other key is refused by name."""
     fields = {f.name for f in dataclasses.fields(NPTConfig)}
     unknown = [k for k in d if k not in fields and k not in SEED_KEYS]

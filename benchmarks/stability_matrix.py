@@ -9,7 +9,7 @@ steps whose loss or adapter gradient was not finite.
 - fixed: this project. Factor 0.5 + sigmoid(m), A_proj ~ N(0, 0.02), B_add ~ N(0, 0.001), add scale 0.1;
   optimizer_step: the update-error loss, clipping at 0.5, a non-finite micro-batch skipped, a step that
   blows the weights up undone (a step counts as non-finite when any of that happened).
-- original: the seed's first version, as its NPT_FIX_SUMMARY.md describes it. Factor 1 + tanh(m) (it
+- original: the seed's first version, as docs/NPT_FIX_SUMMARY.md describes it. Factor 1 + tanh(m) (it
   reaches 0), A_proj with nn.Linear's Kaiming init, B_add ~ N(0, 0.01), no add scale, plain MSE between
   the student's and the teacher's hidden states, its regularizer (sum over F of the squared codes, in the
   forward's precision), no clipping, no skipping (backward, step), and with a 4-bit base the fp16 autocast

@@ -29,7 +29,7 @@ class ModelArgs:
 
 
 def resolve_dtype(use_quantization: bool = False, use_fp16: bool = False) -> torch.dtype:
-    """The seed's fix 2: a 4-bit model computes in FP32; fp16 on top of it is ignored with a warning."""
+    """docs/NPT_FIX_SUMMARY.md, issue 2: a 4-bit model computes in FP32; fp16 on top of it is ignored with a warning."""
     if use_quantization and use_fp16:
         warnings.warn("--use_fp16 conflicts with --use_quantization: using FP32 compute for the 4-bit model",
                       stacklevel=2)
