@@ -1,5 +1,5 @@
 """Neuro-Plastic Transformer (NPT) layers for Hugging Face decoder models: the model side (config, adapter, layer,
-conversion, the teacher toggle, capture, the per-layer losses, save/load). An NPT layer drops the attention residual and lets
+conversion, the teacher toggle, capture, save/load, consolidation). An NPT layer drops the attention residual and lets
 the attention output a modulate the MLP per token through a low-rank code z = A_proj(a):
 
     gate:   h' = h + down(silu(g) * up),  g = gate * (0.5 + sigmoid(z B_mult^T)) + add_scale * z B_add^T
@@ -8,7 +8,6 @@ the attention output a modulate the MLP per token through a low-rank code z = A_
 
 The exact target is an identity (docs/CONTRACT.md section 1b): a's whole effect on the layer is per-token rank-1
 patches of W_gate, W_up and W_down and the post-attention norm's scale; at rank d_model it is the original layer.
-update_error measures the share of a layer's update (y - h) a student misses.
 """
 from __future__ import annotations
 
@@ -27,12 +26,10 @@ import torch.nn as nn
 
 from kernels import modulated_gate, modulated_swiglu, modulation_factor
 
-__all__ = [
-    "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
-    "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
-    "regularization", "normalized_mse", "update_error", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured",
-    "norm_rms", "TARGETS", "is_4bit", "save_adapters", "load_adapters",
-]
+__all__ = ["NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
+           "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
+           "regularization", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured", "norm_rms", "TARGETS",
+           "is_4bit", "save_adapters", "load_adapters", "consolidate"]
 
 MODULATIONS = ("both", "additive", "multiplicative")
 TARGETS = ("gate", "down", "gate+down", "exact")
@@ -145,10 +142,9 @@ def _is_number(x) -> bool:
 
 # ----------------------------------------------------------------------------- adapter
 class NPTAdapter(nn.Module):
-    """Low-rank code z = A_proj(attn) (fp32) and its expansions: B_add, B_mult (F, r) modulate the
-    gate; for the down target, B_down (K*D, r) gives the per-token vectors v_k and down_u (K, F) the
-    static input vectors u_k of dW_down = sum_k v_k u_k^T. For the exact target, z = A_proj(attn - mu)
-    and a_hat = mu + B z, the attention as the layer sees it (0 until init_exact sets mu, A_proj, B)."""
+    """Low-rank code z = A_proj(attn) (fp32) and its expansions: B_add, B_mult (F, r) modulate the gate; B_down
+    (K*D, r) gives the per-token v_k and down_u (K, F) the static u_k of dW_down = sum_k v_k u_k^T; for exact,
+    z = A_proj(attn - mu), a_hat = mu + B z (0 until the closed-form start sets mu, A_proj, B)."""
 
     def __init__(self, d_model: int, d_ffn: int, config: NPTConfig):
         super().__init__()
@@ -313,10 +309,8 @@ def is_4bit(module: nn.Module) -> bool:
 
 
 def keep_4bit_differentiable(model: nn.Module) -> None:
-    """bitsandbytes (0.50, CPU with AVX512-BF16) repacks a 4-bit weight for inference on the first no-grad
-    eval-mode forward, and the repacked path (gemv_4bit) has no autograd: gradients through the frozen
-    4-bit MLP to the adapters would silently be wrong. Done once at conversion: repacking is turned off
-    for good (eval() does not undo it) and weights already repacked are unpacked."""
+    """bitsandbytes (0.50, CPU with AVX512-BF16) repacks 4-bit weights on the first no-grad eval forward into a
+    path with no autograd (adapter gradients would be wrong): turned off for good at conversion, undone if done."""
     for m in model.modules():
         if not is_4bit(m):
             continue
@@ -335,10 +329,9 @@ SEED_KEYS = ("r", "modulation_type", "consolidation_alpha", "d_model", "d_ffn", 
 
 
 def config_from_dict(d: dict, d_model: int, d_ffn: int) -> NPTConfig:
-    """An NPTConfig from the seed's adapter_config dict (r -> rank, modulation_type -> modulation; d_model
-    and d_ffn checked against the model; compute_dtype accepted: adapters always compute in fp32;
-    consolidation_alpha kept on the config object for consolidate's alpha) or from NPTConfig's own
-    field names; any other key is refused by name."""
+    """An NPTConfig from the seed's adapter_config dict (r -> rank, modulation_type -> modulation; d_model, d_ffn
+    checked; compute_dtype ignored: adapters compute in fp32; consolidation_alpha kept on the object, not a field)
+    or NPTConfig's own field names; any other key is refused by name."""
     fields = {f.name for f in dataclasses.fields(NPTConfig)}
     unknown = [k for k in d if k not in fields and k not in SEED_KEYS]
     if unknown:
@@ -428,52 +421,6 @@ def regularization(model: nn.Module, attention_mask: torch.Tensor | None = None)
     return torch.stack([masked_mean(reg, attention_mask) for reg in regs]).mean()
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """x / ||x|| per token in fp32; scaling by max|x| first keeps the norm from overflowing
-    (huge states stay comparable instead of collapsing to 0; an Inf still gives NaN, which is reported)."""
-    x = x.float()
-    peak = x.abs().amax(-1, keepdim=True)
-    x = x / torch.where(peak > 0, peak, 1)  # an all-zero token stays 0 with a finite gradient
-    # sqrt of a clamped square sum, not a clamped norm: the norm's backward at 0 is 0/0 = NaN
-    return x / x.square().sum(-1, keepdim=True).clamp_min(1e-12).sqrt()
-
-
-def normalized_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared error between per-token L2-normalized hidden vectors (= 2 - 2 cos, in [0, 4]), averaged
-    over real tokens (the seed's fix 4): bounded whatever the scale, so large early differences cannot
-    explode the gradients. Summed over the hidden size rather than averaged, so that its weight against
-    the regularizer does not shrink with d_model."""
-    s, t = _unit(student), _unit(teacher)
-    per_token = (s - t).square().sum(-1)  # (B, T)
-    if mask is None:
-        return per_token.mean()
-    mask = mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp_min(1)
-
-
-UPDATE_FLOOR = 1e-4  # a teacher update below 1% of the output's norm is measured against that 1%
-
-
-def update_error(student: torch.Tensor, teacher: torch.Tensor, layer_input: torch.Tensor,
-                 mask: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
-    """How much of the layer's update the student misses: per token |y_s - y_t|^2 / |y_t - h|^2.
-
-    1 for a student whose output is its input (it adds nothing), 0 for an exact match; each token weighs
-    the same, so massive-activation tokens cannot dominate. Two guards keep it finite at any scale:
-    every token is first divided by its teacher-side max |.| (so 1e-20 and 1e20 states give the same
-    value as unit ones), and the denominator is floored at UPDATE_FLOOR * |y_t|^2 (a token whose update
-    is tiny next to its state cannot blow the loss up). Averaged over real tokens (mask), or (B, T)."""
-    t, h = teacher.detach().float(), layer_input.detach().float()
-    scale = torch.maximum(t.abs().amax(-1, keepdim=True), h.abs().amax(-1, keepdim=True))
-    scale = scale.clamp_min(torch.finfo(torch.float32).tiny)  # (B, T, 1)
-    t, h = t / scale, h / scale
-    miss = (student.float() / scale - t).square().sum(-1)  # (B, T)
-    update = (t - h).square().sum(-1)
-    floor = (UPDATE_FLOOR * t.square().sum(-1)).clamp_min(torch.finfo(torch.float32).tiny)
-    err = miss / torch.maximum(update, floor)  # (B, T)
-    return err if per_token else masked_mean(err, mask)
-
-
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over real tokens; padding never counts, even where its value is not finite."""
     if mask is None:
@@ -504,13 +451,9 @@ CAPTURE_NAMES = ("input", *_CAPTURE_MODULES)  # "input": the layer's input h
 
 @contextlib.contextmanager
 def capture(model: nn.Module, names=CAPTURE_NAMES, edit=None, keep: bool = True):
-    """Record named per-layer tensors of the forwards run inside: yields {layer_idx: {name: tensor}}.
-
-    `names` come from CAPTURE_NAMES. `edit(layer_idx, name, tensor)`, if given, sees every output (and the
-    layer's "input") as it is produced; a tensor it returns replaces that module's output (and is what is
-    recorded; an input is never replaced). With
-    keep=False nothing is stored (edit alone observes). Hooks are removed on exit, even on errors.
-    """
+    """Record named per-layer tensors (CAPTURE_NAMES) of the forwards run inside: yields {layer_idx: {name: tensor}}.
+    `edit(layer_idx, name, tensor)` sees each as it is produced; a tensor it returns replaces that module's output
+    (and is recorded; an input is never replaced). keep=False stores nothing. Hooks are removed on exit."""
     unknown = sorted(set(names) - set(CAPTURE_NAMES))
     if unknown:
         raise ValueError(f"cannot capture {unknown}: choose from {', '.join(CAPTURE_NAMES)}")
@@ -548,9 +491,8 @@ def _record_output(rec, keep, edit, layer_idx, name, module, args, out):
 
 def run_captured(model: nn.Module, batch: dict, names=("input", "output"), teacher: bool = False,
                  logits: bool = False):
-    """One forward of `batch` (input_ids, attention_mask) capturing `names` of every NPT layer:
-    (records, logits or None). teacher=True runs the original layers (npt_disabled) without gradients;
-    without `logits` the forward stops after the last NPT layer (nothing above it is needed)."""
+    """One forward capturing `names` of every NPT layer: (records, logits or None). teacher=True: the original layers
+    (npt_disabled), no gradients; without `logits` the forward stops after the last NPT layer."""
     ctx = npt_disabled(model) if teacher else contextlib.nullcontext()
     grad = torch.no_grad() if teacher else contextlib.nullcontext()
     stop = contextlib.nullcontext() if logits else _stop_after_last_npt_layer(model)
@@ -662,3 +604,97 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for k, v in state.items():
             expected[k].copy_(v)
     return model
+
+
+# ----------------------------------------------------------------------------- consolidation
+@torch.no_grad()
+def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1, alpha: float = 1.0,
+                attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """Permanent update: add to each NPT layer's W_gate the rank-1 matrix that reproduces the chosen token's
+    modulation, dW = alpha (g_t - gate_t) x_t^T / ||x_t||^2, x_t = LN2(h_t); for the down target, alpha sum_k v_k
+    u_k^T of that token to W_down (exact); for exact, the token's patches of W_gate, W_up, W_down and the norm scale.
+    `token_index` counts the real tokens of sequence 0 (the default -1: the last real one under right padding).
+    Returns {layer_idx: dW_gate} ({layer_idx: dW_down} for down; {layer_idx: {gate, up, down, norm_scale}} for exact)."""
+    token_index = _consolidation_position(model, input_ids, token_index, alpha, attention_mask)
+    layers = npt_layers(model)
+    for layer in layers:
+        mlp = layer.layer.mlp
+        if any(is_4bit(w) or not torch.is_floating_point(w.weight)
+               for w in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            raise ValueError("consolidate needs full-precision MLP weights; this model is quantized "
+                             "(4-bit): reload it without use_quantization")
+    names = ("input", "gate", "up", "z") if model.npt_config.exact else ("mlp_input", "gate", "z")
+    with capture(model, names) as captures:  # what every NPT layer's updates need, one forward
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    updates = {}
+    for layer in layers:
+        c, ad = captures[layer.layer_idx], layer.adapter
+        if layer.config.exact:
+            updates[layer.layer_idx] = _consolidate_exact(layer, {k: v[0, token_index] for k, v in c.items()}, alpha)
+            continue
+        z = c["z"][0, token_index]  # (r,)
+        if ad.down_u is not None:  # before W_gate changes: the update does not depend on the input
+            delta = alpha * ad.down_vectors(z).t() @ ad.down_u  # (D, K) @ (K, F) = sum_k v_k u_k^T
+            _add_to_weight(layer.layer.mlp.down_proj.weight, delta)
+            updates[layer.layer_idx] = delta
+        if ad.B_add is None and ad.B_mult is None:
+            continue
+        x = c["mlp_input"][0, token_index].float()  # (D,)
+        gate = c["gate"][0, token_index].float()  # (F,)
+        g = modulated_gate(gate, z, *ad.weights(), layer.config.add_scale)[0]
+        delta = alpha * torch.outer(g - gate, x) / x.square().sum()  # (F, D)
+        _add_to_weight(layer.layer.mlp.gate_proj.weight, delta)
+        updates[layer.layer_idx] = delta
+    return updates
+
+
+def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Writes one token's exact-target patches (the identity in this module's docstring) into the plain layer
+    h + MLP(LN2(h)):
+    W_gate, W_up += alpha (W (w a_hat) / rms(h)) x^T / |x|^2 with x = LN2(h); the norm's scale w *= 1 + alpha (s - 1),
+    s = rms(h) / rms(h + a_hat); W_down += alpha a_hat act^T / |act|^2 with act the exact layer's. At alpha = 1 the
+    plain layer then gives, on that token's h, the exact layer's output."""
+    dec, norm = layer.layer, layer.layer.post_attention_layernorm
+    h = c["input"].float()  # (D,)
+    a_hat = layer.adapter.attention_estimate(c["z"].float())  # (D,)
+    w = norm.weight.float()
+    x = w * h / norm_rms(norm, h)  # LN2(h)
+    direction = w * a_hat / norm_rms(norm, h)  # what the attention adds to LN2's input direction
+    act = torch.nn.functional.silu(c["gate"].float()) * c["up"].float()  # (F,)
+    s = norm_rms(norm, h) / norm_rms(norm, h + a_hat)
+    patches = {"gate": alpha * torch.outer(dec.mlp.gate_proj.weight.float() @ direction, x) / x.square().sum(),
+               "up": alpha * torch.outer(dec.mlp.up_proj.weight.float() @ direction, x) / x.square().sum(),
+               "down": alpha * torch.outer(a_hat, act) / act.square().sum().clamp_min(torch.finfo(torch.float32).tiny),
+               "norm_scale": 1 + alpha * (s - 1)}
+    for name, module in (("gate", dec.mlp.gate_proj), ("up", dec.mlp.up_proj), ("down", dec.mlp.down_proj)):
+        _add_to_weight(module.weight, patches[name])
+    norm.weight.copy_((w * patches["norm_scale"]).to(norm.weight.dtype))
+    return patches
+
+
+def _consolidation_position(model: nn.Module, input_ids, token_index, alpha, attention_mask) -> int:
+    """consolidate's inputs checked before any weight changes (a ValueError naming the problem); the
+    position in sequence 0 of its `token_index`-th real token (-1: the last real one, whatever the padding)."""
+    if not npt_layers(model):
+        raise ValueError("model has no NPT layers: convert_to_npt first")
+    if not _is_number(alpha) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a non-empty 2-D tensor (batch, tokens), got {shape}")
+    if attention_mask is None:
+        real = torch.arange(input_ids.shape[1])
+    elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}")
+    else:
+        real = attention_mask[0].nonzero().flatten().cpu()  # positions of sequence 0's real tokens
+    if not _is_int(token_index) or not -len(real) <= token_index < len(real):
+        raise ValueError(f"token_index {token_index!r} is outside the {len(real)} real tokens of sequence 0 "
+                         f"(use -{len(real)}..{len(real) - 1})")
+    if not all(bool(torch.isfinite(p).all()) for p in get_adapter_params(model)):
+        raise ValueError("the adapters are not finite: consolidating them would write NaN/Inf into the base weights")
+    return int(real[token_index])
+
+
+def _add_to_weight(w: torch.Tensor, delta: torch.Tensor) -> None:
+    w.copy_((w.float() + delta).to(w.dtype))

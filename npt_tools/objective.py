@@ -1,6 +1,7 @@
 """The equivalence objective training minimises: each NPT layer against the original one (layerwise on the
 teacher's inputs, or end_to_end on the student's own trajectory), or the teacher's next-token distribution
-against the student's (kl); built from npt's capture and per-layer losses."""
+against the student's (kl); the per-layer losses it is made of (update_error, also the equivalence report's
+measure, and normalized_mse); built on npt's capture."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,53 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from npt import masked_mean, normalized_mse, npt_layers, regularization, run_captured, update_error
+from npt import masked_mean, npt_layers, regularization, run_captured
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| per token in fp32; scaling by max|x| first keeps the norm from overflowing
+    (huge states stay comparable instead of collapsing to 0; an Inf still gives NaN, which is reported)."""
+    x = x.float()
+    peak = x.abs().amax(-1, keepdim=True)
+    x = x / torch.where(peak > 0, peak, 1)  # an all-zero token stays 0 with a finite gradient
+    # sqrt of a clamped square sum, not a clamped norm: the norm's backward at 0 is 0/0 = NaN
+    return x / x.square().sum(-1, keepdim=True).clamp_min(1e-12).sqrt()
+
+
+def normalized_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error between per-token L2-normalized hidden vectors (= 2 - 2 cos, in [0, 4]), averaged
+    over real tokens (the seed's fix 4): bounded whatever the scale, so large early differences cannot
+    explode the gradients. Summed over the hidden size rather than averaged, so that its weight against
+    the regularizer does not shrink with d_model."""
+    s, t = _unit(student), _unit(teacher)
+    per_token = (s - t).square().sum(-1)  # (B, T)
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+
+UPDATE_FLOOR = 1e-4  # a teacher update below 1% of the output's norm is measured against that 1%
+
+
+def update_error(student: torch.Tensor, teacher: torch.Tensor, layer_input: torch.Tensor,
+                 mask: torch.Tensor | None = None, per_token: bool = False) -> torch.Tensor:
+    """How much of the layer's update the student misses: per token |y_s - y_t|^2 / |y_t - h|^2.
+
+    1 for a student whose output is its input (it adds nothing), 0 for an exact match; each token weighs
+    the same, so massive-activation tokens cannot dominate. Two guards keep it finite at any scale:
+    every token is first divided by its teacher-side max |.| (so 1e-20 and 1e20 states give the same
+    value as unit ones), and the denominator is floored at UPDATE_FLOOR * |y_t|^2 (a token whose update
+    is tiny next to its state cannot blow the loss up). Averaged over real tokens (mask), or (B, T)."""
+    t, h = teacher.detach().float(), layer_input.detach().float()
+    scale = torch.maximum(t.abs().amax(-1, keepdim=True), h.abs().amax(-1, keepdim=True))
+    scale = scale.clamp_min(torch.finfo(torch.float32).tiny)  # (B, T, 1)
+    t, h = t / scale, h / scale
+    miss = (student.float() / scale - t).square().sum(-1)  # (B, T)
+    update = (t - h).square().sum(-1)
+    floor = (UPDATE_FLOOR * t.square().sum(-1)).clamp_min(torch.finfo(torch.float32).tiny)
+    err = miss / torch.maximum(update, floor)  # (B, T)
+    return err if per_token else masked_mean(err, mask)
+
 
 OBJECTIVES = ("layerwise", "end_to_end", "kl")
 LOSSES = ("update", "cosine")  # update_error (the layer's update) | normalized_mse (2 - 2 cos of whole states)
