@@ -54,6 +54,7 @@ import torch.nn.functional as F
 import npt
 from npt_tools.cli import can_create_in, command, fail, flag, options
 from npt_tools.models import ModelArgs, load_model_config_or_fail, load_model_or_fail, precision_name
+from npt_tools.objective import normalized_mse
 
 STAGES = ("input_norm", "attn_out", "low_rank", "a_hat", "norm_scale", "delta_add", "delta_mult", "modulated_gate",
           "delta_down", "mlp_out", "layer_out")
@@ -260,7 +261,7 @@ def loss_check(d_model: int = 576, scales=LOSS_SCALES, seed: int = 0) -> dict:
     teacher = torch.randn(2, 8, d_model, generator=gen)  # (B, T, D)
     student = teacher + torch.randn(2, 8, d_model, generator=gen)
     rows = [{"scale": s, "standard_mse": F.mse_loss(student * s, teacher * s).item(),
-             "normalized_mse": npt.normalized_mse(student * s, teacher * s).item()} for s in scales]
+             "normalized_mse": normalized_mse(student * s, teacher * s).item()} for s in scales]
     return {"rows": rows, "normalized_bounded": all(math.isfinite(r["normalized_mse"]) and
                                                     r["normalized_mse"] <= 4 for r in rows)}
 

@@ -29,6 +29,7 @@ from npt_tools.objective import equivalence_loss
 from npt_tools.step import nan_embeddings, optimizer_step
 from npt_tools.cli import command, first_line, flag, options
 from npt_tools.models import ModelArgs, load_model_config_or_fail, load_model_or_fail
+from npt_tools.objective import normalized_mse
 
 SAMPLE_TEXTS = (
     "The capital of France is",
@@ -150,7 +151,7 @@ def check_init_scales(subject: Subject, adapter: npt.NPTAdapter | None = None) -
 
 
 # ----------------------------------------------------------------------------- fix 4: the loss
-def check_loss_bounded(subject: Subject, loss_fn=npt.normalized_mse) -> str:
+def check_loss_bounded(subject: Subject, loss_fn=normalized_mse) -> str:
     """Under hidden states scaled up to 1e6 the loss stays finite, <= 4, scale-free, with a small gradient,
     while the standard MSE of the same tensors explodes."""
     gen = torch.Generator().manual_seed(0)

@@ -60,7 +60,7 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
 
     import torch
     import npt
-    from npt_tools.objective import equivalence_loss
+    from npt_tools.objective import equivalence_loss, normalized_mse
 
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -80,7 +80,7 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
             t = teacher(**batch, output_hidden_states=True).hidden_states[-1]
         model(**batch)  # the seed ran the student forward once and threw the result away
         s = model(**batch, output_hidden_states=True).hidden_states[-1]
-        return npt.normalized_mse(s, t, batch["attention_mask"]) + 0.01 * npt.regularization(model)
+        return normalized_mse(s, t, batch["attention_mask"]) + 0.01 * npt.regularization(model)
 
     times = []
     for i in range(steps + 1):

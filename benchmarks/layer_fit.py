@@ -4,7 +4,7 @@
 The teacher's input h, attention output and output y of each chosen layer are captured once, in one
 forward pass per batch, for packed 128-token windows of the builtin corpus (Python's reference text).
 Each variant then trains the adapters of those layers jointly with the layerwise objective (the mean
-over layers of npt.update_error on the teacher's inputs, + lambda * regularization; Adam, warmup then
+over layers of update_error on the teacher's inputs, + lambda * regularization; Adam, warmup then
 linear decay, clipping at 0.5: what `pretrain_npt_safe.py --objective layerwise` computes, without a
 teacher pass per step) and reports, on 16 held-out windows, the update error per layer at start and
 end, and the converted model's perplexity and top-1 agreement against the teacher's.
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import npt  # noqa: E402
 from npt_tools.closed_form import attention_moments, init_exact
 from npt_tools.models import EMBEDDED_MODEL, load_base_model
+from npt_tools.objective import update_error
 
 HELD_OUT = 16
 
@@ -75,7 +76,7 @@ def layer_errors(model, data, rows=None) -> torch.Tensor:
     for layer in npt.npt_layers(model):
         h, attn, y = (data[layer.layer_idx][k] if rows is None else data[layer.layer_idx][k][rows]
                       for k in ("h", "attn", "y"))
-        errs.append(npt.update_error(layer.modulated_mlp(h, attn), y, h))
+        errs.append(update_error(layer.modulated_mlp(h, attn), y, h))
     return torch.stack(errs)
 
 

@@ -3,10 +3,9 @@ npt_tools <- the scripts; inside the package each module imports only those list
 
     cli            one-line user errors, click commands and options built from argument dataclasses
     models         loading base models (the embedded one too), their flags, and their user errors
-    objective      the equivalence objective (layerwise, end_to_end, kl) training minimises
+    objective      the per-layer losses and the equivalence objective (layerwise, end_to_end, kl)
     closed_form    the exact target's closed-form start (principal directions of the attention)
     step           one safe optimizer step: skip non-finite micro-batches, undo a step, sum over processes
-    consolidation  one token's modulation written permanently into the base weights
     arguments      the trainer's flags (a dataclass with cheap checks)
     data           text datasets -> packed token windows, held-out text
     metrics        metrics.jsonl, the log file, TensorBoard / W&B (accelerate's trackers), the loss-curve plot

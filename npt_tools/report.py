@@ -19,7 +19,7 @@ from npt_tools.objective import equivalence_loss
 def evaluate(model, batches, objective: str = "layerwise", regularization_lambda: float = 0.01,
              autocast=contextlib.nullcontext, loss: str = "update") -> dict:
     """Held-out metrics (token-weighted over batches): the training loss; the update error of each NPT
-    layer on the teacher's input (npt.update_error: 1 = the layer's update not reproduced, 0 = exact) and
+    layer on the teacher's input (update_error: 1 = the layer's update not reproduced, 0 = exact) and
     its mean over layers; teacher and student perplexity; top-1 next-token agreement."""
     tot = {"tokens": 0, "loss": 0.0, "t_nll": 0.0, "s_nll": 0.0, "agree": 0.0, "pred": 0}
     layer_sum = None
