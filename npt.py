@@ -50,7 +50,23 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from kernels import modulated_gate, modulated_swiglu, modulation_factor
+
+
+def _import_npt_kernels():
+    """Our kernels/ folder imports as `npt_kernels`: the name `kernels` is Hugging Face's (transformers imports it)."""
+    import importlib.machinery
+    import sys
+
+    folder = Path(__file__).with_name("kernels")
+    if "npt_kernels" not in sys.modules and (folder / "modulated_swiglu.py").is_file():  # a checkout / editable
+        spec = importlib.machinery.ModuleSpec("npt_kernels", None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+        sys.modules["npt_kernels"] = importlib.util.module_from_spec(spec)
+    import npt_kernels  # noqa: F401  (else the installed copy)
+
+
+_import_npt_kernels()
+from npt_kernels.modulated_swiglu import modulated_gate, modulated_swiglu, modulation_factor  # noqa: E402
 
 __all__ = [
     "NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",

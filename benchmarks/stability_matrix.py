@@ -42,7 +42,7 @@ import debug_nan  # noqa: E402  (the seed's 1 + tanh(m) factor lives there, as a
 import npt  # noqa: E402
 from layer_fit import windows  # noqa: E402
 
-KERNEL = sys.modules["kernels.modulated_swiglu"]  # where modulated_gate looks the factor up
+KERNEL = sys.modules["npt_kernels.modulated_swiglu"]  # where modulated_gate looks the factor up
 
 PRECISIONS = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "fp16": {"use_fp16": True},
               "4bit": {"use_quantization": True}}
