@@ -1,30 +1,33 @@
-"""Neuro-Plastic Transformer (NPT) layers for Hugging Face decoder models: the model side (config, adapter, layer,
-conversion, the teacher toggle, capture, save/load, consolidation). An NPT layer drops the attention residual and lets
-the attention output a modulate the MLP per token through a low-rank code z = A_proj(a):
-
+"""Neuro-Plastic Transformer (NPT) layers for Hugging Face decoder models: config, adapter, layer, conversion, the
+teacher toggle, capture, save/load, consolidation. The attention output a modulates the MLP through z = A_proj(a):
     gate:   h' = h + down(silu(g) * up),  g = gate * (0.5 + sigmoid(z B_mult^T)) + add_scale * z B_add^T
     down:   h' = h + (W_down + sum_k v_k u_k^T)(silu(gate) * up),  v = B_down z in K vectors, u_k learned
-    exact:  a_hat = mu + B A_proj(a - mu),  h' = h + a_hat + MLP(LN2(h + a_hat))
-
-The exact target is an identity (docs/CONTRACT.md section 1b): a's whole effect on the layer is per-token rank-1
-patches of W_gate, W_up and W_down and the post-attention norm's scale; at rank d_model it is the original layer.
-"""
+    exact:  a_hat = mu + B A_proj(a - mu),  h' = h + a_hat + MLP(LN2(h + a_hat)),  an identity at rank d_model
+    (per-token rank-1 patches of W_gate, W_up, W_down and the norm's scale: docs/CONTRACT.md section 1b)."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
+import importlib.machinery
+import importlib.util
 import inspect
 import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from kernels import modulated_gate, modulated_swiglu, modulation_factor
+_KERNELS = Path(__file__).with_name("kernels")  # in a checkout; installed, the package npt_kernels
+if "npt_kernels" not in sys.modules and (_KERNELS / "modulated_swiglu.py").is_file():  # not `kernels`: that is HF's
+    sys.modules["npt_kernels"] = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(
+        "npt_kernels", None, is_package=True))
+    sys.modules["npt_kernels"].__path__ = [str(_KERNELS)]
+from npt_kernels.modulated_swiglu import modulated_gate, modulated_swiglu, modulation_factor  # noqa: E402
 
 __all__ = ["NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
            "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
@@ -649,17 +652,14 @@ def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1
 
 
 def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """Writes one token's exact-target patches (the identity in this module's docstring) into the plain layer
-    h + MLP(LN2(h)):
-    W_gate, W_up += alpha (W (w a_hat) / rms(h)) x^T / |x|^2 with x = LN2(h); the norm's scale w *= 1 + alpha (s - 1),
-    s = rms(h) / rms(h + a_hat); W_down += alpha a_hat act^T / |act|^2 with act the exact layer's. At alpha = 1 the
-    plain layer then gives, on that token's h, the exact layer's output."""
+    """One token's exact patches, so that the plain layer h + MLP(LN2(h)) gives the exact layer's output at alpha 1:
+    W_gate, W_up += alpha (W (w a_hat) / rms(h)) x^T / |x|^2, x = LN2(h); W_down += alpha a_hat act^T / |act|^2; the
+    norm's weight w *= 1 + alpha (s - 1), s = rms(h) / rms(h + a_hat)."""
     dec, norm = layer.layer, layer.layer.post_attention_layernorm
     h = c["input"].float()  # (D,)
     a_hat = layer.adapter.attention_estimate(c["z"].float())  # (D,)
     w = norm.weight.float()
-    x = w * h / norm_rms(norm, h)  # LN2(h)
-    direction = w * a_hat / norm_rms(norm, h)  # what the attention adds to LN2's input direction
+    x, direction = w * h / norm_rms(norm, h), w * a_hat / norm_rms(norm, h)  # LN2(h); what a_hat adds to it
     act = torch.nn.functional.silu(c["gate"].float()) * c["up"].float()  # (F,)
     s = norm_rms(norm, h) / norm_rms(norm, h + a_hat)
     patches = {"gate": alpha * torch.outer(dec.mlp.gate_proj.weight.float() @ direction, x) / x.square().sum(),
@@ -673,8 +673,7 @@ def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float
 
 
 def _consolidation_position(model: nn.Module, input_ids, token_index, alpha, attention_mask) -> int:
-    """consolidate's inputs checked before any weight changes (a ValueError naming the problem); the
-    position in sequence 0 of its `token_index`-th real token (-1: the last real one, whatever the padding)."""
+    """consolidate's inputs checked before any weight changes; the position of sequence 0's token_index-th real token."""
     if not npt_layers(model):
         raise ValueError("model has no NPT layers: convert_to_npt first")
     if not _is_number(alpha) or not math.isfinite(alpha):

@@ -1,11 +1,11 @@
-"""Benchmark of the modulated SwiGLU (kernels.modulated_swiglu) on a CUDA GPU.
+"""Benchmark of the modulated SwiGLU (kernels/modulated_swiglu.py, imported as npt_kernels) on a CUDA GPU.
 
 Times (median of triton.testing.do_bench) the forward, the full backward, and the backward
 without input gradients (gate / up not requiring grad: only z and the adapter weights get
 gradients), for the `gate` modulation target and for `down` (down_u given: the kernels also
 produce down_s = h @ down_u^T and take its gradient), for
 
-  eager     the PyTorch reference (kernels.modulated_swiglu_reference)
+  eager     the PyTorch reference (npt_kernels.modulated_swiglu.modulated_swiglu_reference)
   compile   torch.compile of the reference
   liger     Liger-Kernel's SiLU*mul (LigerSiLUMulFunction) with the adapter matmuls and the
             modulation in PyTorch (only when liger-kernel is importable)
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: `import kernels`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: `import npt` (-> npt_kernels)
 
 DEFAULT_SHAPES = "8192x14336x16,8192x14336x64,8192x1536x16"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,7 +68,8 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------ implementations
 def make_impls(names, add_scale):
-    from kernels import modulated_swiglu, modulated_swiglu_reference, modulation_factor
+    import npt  # noqa: F401  (registers our kernels/ folder as npt_kernels)
+    from npt_kernels.modulated_swiglu import modulated_swiglu, modulated_swiglu_reference, modulation_factor
 
     impls = {}  # name -> fn(gate, up, z, w_add, w_mult, down_u or None)
     if "eager" in names:

@@ -44,7 +44,7 @@ from npt_tools.models import EMBEDDED_MODEL, load_base_model
 from npt_tools.step import optimizer_step, weights_finite
 from layer_fit import windows  # noqa: E402
 
-KERNEL = sys.modules["kernels.modulated_swiglu"]  # where modulated_gate looks the factor up
+KERNEL = sys.modules["npt_kernels.modulated_swiglu"]  # where modulated_gate looks the factor up
 
 PRECISIONS = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "fp16": {"use_fp16": True},
               "4bit": {"use_quantization": True}}

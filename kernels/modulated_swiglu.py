@@ -623,7 +623,7 @@ def _run_self_check(key, gate, up, z, w_add, w_mult, down_u, add_scale) -> bool:
     except Exception as exc:  # noqa: BLE001 - any failure of the kernel path means: do not use it
         problem = f"{type(exc).__name__}: {exc}"
     if problem:
-        warnings.warn(f"kernels.modulated_swiglu: the Triton kernels failed their first-use self-check for "
+        warnings.warn(f"npt_kernels.modulated_swiglu: the Triton kernels failed their first-use self-check for "
                       f"configuration {key}: {problem}; this configuration uses the PyTorch backend for the rest "
                       f"of the process", RuntimeWarning, stacklevel=3)
     return problem is None

@@ -135,7 +135,7 @@ def test_down_target_starts_as_the_plain_mlp_and_trains_every_adapter_weight():
 
 def test_gate_target_forward_unchanged_bitwise():
     """The seed's gate form is exactly h + down_proj(silu(g) * up) of the kernels' reference: no extra term."""
-    from kernels import modulated_swiglu_reference
+    from npt_kernels.modulated_swiglu import modulated_swiglu_reference
 
     model = npt.convert_to_npt(tiny(), npt.NPTConfig(rank=4))
     randomize_adapters(model)

@@ -28,10 +28,12 @@ import torch
 pytest.importorskip("triton", reason="the build check needs the triton package")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # workers import kernels too
+sys.path.insert(0, str(ROOT))  # workers import npt (which registers npt_kernels) too
 # Triton 3.9's default (FP fusion on), said explicitly: unset, every build warns that 3.10 changes it
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-ms = importlib.import_module("kernels.modulated_swiglu")
+import npt  # noqa: E402,F401  (registers our kernels/ folder as npt_kernels)
+
+ms = importlib.import_module("npt_kernels.modulated_swiglu")
 
 # target -> (_block_config's capability, multiprocessors of the reference GPU, shared memory per block)
 TARGETS = {80: ((8, 0), 108, 163 * 1024), 90: ((9, 0), 132, 227 * 1024)}  # A100, H100
@@ -143,7 +145,8 @@ def build(job):
     kernel_name, cap, signature, constexprs, attrs, opts = job
     triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
     triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed by triton
-    fn = getattr(importlib.import_module("kernels.modulated_swiglu")._triton_fns(interpret=False), kernel_name)
+    importlib.import_module("npt")  # registers npt_kernels in this worker
+    fn = getattr(importlib.import_module("npt_kernels.modulated_swiglu")._triton_fns(interpret=False), kernel_name)
     src = ASTSource(fn, signature, dict(constexprs), {tuple(k): v for k, v in attrs})
     log, start = io.StringIO(), time.perf_counter()
     try:

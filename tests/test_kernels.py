@@ -17,9 +17,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import modulated_swiglu  # noqa: E402
+import npt  # noqa: E402,F401  (registers our kernels/ folder as npt_kernels: `kernels` is Hugging Face's)
 
-ms = importlib.import_module("kernels.modulated_swiglu")  # the module (the package re-exports the function)
+ms = importlib.import_module("npt_kernels.modulated_swiglu")
+modulated_swiglu = ms.modulated_swiglu
 
 BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -496,12 +497,13 @@ def test_interpreter_enabled_after_triton_import():
     """TRITON_INTERPRET set only after triton (and kernels) were imported still works."""
     code = (
         "import os, torch\n"
-        "import triton, kernels\n"
+        "import triton, npt\n"
+        "from npt_kernels.modulated_swiglu import modulated_swiglu\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "g, u, z = torch.randn(5, 40), torch.randn(5, 40), torch.randn(5, 3)\n"
         "wa, wm = torch.randn(40, 3), torch.randn(40, 3)\n"
-        "a = kernels.modulated_swiglu(g, u, z, wa, wm, backend='triton')\n"
-        "b = kernels.modulated_swiglu(g, u, z, wa, wm, backend='torch')\n"
+        "a = modulated_swiglu(g, u, z, wa, wm, backend='triton')\n"
+        "b = modulated_swiglu(g, u, z, wa, wm, backend='torch')\n"
         "assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-5) for x, y in zip(a, b))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -516,7 +518,7 @@ def test_torch_path_keeps_fp32_under_fp16_autocast():
     """Under CPU fp16 autocast the code matmuls come out fp16: the gate and the per-token square sums (the
     regularizer) must still be fp32, or a sum past 65,504 overflows (the seed's non-finite losses). float64
     reference."""
-    from kernels import modulated_gate
+    from npt_kernels.modulated_swiglu import modulated_gate
 
     gen = torch.Generator().manual_seed(7)
     gate, z = torch.randn(4, 1536, generator=gen), torch.randn(4, 16, generator=gen) * 30
