@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers import assert_same, rel_err  # noqa: E402
 from kernels import modulated_swiglu  # noqa: E402
 
 ms = importlib.import_module("kernels.modulated_swiglu")  # the module (the package re-exports the function)
@@ -67,13 +68,6 @@ def reference64(gate, up, z, w_add, w_mult, add_scale, dh, c_add, c_mult, down_u
     names = [k for k, v in leaves.items() if v is not None]
     grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)  # z unused if no branch
     return h, add_sq, mult_sq, down_s, dict(zip(names, grads))
-
-
-def rel_err(x, ref):
-    x, ref = x.detach().double(), ref.detach().double()
-    assert x.shape == ref.shape, (x.shape, ref.shape)
-    assert torch.isfinite(x).all(), "non-finite values (unwritten output?)"
-    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 class Inputs(NamedTuple):
@@ -381,15 +375,6 @@ def self_check(monkeypatch):
 def calls_and_grads(backend, inputs):
     """Two calls (so the second meets the recorded verdict) with gradients of every input."""
     return [run(backend, inputs) for _ in range(2)]
-
-
-def assert_same(a, b):
-    for x, y in zip(a, b):
-        if isinstance(x, dict):
-            assert x.keys() == y.keys()
-            assert all(torch.equal(x[k], y[k]) for k in x)
-        else:
-            assert (x is None and y is None) or torch.equal(x, y)
 
 
 @pytest.mark.parametrize("failure", ["wrong values", "exception"])

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import debug_nan
 import npt
 import test_fixed_npt
-from test_train_cli import FAST, GATE, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
+from helpers import FAST, GATE, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
 
 
 def run_in_terminal(args, typed: bytes, env: dict, timeout=120) -> tuple[int, str]:

@@ -13,10 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 import npt
 import pretrain_npt_safe as trainer
+from helpers import ROOT
 
 GATE = ["--modulation_target", "gate"]  # the layout the fixture's adapters were saved in (NPTConfig())
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
