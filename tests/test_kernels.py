@@ -1,12 +1,12 @@
 """Tests of kernels.modulated_swiglu: both backends against an independent float64 reference.
 
-The Triton kernels run on CPU through the Triton interpreter (TRITON_INTERPRET=1, set below
-before anything imports triton).  Expected values are computed here in float64 from the
-formulas, not with the module's own reference.
+The Triton kernels run on CPU through the Triton interpreter: TRITON_INTERPRET=1 is set for each test
+by the autouse fixture `poisoned_buffers` (monkeypatch, so it never leaks into other test modules); the
+kernels read it at call time (`_triton_fns()` builds one set per mode), so it need not be set before
+triton is imported.  Expected values are computed here in float64 from the formulas, not with the
+module's own reference.
 """
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the module copes if it was)
 
 import importlib  # noqa: E402
 from typing import NamedTuple, Optional  # noqa: E402
