@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import npt
-from helpers import LAMBDA, assert_same, make_batch, naive_end_to_end, naive_layerwise, npt_model
+from helpers import (LAMBDA, assert_same, layer_outputs, make_batch, naive_end_to_end, naive_layerwise, npt_model,
+                     ref_update64)
 from npt import equivalence_loss, optimizer_step
 
 ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
@@ -41,13 +42,45 @@ def test_loss_and_gradient_match_naive_reference(tiny_llama, objective, naive, m
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
+def naive_layer_fits64(model, batch, objective):
+    """Float64, per NPT layer: the update error of its output against the teacher's. layerwise: only that layer
+    is NPT (its input and attention exactly the teacher's); end_to_end: every NPT layer on (the student's own
+    trajectory)."""
+    layers, mask = npt.npt_layers(model), batch["attention_mask"]
+    fits = []
+    with torch.no_grad():
+        with npt.npt_disabled(model):
+            inputs, teacher = layer_outputs(model, batch)
+        for layer in layers:
+            for other in layers:
+                other.npt_enabled = objective == "end_to_end" or other is layer
+            try:
+                _, student = layer_outputs(model, batch)
+            finally:
+                for other in layers:
+                    other.npt_enabled = True
+            i = layer.layer_idx
+            fits.append(ref_update64(student[i], teacher[i], inputs[i], mask))
+    return torch.stack(fits)
+
+
 def test_layerwise_differs_from_end_to_end(tiny_llama):
-    """The two objectives are different things (no gradient across layers in layerwise)."""
+    """The two objectives are different things (no gradient across layers in layerwise): the first NPT layer
+    (0) sees the embeddings under both, so its fit is the same; layer 2 sees the teacher's input under
+    layerwise and the student's own (through NPT layer 0) under end_to_end, and each fit is its float64
+    reference."""
     model = npt_model(tiny_llama)
     batch = make_batch([10, 10])
-    a = equivalence_loss(model, batch, "layerwise", LAMBDA).fit.item()
-    b = equivalence_loss(model, batch, "end_to_end", LAMBDA).fit.item()
+    layerwise = equivalence_loss(model, batch, "layerwise", LAMBDA)
+    end_to_end = equivalence_loss(model, batch, "end_to_end", LAMBDA)
+    a, b = layerwise.fit.item(), end_to_end.fit.item()
     assert abs(a - b) > 1e-6
+    ref_a, ref_b = naive_layer_fits64(model, batch, "layerwise"), naive_layer_fits64(model, batch, "end_to_end")
+    assert ref_a[0].item() == pytest.approx(ref_b[0].item(), rel=1e-12)
+    assert abs(ref_a[1] - ref_b[1]).item() > 0.01 * ref_a[1].item()  # the trajectories differ at layer 2
+    torch.testing.assert_close(layerwise.layer_fit.double(), ref_a, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(end_to_end.layer_fit.double(), ref_b, rtol=1e-5, atol=1e-7)
+    assert a - b == pytest.approx((ref_a.mean() - ref_b.mean()).item(), rel=1e-4)
 
 
 class GradRecorder(torch.optim.Optimizer):
