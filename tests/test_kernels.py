@@ -277,15 +277,22 @@ def test_expanded_upstream_grads(backend):
 
 
 def test_backends_return_same_structure():
-    """Same output structure (shapes, dtypes, None-ness) from both backends."""
+    """Same output structure (shapes, dtypes, None-ness) from both backends, and the same values: each
+    backend's outputs against the float64 reference."""
     inputs = make_inputs((3, 7), 50, 8, dtype=torch.bfloat16, mult=False)
     gate, up, z, w_add, w_mult = inputs[:5]
     a = modulated_swiglu(gate, up, z, w_add, w_mult, backend="torch")
     b = modulated_swiglu(gate, up, z, w_add, w_mult, backend="triton")
+    assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert (x is None) == (y is None)
         if x is not None:
             assert x.shape == y.shape and x.dtype == y.dtype
+    ref = reference64(gate, up, z, w_add, w_mult, 0.1, *inputs[5:8])[:3]  # (h, add_sq, mult_sq = None)
+    for backend, outs in (("torch", a), ("triton", b)):
+        assert outs[2] is None and ref[2] is None
+        for name, got, want in zip(("h", "add_sq"), outs[:2], ref[:2]):
+            assert rel_err(got, want) <= TOL[torch.bfloat16], (backend, name)
 
 
 # ------------------------------------------------------------------------------ down modulation
