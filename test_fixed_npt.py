@@ -351,26 +351,5 @@ def main(**flags):
     sys.exit(1 if failed else 0)
 
 
-# ----------------------------------------------------------------------------- pytest collects the same checks
-try:
-    import pytest
-except ImportError:  # running as a script without pytest installed
-    pytest = None
-
-if pytest is not None:
-    @pytest.fixture(scope="module")
-    def subject():
-        """The default subject, as `python test_fixed_npt.py` checks it; one intra-op thread meanwhile (on a
-        shared 2-core machine, spinning OpenMP threads of several processes slow small forwards 10-50x)."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield Subject()
-        torch.set_num_threads(threads)
-
-    @pytest.mark.parametrize("name", list(CHECKS))
-    def test_check(subject, name):
-        CHECKS[name][1](subject)
-
-
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 import pytest
 
 import npt
+from helpers import tiny_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,15 +30,20 @@ def embedded():
 def tiny_llama_dir(tmp_path_factory):
     """A tiny random Llama (2 layers, d_model 64) saved with the embedded model's tokenizer: a local
     --model_name for fast CLI runs of pretrain_npt_safe.py."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(npt.embedded_model_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = tiny_model("llama", layers=2, hidden=64, ffn=128, seed=0, vocab_size=len(tokenizer),
+                       max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=None)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A tiny random Llama in memory (3 layers, d_model 32, vocabulary 97): the base of the loss and
+    evaluation tests (helpers.npt_model converts copies of it)."""
+    return tiny_model("llama", layers=3, hidden=32, ffn=64, seed=0, vocab_size=97, pad_token_id=None)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import npt
-from test_npt import ARCHS, capture_layer_io, padded_npt_forward, randomize_adapters, rel_err, rms_norm64, tiny
+from helpers import ARCHS, capture_layer_io, padded_npt_forward, randomize_adapters, rel_err, rms_norm64, tiny_model
 
 
 def naive_update_error(s, t, h, mask):
@@ -118,10 +118,10 @@ def test_down_target_matches_float64_reference(arch, target):
 
 
 def test_down_target_starts_as_the_plain_mlp_and_trains_every_adapter_weight():
-    model = npt.convert_to_npt(tiny(), npt.NPTConfig(rank=4, modulation_target="down"))
+    model = npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=4, modulation_target="down"))
     ids = torch.randint(1, 128, (1, 6))
     out = model(input_ids=ids).logits
-    ref = npt.convert_to_npt(tiny(), npt.NPTConfig(rank=4, modulation_target="gate", modulation="additive"))
+    ref = npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=4, modulation_target="gate", modulation="additive"))
     for layer in npt.npt_layers(ref):
         torch.nn.init.zeros_(layer.adapter.B_add.weight)  # no modulation at all
     with torch.no_grad():
@@ -137,7 +137,7 @@ def test_gate_target_forward_unchanged_bitwise():
     """The seed's gate form is exactly h + down_proj(silu(g) * up) of the kernels' reference: no extra term."""
     from npt_kernels.modulated_swiglu import modulated_swiglu_reference
 
-    model = npt.convert_to_npt(tiny(), npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=4))
     randomize_adapters(model)
     records, handles = capture_layer_io(model)
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_gate_target_forward_unchanged_bitwise():
 
 @pytest.mark.parametrize("target", ["down", "gate+down"])
 def test_consolidate_writes_the_down_modulation_exactly(target):
-    model = npt.convert_to_npt(tiny("qwen2"), npt.NPTConfig(rank=8, modulation_target=target))
+    model = npt.convert_to_npt(tiny_model("qwen2"), npt.NPTConfig(rank=8, modulation_target=target))
     randomize_adapters(model)
     ids = torch.randint(1, 128, (1, 8))
     records, handles = capture_layer_io(model)
@@ -175,17 +175,17 @@ def test_consolidate_writes_the_down_modulation_exactly(target):
 
 
 def test_down_adapters_save_load_round_trip(tmp_path):
-    model = npt.convert_to_npt(tiny("llama"), npt.NPTConfig(rank=4, layers="1-2", modulation_target="down",
+    model = npt.convert_to_npt(tiny_model("llama"), npt.NPTConfig(rank=4, layers="1-2", modulation_target="down",
                                                             down_rank=2))
     randomize_adapters(model)
     npt.save_adapters(model, tmp_path)
-    fresh = tiny("llama")
+    fresh = tiny_model("llama")
     npt.load_adapters(fresh, tmp_path)
     assert fresh.npt_config.modulation_target == "down" and fresh.npt_config.down_rank == 2
     ids = torch.randint(1, 128, (1, 7))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
-    other = npt.convert_to_npt(tiny("llama"), npt.NPTConfig(rank=4, layers="1-2", modulation_target="down"))
+    other = npt.convert_to_npt(tiny_model("llama"), npt.NPTConfig(rank=4, layers="1-2", modulation_target="down"))
     with pytest.raises(ValueError, match="down_rank"):
         npt.load_adapters(other, tmp_path)
 
@@ -204,7 +204,7 @@ def test_config_files_without_the_new_fields_load_as_gate():
 def test_down_target_on_half_precision_bases(dtype):
     """fp32 adapters on an fp16 / bf16 base: finite outputs in the base's dtype, fp32 gradients for every adapter
     weight, and the output matches the float64 reference to the base dtype's precision."""
-    model = npt.convert_to_npt(tiny("llama").to(dtype), npt.NPTConfig(rank=4, modulation_target="gate+down"))
+    model = npt.convert_to_npt(tiny_model("llama").to(dtype), npt.NPTConfig(rank=4, modulation_target="gate+down"))
     randomize_adapters(model, std=0.1)
     assert {p.dtype for p in npt.get_adapter_params(model)} == {torch.float32}
     records, handles = capture_layer_io(model)
@@ -223,7 +223,7 @@ def test_down_target_on_half_precision_bases(dtype):
 def test_down_target_on_a_4bit_base(tmp_path, embedded):
     """A 4-bit base converts to the down target with fp32 adapters that get finite gradients; consolidating
     into 4-bit weights is refused."""
-    tiny("llama", hidden=128, ffn=256).save_pretrained(tmp_path)
+    tiny_model("llama", hidden=128, ffn=256).save_pretrained(tmp_path)
     embedded[1].save_pretrained(tmp_path)
     model, _ = npt.load_base_model(str(tmp_path), use_quantization=True)
     npt.convert_to_npt(model, npt.NPTConfig(rank=4, modulation_target="down"))
@@ -241,7 +241,7 @@ def test_down_target_on_a_4bit_base(tmp_path, embedded):
 def test_regularizer_stays_fp32_and_finite_under_fp16_autocast():
     """Under fp16 autocast the adapters' matmuls give fp16; codes and down vectors past 256 square past fp16's
     65,504. The per-token regularizer must still be fp32, finite, and equal the float64 reference."""
-    model = npt.convert_to_npt(tiny(), npt.NPTConfig(rank=8, layers="0", modulation_target="gate+down"))
+    model = npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=8, layers="0", modulation_target="gate+down"))
     layer = npt.npt_layers(model)[0]
     with torch.no_grad():
         for p in npt.get_adapter_params(model):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import npt
-from test_npt import ARCHS, capture_layer_io, rel_err, rms_norm64, tiny
+from helpers import ARCHS, capture_layer_io, rel_err, rms_norm64, tiny_model
 
 
 def random_batches(n=3, batch=2, length=20, seed=1, pad=3):
@@ -22,7 +22,7 @@ def random_batches(n=3, batch=2, length=20, seed=1, pad=3):
 
 
 def exact_model(arch="llama", rank=8, layers="all", init=True, **kw):
-    model = npt.convert_to_npt(tiny(arch, **kw), npt.NPTConfig(rank=rank, layers=layers, modulation_target="exact"))
+    model = npt.convert_to_npt(tiny_model(arch, **kw), npt.NPTConfig(rank=rank, layers=layers, modulation_target="exact"))
     if init:
         npt.init_exact(model, random_batches())
     return model
@@ -122,7 +122,7 @@ def test_closed_form_start_is_deterministic_and_equals_its_definition():
 
 def test_init_exact_refuses_other_targets_and_empty_batches():
     with pytest.raises(ValueError, match="exact"):
-        npt.init_exact(npt.convert_to_npt(tiny(), npt.NPTConfig(rank=4)), random_batches(1))
+        npt.init_exact(npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=4)), random_batches(1))
     empty = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.zeros(1, 4, dtype=torch.long)}
     with pytest.raises(ValueError, match="real token"):
         npt.init_exact(exact_model(init=False), [empty])
@@ -154,15 +154,15 @@ def test_consolidated_patches_reproduce_the_exact_layer_for_the_token(arch):
 def test_exact_adapters_save_load_and_teacher_bitwise(tmp_path):
     model = exact_model("qwen2", rank=4, layers="1-2")
     npt.save_adapters(model, tmp_path)
-    fresh = tiny("qwen2")
+    fresh = tiny_model("qwen2")
     npt.load_adapters(fresh, tmp_path)
     assert fresh.npt_config.modulation_target == "exact"
     batch = random_batches(1, seed=9)[0]
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, fresh(**batch).logits)
         with npt.npt_disabled(model):
-            assert torch.equal(model(**batch).logits, tiny("qwen2")(**batch).logits)
-    gate = npt.convert_to_npt(tiny("qwen2"), npt.NPTConfig(rank=4, layers="1-2"))
+            assert torch.equal(model(**batch).logits, tiny_model("qwen2")(**batch).logits)
+    gate = npt.convert_to_npt(tiny_model("qwen2"), npt.NPTConfig(rank=4, layers="1-2"))
     with pytest.raises(ValueError, match="modulation_target"):
         npt.load_adapters(gate, tmp_path)
 

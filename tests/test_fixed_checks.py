@@ -29,6 +29,12 @@ def subject(embedded):
     return checks.Subject(loaded=embedded)
 
 
+@pytest.mark.parametrize("name", list(checks.CHECKS))
+def test_check(subject, name):
+    """Each check of the script passes on the project's own code (what `python test_fixed_npt.py` runs)."""
+    checks.CHECKS[name][1](subject)
+
+
 def fresh_adapter(subject):
     return copy.deepcopy(npt.npt_layers(subject.reference_npt_model)[0].adapter)
 

@@ -1,23 +1,23 @@
-"""Tests of kernels.modulated_swiglu: both backends against an independent float64 reference.
+"""Tests of kernels/modulated_swiglu.py (imported as npt_kernels.modulated_swiglu): both backends against an independent float64 reference.
 
-The Triton kernels run on CPU through the Triton interpreter (TRITON_INTERPRET=1, set below
-before anything imports triton).  Expected values are computed here in float64 from the
-formulas, not with the module's own reference.
+The Triton kernels run on CPU through the Triton interpreter: TRITON_INTERPRET=1 is set for each test
+by the autouse fixture `poisoned_buffers` (monkeypatch, so it never leaks into other test modules); the
+kernels read it at call time (`_triton_fns()` builds one set per mode), so it need not be set before
+triton is imported.  Expected values are computed here in float64 from the formulas, not with the
+module's own reference.
 """
+import importlib
 import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple, Optional
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the module copes if it was)
+import pytest
+import torch
 
-import importlib  # noqa: E402
-from typing import NamedTuple, Optional  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import npt  # noqa: E402,F401  (registers our kernels/ folder as npt_kernels: `kernels` is Hugging Face's)
+import npt  # noqa: F401  (registers our kernels/ folder as npt_kernels: `kernels` is Hugging Face's)
+from helpers import assert_same, rel_err
 
 ms = importlib.import_module("npt_kernels.modulated_swiglu")
 modulated_swiglu = ms.modulated_swiglu
@@ -68,13 +68,6 @@ def reference64(gate, up, z, w_add, w_mult, add_scale, dh, c_add, c_mult, down_u
     names = [k for k, v in leaves.items() if v is not None]
     grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)  # z unused if no branch
     return h, add_sq, mult_sq, down_s, dict(zip(names, grads))
-
-
-def rel_err(x, ref):
-    x, ref = x.detach().double(), ref.detach().double()
-    assert x.shape == ref.shape, (x.shape, ref.shape)
-    assert torch.isfinite(x).all(), "non-finite values (unwritten output?)"
-    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 class Inputs(NamedTuple):
@@ -284,15 +277,22 @@ def test_expanded_upstream_grads(backend):
 
 
 def test_backends_return_same_structure():
-    """Same output structure (shapes, dtypes, None-ness) from both backends."""
+    """Same output structure (shapes, dtypes, None-ness) from both backends, and the same values: each
+    backend's outputs against the float64 reference."""
     inputs = make_inputs((3, 7), 50, 8, dtype=torch.bfloat16, mult=False)
     gate, up, z, w_add, w_mult = inputs[:5]
     a = modulated_swiglu(gate, up, z, w_add, w_mult, backend="torch")
     b = modulated_swiglu(gate, up, z, w_add, w_mult, backend="triton")
+    assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert (x is None) == (y is None)
         if x is not None:
             assert x.shape == y.shape and x.dtype == y.dtype
+    ref = reference64(gate, up, z, w_add, w_mult, 0.1, *inputs[5:8])[:3]  # (h, add_sq, mult_sq = None)
+    for backend, outs in (("torch", a), ("triton", b)):
+        assert outs[2] is None and ref[2] is None
+        for name, got, want in zip(("h", "add_sq"), outs[:2], ref[:2]):
+            assert rel_err(got, want) <= TOL[torch.bfloat16], (backend, name)
 
 
 # ------------------------------------------------------------------------------ down modulation
@@ -382,15 +382,6 @@ def self_check(monkeypatch):
 def calls_and_grads(backend, inputs):
     """Two calls (so the second meets the recorded verdict) with gradients of every input."""
     return [run(backend, inputs) for _ in range(2)]
-
-
-def assert_same(a, b):
-    for x, y in zip(a, b):
-        if isinstance(x, dict):
-            assert x.keys() == y.keys()
-            assert all(torch.equal(x[k], y[k]) for k in x)
-        else:
-            assert (x is None and y is None) or torch.equal(x, y)
 
 
 @pytest.mark.parametrize("failure", ["wrong values", "exception"])

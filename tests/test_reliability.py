@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import npt
+from helpers import assert_same
 
 ONE_TORCH_THREAD = True  # tiny tensors (conftest)
 
@@ -25,12 +26,6 @@ def state(model, opt, sched):
     return ([p.detach().clone() for p in npt.get_adapter_params(model)],
             {k: {n: v.clone() for n, v in st.items()} for k, st in opt.state_dict()["state"].items()},
             copy.deepcopy(sched.state_dict()))
-
-
-def assert_same(a, b):
-    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])), "adapters changed"
-    assert a[1].keys() == b[1].keys() and all(torch.equal(v, b[1][k][n]) for k in a[1] for n, v in a[1][k].items())
-    assert a[2] == b[2], "scheduler changed"
 
 
 @pytest.mark.parametrize("case", ["lr 1e30", "max_grad_norm nan", "first step"])

@@ -4,66 +4,19 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-import npt
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = str(ROOT / "pretrain_npt_safe.py")
-FAST = ["--max_length", "32", "--batch_size", "2", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
-        "--warmup_steps", "2", "--log_steps", "1", "--save_steps", "0", "--seed", "3"]
-GATE = ["--modulation_target", "gate", "--objective", "layerwise"]  # the seed's form, where a test is about it
-
-
-def run(*args, env=None, timeout=300, launcher=()):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([sys.executable, *launcher, SCRIPT, *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def rows(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+from helpers import FAST, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
 
 
 def train_rows(out_dir):
     return [r for r in rows(out_dir) if "loss" in r]
-
-
-def adapters(path):
-    return load_file(str(Path(path) / "adapter_model.safetensors"))
-
-
-def assert_bitwise(a, b):
-    a, b = adapters(a), adapters(b)
-    assert a.keys() == b.keys()
-    diff = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not diff, f"{len(diff)} adapter tensors differ, e.g. {diff[0]}"
-
-
-def assert_loadable(ckpt, model_dir):
-    """A checkpoint directory loads: adapters onto a fresh model, trainer state, optimizer, RNG."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    npt.load_adapters(model, ckpt)
-    state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
-    assert isinstance(state["step"], int) and len(state["position"]) == 3
-    load_file(str(Path(ckpt) / "optimizer.safetensors"))
-    assert load_file(str(Path(ckpt) / "rng_state.safetensors"))["torch"].dtype == torch.uint8
-    return state
 
 
 # ----------------------------------------------------------------------------- 1. the seed's command

@@ -2,22 +2,22 @@
 import pytest
 import torch
 
+from helpers import LAYERS, make_batch, naive_layerwise, npt_model
 from pretrain_npt_safe import evaluate
-from test_train_loss import LAYERS, base, make_batch, naive_layerwise, npt_model  # noqa: F401 (base: a fixture)
 
 ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
 
 
-def test_evaluate_against_plain_forwards(base):
+def test_evaluate_against_plain_forwards(tiny_llama):
     """Teacher ppl is the base model's, student ppl the NPT model's, agreement their top-1 match."""
-    model = npt_model(base)
+    model = npt_model(tiny_llama)
     batches = [make_batch([7, 4], seed=3), make_batch([6], seed=4)]
     got = evaluate(model, batches)
     nll = {"t": 0.0, "s": 0.0}
     agree = count = 0
     for b in batches:
         with torch.no_grad():
-            t = base(**b).logits.double()
+            t = tiny_llama(**b).logits.double()
             s = model(**b).logits.double()
         for i, n in enumerate(b["attention_mask"].sum(1).tolist()):
             tgt = b["input_ids"][i, 1:n]

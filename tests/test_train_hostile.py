@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import debug_nan
 import npt
 import test_fixed_npt
-from test_train_cli import FAST, GATE, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
+from helpers import FAST, GATE, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
 
 
 def run_in_terminal(args, typed: bytes, env: dict, timeout=120) -> tuple[int, str]:
@@ -175,17 +175,6 @@ def launch(*args):
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_all(procs, timeout=300) -> list[float]:
-    """Seconds until each process ended (their output read afterwards)."""
-    t0, ended = time.time(), [None] * len(procs)
-    while None in ended and time.time() - t0 < timeout:
-        for i, p in enumerate(procs):
-            if ended[i] is None and p.poll() is not None:
-                ended[i] = time.time() - t0
-        time.sleep(0.1)
-    return ended
-
-
 def one_error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr[-2000:]
@@ -200,14 +189,15 @@ def test_two_trainers_on_one_output_dir_exactly_one_trains(tmp_path, tiny_llama_
     lone, out = tmp_path / "lone", tmp_path / "out"
     ok(run("--model_name", tiny_llama_dir, "--output_dir", lone, *RACE, "--max_steps", 4))
     procs = [launch("--model_name", tiny_llama_dir, "--output_dir", out, *RACE, "--max_steps", 4) for _ in range(2)]
-    ended = wait_all(procs)
-    outputs = [p.communicate() for p in procs]
+    outputs = [p.communicate(timeout=300) for p in procs]
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 2], [o[1][-1500:] for o in outputs]
     won, lost = codes.index(0), codes.index(2)
     line = one_error_line(outputs[lost][1])
     assert "in use by another run" in line and f"pid {procs[won].pid}" in line, line
-    assert ended[lost] < ended[won], ended  # refused at once, not after training
+    # refused at once, not after training: the loser wrote its one line and nothing else (no run header, no
+    # output), the winner trained
+    assert "NPT pre-training:" in outputs[won][1] and outputs[lost][0] == "", outputs[lost]
     names = sorted(p.name for p in lone.iterdir() if p.name.startswith("checkpoint-"))
     assert names == sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
     for name in names:

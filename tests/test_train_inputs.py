@@ -13,10 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 import npt
 import pretrain_npt_safe as trainer
+from helpers import ROOT
 
 GATE = ["--modulation_target", "gate"]  # the layout the fixture's adapters were saved in (NPTConfig())
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +234,8 @@ MESSAGES = {
     "resume from elsewhere into another run": "holds another run",
     "resume from elsewhere into another run's metrics": "holds another run",
     "not Llama-shaped (GPT-2)": "cannot be converted",
+    "nonexistent model": "no-such-model' not found", "corrupt adapter file": "checkpoint-1' is corrupt",
+    "rank above d_model": "--adapter_rank 65 is out of range: it must lie in 1..64",
 }
 
 
@@ -268,13 +269,15 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, inputs, tiny_llama_d
 
 @pytest.mark.parametrize("case", ["nonexistent model", "corrupt adapter file", "rank above d_model"])
 def test_bad_input_as_a_process(case, inputs, tiny_llama_dir, tmp_path):
-    """The same, through a real interpreter: no traceback, no warning noise, one line."""
+    """The same, through a real interpreter: no traceback, no warning noise, one line that names what was
+    wrong."""
     args = bad_cases(inputs, str(tiny_llama_dir))[case] + ["--output_dir", str(tmp_path / "out")]
     proc = subprocess.run([sys.executable, str(ROOT / "pretrain_npt_safe.py"), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert MESSAGES[case] in lines[0], f"{case}: {lines[0]}"
     assert not (tmp_path / "out").exists()
 
 

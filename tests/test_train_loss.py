@@ -9,107 +9,13 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import npt
+from helpers import (LAMBDA, assert_same, layer_outputs, make_batch, naive_end_to_end, naive_layerwise, npt_model,
+                     ref_update64)
 from npt import equivalence_loss, optimizer_step
 
-LAYERS = [0, 2]  # of 3: a gap, and the last layer (compared before the final norm)
-LAMBDA = 0.3
-
-
 ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
-
-
-@pytest.fixture(scope="module")
-def base():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def npt_model(base, modulation="both"):
-    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4, modulation=modulation, layers=LAYERS))
-    torch.manual_seed(1)
-    with torch.no_grad():  # random, non-zero adapters: every branch matters
-        for p in npt.get_adapter_params(model):
-            p.normal_(0, 0.3)
-    return model
-
-
-def make_batch(lengths, seed=0, total=None):
-    """Right-padded batch of random sequences with the given real lengths."""
-    g = torch.Generator().manual_seed(seed)
-    total = total or max(lengths)
-    ids = torch.zeros(len(lengths), total, dtype=torch.long)
-    mask = torch.zeros(len(lengths), total, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i] = torch.randint(1, 97, (total,), generator=g)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def ref_nmse(s, t, mask):
-    s = s / s.norm(dim=-1, keepdim=True)
-    t = t / t.norm(dim=-1, keepdim=True)
-    per_token = ((s - t) ** 2).sum(-1)
-    m = mask.float()
-    return (per_token * m).sum() / m.sum()
-
-
-def ref_update(s, t, h, mask):
-    """Float64, per real token |s - t|^2 / |t - h|^2: the share of the layer's update missed."""
-    s, t, h = s.double(), t.double(), h.double()
-    per_token = (s - t).pow(2).sum(-1) / (t - h).pow(2).sum(-1)
-    return per_token[mask.bool()].mean().float()
-
-
-def reference(loss, s, t, h, mask):
-    return ref_update(s, t, h, mask) if loss == "update" else ref_nmse(s, t, mask)
-
-
-def layer_outputs(model, batch):
-    """Per-layer outputs from output_hidden_states, the last one taken before the final norm."""
-    pre_norm = {}
-    h = model.model.norm.register_forward_pre_hook(lambda m, a: pre_norm.__setitem__("x", a[0]))
-    try:
-        hs = model(**batch, output_hidden_states=True, use_cache=False).hidden_states
-    finally:
-        h.remove()
-    n = len(model.model.layers)
-    return [hs[i] for i in range(n + 1)][:n] + [None], [hs[i + 1] if i < n - 1 else pre_norm["x"] for i in range(n)]
-
-
-def naive_layerwise(model, batch, loss="cosine"):
-    layers = {layer.layer_idx: layer for layer in npt.npt_layers(model)}
-    mask = batch["attention_mask"]
-    with npt.npt_disabled(model), torch.no_grad():
-        inputs, teacher = layer_outputs(model, batch)
-    mses, regs = [], []
-    for i, layer in layers.items():
-        for other in layers.values():  # only layer i is NPT: its input is exactly the teacher's
-            other.npt_enabled = other is layer
-        try:
-            _, student = layer_outputs(model, batch)
-        finally:
-            for other in layers.values():
-                other.npt_enabled = True
-        mses.append(reference(loss, student[i], teacher[i], inputs[i], mask))
-        regs.append((layer.last_reg * mask).sum() / mask.sum())
-    mse, reg = torch.stack(mses).mean(), torch.stack(regs).mean()
-    return mse + LAMBDA * reg, mse, reg
-
-
-def naive_end_to_end(model, batch, loss="cosine"):
-    mask = batch["attention_mask"]
-    with npt.npt_disabled(model), torch.no_grad():
-        inputs, teacher = layer_outputs(model, batch)
-    _, student = layer_outputs(model, batch)
-    mse = torch.stack([reference(loss, student[i], teacher[i], inputs[i], mask) for i in LAYERS]).mean()
-    layers = npt.npt_layers(model)
-    reg = torch.stack([(layer.last_reg * mask).sum() / mask.sum() for layer in layers]).mean()
-    return mse + LAMBDA * reg, mse, reg
 
 
 def grads_of(model, loss):
@@ -120,8 +26,8 @@ def grads_of(model, loss):
 @pytest.mark.parametrize("objective,naive", [("layerwise", naive_layerwise), ("end_to_end", naive_end_to_end)])
 @pytest.mark.parametrize("modulation", ["both", "additive"])
 @pytest.mark.parametrize("loss", ["update", "cosine"])
-def test_loss_and_gradient_match_naive_reference(base, objective, naive, modulation, loss):
-    model = npt_model(base, modulation)
+def test_loss_and_gradient_match_naive_reference(tiny_llama, objective, naive, modulation, loss):
+    model = npt_model(tiny_llama, modulation)
     batch = make_batch([12, 7, 9])
     out = equivalence_loss(model, batch, objective, LAMBDA, loss)
     ref_loss, ref_mse, ref_reg = naive(model, batch, loss)
@@ -136,13 +42,45 @@ def test_loss_and_gradient_match_naive_reference(base, objective, naive, modulat
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
-def test_layerwise_differs_from_end_to_end(base):
-    """The two objectives are different things (no gradient across layers in layerwise)."""
-    model = npt_model(base)
+def naive_layer_fits64(model, batch, objective):
+    """Float64, per NPT layer: the update error of its output against the teacher's. layerwise: only that layer
+    is NPT (its input and attention exactly the teacher's); end_to_end: every NPT layer on (the student's own
+    trajectory)."""
+    layers, mask = npt.npt_layers(model), batch["attention_mask"]
+    fits = []
+    with torch.no_grad():
+        with npt.npt_disabled(model):
+            inputs, teacher = layer_outputs(model, batch)
+        for layer in layers:
+            for other in layers:
+                other.npt_enabled = objective == "end_to_end" or other is layer
+            try:
+                _, student = layer_outputs(model, batch)
+            finally:
+                for other in layers:
+                    other.npt_enabled = True
+            i = layer.layer_idx
+            fits.append(ref_update64(student[i], teacher[i], inputs[i], mask))
+    return torch.stack(fits)
+
+
+def test_layerwise_differs_from_end_to_end(tiny_llama):
+    """The two objectives are different things (no gradient across layers in layerwise): the first NPT layer
+    (0) sees the embeddings under both, so its fit is the same; layer 2 sees the teacher's input under
+    layerwise and the student's own (through NPT layer 0) under end_to_end, and each fit is its float64
+    reference."""
+    model = npt_model(tiny_llama)
     batch = make_batch([10, 10])
-    a = equivalence_loss(model, batch, "layerwise", LAMBDA).fit.item()
-    b = equivalence_loss(model, batch, "end_to_end", LAMBDA).fit.item()
+    layerwise = equivalence_loss(model, batch, "layerwise", LAMBDA)
+    end_to_end = equivalence_loss(model, batch, "end_to_end", LAMBDA)
+    a, b = layerwise.fit.item(), end_to_end.fit.item()
     assert abs(a - b) > 1e-6
+    ref_a, ref_b = naive_layer_fits64(model, batch, "layerwise"), naive_layer_fits64(model, batch, "end_to_end")
+    assert ref_a[0].item() == pytest.approx(ref_b[0].item(), rel=1e-12)
+    assert abs(ref_a[1] - ref_b[1]).item() > 0.01 * ref_a[1].item()  # the trajectories differ at layer 2
+    torch.testing.assert_close(layerwise.layer_fit.double(), ref_a, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(end_to_end.layer_fit.double(), ref_b, rtol=1e-5, atol=1e-7)
+    assert a - b == pytest.approx((ref_a.mean() - ref_b.mean()).item(), rel=1e-4)
 
 
 class GradRecorder(torch.optim.Optimizer):
@@ -162,8 +100,8 @@ def recorder(model):
 
 
 @pytest.mark.parametrize("objective", ["layerwise", "end_to_end"])
-def test_accumulation_equals_one_big_batch(base, objective):
-    model = npt_model(base)
+def test_accumulation_equals_one_big_batch(tiny_llama, objective):
+    model = npt_model(tiny_llama)
     lengths = [[16, 5], [11], [16, 16, 3]]  # uneven micro-batches and padding
     micro = [make_batch(n, seed=i, total=16) for i, n in enumerate(lengths)]
     big = {k: torch.cat([m[k] for m in micro]) for k in ("input_ids", "attention_mask")}
@@ -177,8 +115,8 @@ def test_accumulation_equals_one_big_batch(base, objective):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
 
 
-def test_gradient_is_clipped_at_max_grad_norm(base):
-    model = npt_model(base)
+def test_gradient_is_clipped_at_max_grad_norm(tiny_llama):
+    model = npt_model(tiny_llama)
     opt, sched = recorder(model)
     # the earlier loss exactly (cosine fit, regularizer summed over F = 64): its gradient is well above 1e-3
     out = optimizer_step(model, opt, sched, [make_batch([12, 12])], max_grad_norm=1e-3,
@@ -193,25 +131,13 @@ def snapshot(model, opt, sched):
             copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict()))
 
 
-def assert_same(a, b):
-    params_a, opt_a, sched_a = a
-    params_b, opt_b, sched_b = b
-    assert all(torch.equal(params_a[n], params_b[n]) for n in params_a), "adapters changed"
-    assert opt_a["param_groups"] == opt_b["param_groups"]
-    assert opt_a["state"].keys() == opt_b["state"].keys()
-    for k in opt_a["state"]:
-        for name, v in opt_a["state"][k].items():
-            assert torch.equal(v, opt_b["state"][k][name]), f"optimizer state {k}.{name} changed"
-    assert sched_a == sched_b, "scheduler changed"
-
-
 def adam(model):
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
 
 
-def test_nan_micro_batch_is_skipped_without_state_change(base):
-    model = npt_model(base)
+def test_nan_micro_batch_is_skipped_without_state_change(tiny_llama):
+    model = npt_model(tiny_llama)
     opt, sched = adam(model)
     optimizer_step(model, opt, sched, [make_batch([8])])  # optimizer state exists before the bad step
     before = snapshot(model, opt, sched)
@@ -237,8 +163,8 @@ def test_nan_micro_batch_is_skipped_without_state_change(base):
     assert_same(snapshot(model, opt, sched), snapshot(twin, twin_opt, twin_sched))
 
 
-def test_inf_gradient_is_skipped_without_state_change(base):
-    model = npt_model(base)
+def test_inf_gradient_is_skipped_without_state_change(tiny_llama):
+    model = npt_model(tiny_llama)
     opt, sched = adam(model)
     optimizer_step(model, opt, sched, [make_batch([8])])
     before = snapshot(model, opt, sched)
@@ -256,8 +182,8 @@ def test_inf_gradient_is_skipped_without_state_change(base):
 
 
 @pytest.mark.parametrize("objective", ["layerwise", "end_to_end"])
-def test_padding_never_counts(base, objective):
-    model = npt_model(base)
+def test_padding_never_counts(tiny_llama, objective):
+    model = npt_model(tiny_llama)
     a, b = make_batch([14], seed=1), make_batch([6], seed=2, total=6)
     padded = make_batch([14, 6], seed=0, total=14)
     padded["input_ids"][0], padded["input_ids"][1, :6] = a["input_ids"][0], b["input_ids"][0]

@@ -2,8 +2,8 @@
 import dataclasses
 import json
 
+import click
 import pytest
-import torch
 
 import npt
 import pretrain_npt_safe as trainer
@@ -60,10 +60,44 @@ def test_validate_is_where_bad_flags_are_refused(tiny_llama_dir, tmp_path, bad, 
     assert not (tmp_path / "out").exists()
 
 
-def test_every_argument_is_a_flag():
+def flag_value(field):
+    """(command-line words, the value TrainArgs should then hold) for one field, never its default."""
+    kind = field.metadata.get("type")
+    if field.type == "bool":
+        return [], True
+    if isinstance(kind, click.Choice):
+        value = next(c for c in kind.choices if c != field.default)
+        return [value], value
+    if field.type.startswith("int"):
+        value = (field.default or 0) + 3
+        return [str(value)], value
+    if field.type.startswith("float"):
+        value = field.default + 0.25
+        return [repr(value)], value
+    value = f"{field.name}-value"
+    return [value], value
+
+
+def test_every_argument_is_a_flag(monkeypatch):
+    """Every TrainArgs field is a flag that reaches its own field with its type (main's TrainArgs, every field
+    off its default at once); --help lists them all but the hidden test hook."""
     from click.testing import CliRunner
+
+    fields = dataclasses.fields(trainer.TrainArgs)
+    argv, expected = [], {}
+    for f in fields:
+        words, expected[f.name] = flag_value(f)
+        argv += [f"--{f.name}", *words]
+    assert all(expected[f.name] != f.default for f in fields)
+    received = []
+    monkeypatch.setattr(trainer, "train", lambda args: received.append(args) or 0)
+    result = CliRunner().invoke(trainer.main, argv, catch_exceptions=False)
+    assert result.exit_code == 0 and len(received) == 1, result.output
+    got = dataclasses.asdict(received[0])
+    assert got == expected
+    assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in expected.items()}
 
     text = CliRunner().invoke(trainer.main, ["--help"]).output
     hidden = {"inject_nan_steps"}
-    assert all(f"--{f.name}" in text for f in dataclasses.fields(trainer.TrainArgs) if f.name not in hidden)
+    assert all(f"--{f.name}" in text for f in fields if f.name not in hidden)
     assert "--inject_nan_steps" not in text
