@@ -1,7 +1,7 @@
 """Shared fixtures. Tests run offline on CPU; the embedded model is built once per machine."""
 import pytest
 
-import npt
+from npt_tools.models import EMBEDDED_MODEL, embedded_model_path, load_base_model
 from helpers import tiny_model
 
 
@@ -23,7 +23,7 @@ def one_torch_thread(request):
 @pytest.fixture(scope="session")
 def embedded():
     """(model, tokenizer) of the embedded smollm2-135m, unconverted: copy before converting."""
-    return npt.load_base_model(npt.EMBEDDED_MODEL)
+    return load_base_model(EMBEDDED_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,7 @@ def tiny_llama_dir(tmp_path_factory):
     from transformers import AutoTokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(npt.embedded_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
     model = tiny_model("llama", layers=2, hidden=64, ffn=128, seed=0, vocab_size=len(tokenizer),
                        max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=None)

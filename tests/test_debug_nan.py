@@ -13,8 +13,10 @@ from safetensors.torch import load_file, save_file
 
 import debug_nan
 import npt
+from npt_tools.closed_form import init_exact
+from npt_tools.models import load_base_model
 from debug_nan import STAGES
-from npt_cli import UserError
+from npt_tools.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_TORCH_THREAD = True
@@ -135,7 +137,7 @@ def test_injected_nan_subprocess_exit_1_and_json(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp16", "4bit"])
 def test_other_precisions(embedded, precision):
-    model, tokenizer = npt.load_base_model(use_fp16=precision == "fp16", use_quantization=precision == "4bit")
+    model, tokenizer = load_base_model(use_fp16=precision == "fp16", use_quantization=precision == "4bit")
     torch.manual_seed(0)
     npt.convert_to_npt(model, npt.NPTConfig(layers="0-5"))
     assert debug_nan.inspect_model(model, tokenizer)["first_nonfinite"] is None
@@ -162,7 +164,7 @@ def test_down_target_stages(embedded, target):
 def test_exact_target_stages(embedded):
     model = fresh_npt(embedded, layers="10-12", modulation_target="exact", rank=16)
     ids = embedded[1](["The attention output, seen through a rank-16 code."] * 2, return_tensors="pt")
-    npt.init_exact(model, [dict(ids)])
+    init_exact(model, [dict(ids)])
     clean = debug_nan.inspect_model(model, embedded[1])
     assert clean["first_nonfinite"] is None
     for e in clean["layers"]:

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import npt
+from npt_tools.models import load_base_model
+from npt_tools.objective import UPDATE_FLOOR, equivalence_loss, update_error
 from helpers import ARCHS, capture_layer_io, padded_npt_forward, randomize_adapters, rel_err, rms_norm64, tiny_model
 
 
@@ -18,7 +20,7 @@ def test_update_error_and_gradient_match_float64():
     t, h = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
     s = (t + 0.3 * torch.randn(2, 6, 32)).requires_grad_()
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    got = npt.update_error(s, t, h, mask)
+    got = update_error(s, t, h, mask)
     got.backward()
     s64 = s.detach().double().requires_grad_()
     ref = naive_update_error(s64, t, h, mask)
@@ -29,8 +31,8 @@ def test_update_error_and_gradient_match_float64():
 
 def test_update_error_is_one_for_a_student_that_adds_nothing_and_zero_for_an_exact_one():
     t, h = torch.randn(3, 7, 48), torch.randn(3, 7, 48)
-    assert npt.update_error(h, t, h).item() == pytest.approx(1.0, abs=1e-6)
-    assert npt.update_error(t, t, h).item() == 0.0
+    assert update_error(h, t, h).item() == pytest.approx(1.0, abs=1e-6)
+    assert update_error(t, t, h).item() == 0.0
 
 
 def test_update_error_ignores_padding_even_when_it_is_not_finite():
@@ -38,7 +40,7 @@ def test_update_error_ignores_padding_even_when_it_is_not_finite():
     s = (t + 0.1 * torch.randn(2, 5, 16)).requires_grad_()
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     poisoned = torch.where(mask.bool()[..., None], s, torch.full_like(s, float("nan")))
-    loss = npt.update_error(poisoned, t, h, mask)
+    loss = update_error(poisoned, t, h, mask)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     assert loss.item() == pytest.approx(naive_update_error(s.detach(), t, h, mask).item(), rel=1e-5)
@@ -52,7 +54,7 @@ def test_update_error_finite_and_scale_free_at_extreme_norms(scale):
     mask = torch.ones(2, 4)
     ref = naive_update_error(s, t, h, mask).item()
     s32 = (s * scale).float().requires_grad_()
-    got = npt.update_error(s32, (t * scale).float(), (h * scale).float(), mask)
+    got = update_error(s32, (t * scale).float(), (h * scale).float(), mask)
     got.backward()
     assert got.item() == pytest.approx(ref, rel=1e-4)
     assert torch.isfinite(s32.grad).all()
@@ -63,14 +65,14 @@ def test_update_error_bounded_where_the_teacher_update_is_tiny():
     t = h.clone()
     t[0, 1] += 1e-12 * torch.randn(64)  # token 1: the teacher layer barely changes it
     s = h + 0.01 * torch.randn(1, 3, 64)  # a student off by 1% of the state
-    per_token = npt.update_error(s, t, h, per_token=True)
+    per_token = update_error(s, t, h, per_token=True)
     assert torch.isfinite(per_token).all()
-    assert per_token[0, 1] <= 1.0 / npt.UPDATE_FLOOR  # |s - t|^2 / (floor |t|^2), not / 1e-24
+    assert per_token[0, 1] <= 1.0 / UPDATE_FLOOR  # |s - t|^2 / (floor |t|^2), not / 1e-24
 
 
 def test_update_error_is_zero_not_nan_on_all_zero_tokens():
     z = torch.zeros(1, 2, 8, requires_grad=True)
-    loss = npt.update_error(z, torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))
+    loss = update_error(z, torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(z.grad).all()
 
@@ -225,12 +227,12 @@ def test_down_target_on_a_4bit_base(tmp_path, embedded):
     into 4-bit weights is refused."""
     tiny_model("llama", hidden=128, ffn=256).save_pretrained(tmp_path)
     embedded[1].save_pretrained(tmp_path)
-    model, _ = npt.load_base_model(str(tmp_path), use_quantization=True)
+    model, _ = load_base_model(str(tmp_path), use_quantization=True)
     npt.convert_to_npt(model, npt.NPTConfig(rank=4, modulation_target="down"))
     assert type(model.model.layers[0].layer.mlp.down_proj).__name__ == "Linear4bit"
     batch = {"input_ids": torch.randint(1, 128, (1, 6)), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
     randomize_adapters(model, std=0.05)
-    loss = npt.equivalence_loss(model, batch).loss
+    loss = equivalence_loss(model, batch).loss
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all()
                                         for p in npt.get_adapter_params(model))

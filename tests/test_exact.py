@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import npt
+from npt_tools.closed_form import init_exact
+from npt_tools.objective import equivalence_loss, next_token_kl
 from helpers import ARCHS, capture_layer_io, rel_err, rms_norm64, tiny_model
 
 
@@ -24,7 +26,7 @@ def random_batches(n=3, batch=2, length=20, seed=1, pad=3):
 def exact_model(arch="llama", rank=8, layers="all", init=True, **kw):
     model = npt.convert_to_npt(tiny_model(arch, **kw), npt.NPTConfig(rank=rank, layers=layers, modulation_target="exact"))
     if init:
-        npt.init_exact(model, random_batches())
+        init_exact(model, random_batches())
     return model
 
 
@@ -90,9 +92,9 @@ def test_exact_layer_matches_float64_reference_below_full_rank(arch):
 def test_closed_form_start_is_deterministic_and_equals_its_definition():
     model = exact_model("mistral", rank=5, init=False)
     batches = random_batches(3, seed=4)
-    kept = npt.init_exact(model, batches)
+    kept = init_exact(model, batches)
     first = {k: v.clone() for k, v in npt._adapter_state(model).items()}
-    assert npt.init_exact(model, batches) == kept
+    assert init_exact(model, batches) == kept
     assert all(torch.equal(first[k], v) for k, v in npt._adapter_state(model).items())
     # the definition, in float64 from the teacher's attention outputs on real tokens only
     attn = {}
@@ -122,10 +124,10 @@ def test_closed_form_start_is_deterministic_and_equals_its_definition():
 
 def test_init_exact_refuses_other_targets_and_empty_batches():
     with pytest.raises(ValueError, match="exact"):
-        npt.init_exact(npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=4)), random_batches(1))
+        init_exact(npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=4)), random_batches(1))
     empty = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.zeros(1, 4, dtype=torch.long)}
     with pytest.raises(ValueError, match="real token"):
-        npt.init_exact(exact_model(init=False), [empty])
+        init_exact(exact_model(init=False), [empty])
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -173,7 +175,7 @@ def test_exact_target_on_half_precision_bases(dtype):
     for p in npt.get_adapter_params(model):
         p.data = p.data.float()  # fp32 master adapters on a half-precision base
     batch = random_batches(1, seed=10)[0]
-    out = npt.equivalence_loss(model, batch, "layerwise", 0.01)
+    out = equivalence_loss(model, batch, "layerwise", 0.01)
     grads = torch.autograd.grad(out.loss, npt.get_adapter_params(model))
     assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
     assert all(p.dtype == torch.float32 for p in npt.get_adapter_params(model))
@@ -192,20 +194,20 @@ def test_next_token_kl_and_its_gradient_match_float64():
     t = torch.randn(2, 5, 50, generator=g) * 3
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
     s.data[0, 0] = float("nan")  # padding never counts
-    value = npt.next_token_kl(s, t, mask)
+    value = next_token_kl(s, t, mask)
     (grad,) = torch.autograd.grad(value, s)
     s64 = s.detach().double().requires_grad_()
     ref = kl64(s64, t, mask)
     (ref_grad,) = torch.autograd.grad(ref, s64)
     assert value.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(grad[mask.bool()].double(), ref_grad[mask.bool()], rtol=1e-4, atol=1e-7)
-    assert npt.next_token_kl(t, t, mask).abs().item() < 1e-6
+    assert next_token_kl(t, t, mask).abs().item() < 1e-6
 
 
 def test_kl_objective_trains_the_exact_adapters_toward_the_teacher():
     model = exact_model("llama", rank=2)
     batch = random_batches(1, seed=11)[0]
-    out = npt.equivalence_loss(model, batch, "kl", 0.01)
+    out = equivalence_loss(model, batch, "kl", 0.01)
     with torch.no_grad(), npt.npt_disabled(model):
         t_logits = model(**batch).logits
     with torch.no_grad():
@@ -217,6 +219,6 @@ def test_kl_objective_trains_the_exact_adapters_toward_the_teacher():
     start = out.fit.item()
     for _ in range(20):
         opt.zero_grad()
-        npt.equivalence_loss(model, batch, "kl", 0.0).loss.backward()
+        equivalence_loss(model, batch, "kl", 0.0).loss.backward()
         opt.step()
-    assert npt.equivalence_loss(model, batch, "kl", 0.0).fit.item() < 0.5 * start
+    assert equivalence_loss(model, batch, "kl", 0.0).fit.item() < 0.5 * start

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import npt
+from npt_tools.objective import equivalence_loss
+from npt_tools.step import StepResult
 import test_fixed_npt as checks
 from debug_nan import tanh_factor
 
@@ -151,13 +153,13 @@ def naive_step(model, optimizer, scheduler, micro_batches, **kwargs):
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for micro in micro_batches:
-        loss = npt.equivalence_loss(model, micro).loss / len(micro_batches)
+        loss = equivalence_loss(model, micro).loss / len(micro_batches)
         loss.backward()
         total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(npt.get_adapter_params(model), 0.5)
     optimizer.step()
     scheduler.step()
-    return npt.StepResult(loss=total, fit=total, reg=0.0, grad_norm=grad_norm.item(), skipped=0)
+    return StepResult(loss=total, fit=total, reg=0.0, grad_norm=grad_norm.item(), skipped=0)
 
 
 def test_step_without_nan_skipping_fails(subject):
@@ -167,7 +169,7 @@ def test_step_without_nan_skipping_fails(subject):
 
 def test_step_that_does_not_train_fails(subject):
     def no_step(model, optimizer, scheduler, micro_batches, **kwargs):
-        return npt.StepResult(loss=1.0, fit=1.0, reg=0.0, grad_norm=0.0, skipped=0)
+        return StepResult(loss=1.0, fit=1.0, reg=0.0, grad_norm=0.0, skipped=0)
 
     with pytest.raises(AssertionError, match="changed no adapter"):
         checks.check_training_step(subject, no_step)

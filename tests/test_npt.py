@@ -1,4 +1,4 @@
-"""npt.py against an independent float64 reference of SPEC section 1, on tiny random decoders."""
+"""npt.py against an independent float64 reference of docs/CONTRACT.md section 1, on tiny random decoders."""
 import copy
 import json
 
@@ -6,11 +6,13 @@ import pytest
 import torch
 
 import npt
+from npt_tools.models import load_base_model
+from npt_tools.objective import normalized_mse
 from helpers import ARCHS, capture_layer_io, padded_npt_forward, randomize_adapters, rel_err, rms_norm64, tiny_model
 
 
 def reference_layer64(layer, h, attn, add_scale):
-    """SPEC section 1 in float64, written from the formula (no project code)."""
+    """docs/CONTRACT.md section 1 in float64, written from the formula (no project code)."""
     dec, ad = layer.layer, layer.adapter
     h, attn = h.double(), attn.double()
     x = rms_norm64(h, dec.post_attention_layernorm)
@@ -93,7 +95,7 @@ def test_only_adapters_train_and_they_are_fp32(dtype):
 def test_four_bit_base_keeps_fp32_adapters(tmp_path, embedded):
     tiny_model("llama", hidden=128, ffn=256).save_pretrained(tmp_path)
     embedded[1].save_pretrained(tmp_path)
-    model, _ = npt.load_base_model(str(tmp_path), use_quantization=True)
+    model, _ = load_base_model(str(tmp_path), use_quantization=True)
     npt.convert_to_npt(model, npt.NPTConfig(rank=4))
     assert type(model.model.layers[0].layer.mlp.gate_proj).__name__ == "Linear4bit"
     assert {p.dtype for p in npt.get_adapter_params(model)} == {torch.float32}
@@ -224,11 +226,11 @@ def test_local_path_loads_like_a_hub_name(tmp_path, embedded):
     base = tiny_model("llama")
     base.save_pretrained(tmp_path)
     embedded[1].save_pretrained(tmp_path)
-    model, tok = npt.load_base_model(str(tmp_path))
+    model, tok = load_base_model(str(tmp_path))
     assert torch.equal(model.model.layers[1].mlp.up_proj.weight, base.model.layers[1].mlp.up_proj.weight)
     assert tok.pad_token is not None
     with pytest.raises(OSError):
-        npt.load_base_model(str(tmp_path / "missing"))
+        load_base_model(str(tmp_path / "missing"))
 
 
 @pytest.mark.slow
@@ -246,11 +248,11 @@ def test_embedded_model_cold_and_warm(tmp_path, monkeypatch):
         return real_from_pretrained(*args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting_from_pretrained)
-    npt.load_base_model("smollm2-135m")
+    load_base_model("smollm2-135m")
     cache = tmp_path / "smollm2-135m"
     assert len(gguf_loads) == 1 and (cache / "config.json").is_file(), gguf_loads
     written = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    model, tok = npt.load_base_model("smollm2-135m")
+    model, tok = load_base_model("smollm2-135m")
     assert len(gguf_loads) == 1, gguf_loads  # warm: the cache, not a second conversion
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == written
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
@@ -262,7 +264,7 @@ def test_embedded_model_cold_and_warm(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_embedded_model_4bit():
-    model, tok = npt.load_base_model("smollm2-135m", use_quantization=True)
+    model, tok = load_base_model("smollm2-135m", use_quantization=True)
     mlp = model.model.layers[0].mlp
     assert all(type(getattr(mlp, n)).__name__ == "Linear4bit" for n in ("gate_proj", "up_proj", "down_proj"))
     npt.convert_to_npt(model, npt.NPTConfig())
@@ -314,9 +316,9 @@ def test_normalized_mse_matches_reference_at_any_scale():
     per_token = (unit(s) - unit(t)).pow(2).sum(-1)  # 2 - 2 cos
     ref = (per_token * mask).sum() / mask.sum()
     for scale in (1e-20, 1.0, 1e18, 1e30):  # fp32 norms over/underflow at the extremes
-        got = npt.normalized_mse((s * scale).float(), (t * scale).float(), mask)
+        got = normalized_mse((s * scale).float(), (t * scale).float(), mask)
         assert abs(got.item() - ref.item()) <= 1e-5 * ref.item(), scale
-    assert torch.isnan(npt.normalized_mse(s.float().index_fill(-1, torch.tensor([0]), float("inf")), t.float()))
+    assert torch.isnan(normalized_mse(s.float().index_fill(-1, torch.tensor([0]), float("inf")), t.float()))
 
 
 def test_deepcopy_after_a_training_forward():

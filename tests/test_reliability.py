@@ -1,4 +1,4 @@
-"""Issue 12, in npt: a step that blows the weights up is undone; an exactly zero hidden state keeps a
+"""Nothing bad is ever called good, in npt: a step that blows the weights up is undone; an exactly zero hidden state keeps a
 clean batch finite; the seed's adapter_config dict converts (tiny random Llama, no files)."""
 import copy
 
@@ -7,6 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import npt
+from npt_tools import objective
+from npt_tools.step import optimizer_step, undo_step, weights_finite
 from helpers import assert_same
 
 ONE_TORCH_THREAD = True  # tiny tensors (conftest)
@@ -34,16 +36,16 @@ def test_step_that_blows_the_weights_up_is_undone(base, case):
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     if case != "first step":  # optimizer state exists before the bad step
-        assert npt.optimizer_step(model, opt, sched, [batch(1)]).stepped
+        assert optimizer_step(model, opt, sched, [batch(1)]).stepped
     before = state(model, opt, sched)
     clip = float("nan") if case == "max_grad_norm nan" else 0.5
     for g in opt.param_groups:
         g["lr"] = 1e30 if case != "max_grad_norm nan" else 1e-3
-    out = npt.optimizer_step(model, opt, sched, [batch(2), batch(3)], max_grad_norm=clip)
+    out = optimizer_step(model, opt, sched, [batch(2), batch(3)], max_grad_norm=clip)
     assert not out.stepped and out.skipped == 2 and out.bad == [0, 1]
     assert set(out.reasons.values()) == {"non-finite weights after the step"}
     assert_same(before, state(model, opt, sched))
-    assert npt.weights_finite(npt.get_adapter_params(model), opt)
+    assert weights_finite(npt.get_adapter_params(model), opt)
 
 
 def test_undo_step_restores_adapters_optimizer_and_schedule(base):
@@ -51,25 +53,25 @@ def test_undo_step_restores_adapters_optimizer_and_schedule(base):
     model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / 10)  # warmup: the rate moves each step
-    assert npt.optimizer_step(model, opt, sched, [batch(1)]).stepped
+    assert optimizer_step(model, opt, sched, [batch(1)]).stepped
     before, lr = state(model, opt, sched), [g["lr"] for g in opt.param_groups]
-    out = npt.optimizer_step(model, opt, sched, [batch(2)])
+    out = optimizer_step(model, opt, sched, [batch(2)])
     assert out.stepped and [g["lr"] for g in opt.param_groups] != lr
-    npt.undo_step(model, opt, sched, out)
+    undo_step(model, opt, sched, out)
     assert_same(before, state(model, opt, sched))
     assert [g["lr"] for g in opt.param_groups] == lr
     with pytest.raises(ValueError, match="no previous state"):
-        npt.undo_step(model, opt, sched, out)  # once only
+        undo_step(model, opt, sched, out)  # once only
 
 
 def test_weights_finite_sees_nan_in_optimizer_state(base):
     model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
-    npt.optimizer_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), [batch(1)])
+    optimizer_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), [batch(1)])
     params = npt.get_adapter_params(model)
-    assert npt.weights_finite(params, opt)
+    assert weights_finite(params, opt)
     opt.state[params[-1]]["exp_avg_sq"][0] = float("nan")
-    assert not npt.weights_finite(params, opt) and npt.weights_finite(params)
+    assert not weights_finite(params, opt) and weights_finite(params)
 
 
 @pytest.mark.parametrize("loss", ["cosine", "update"])
@@ -83,7 +85,7 @@ def test_zero_hidden_state_keeps_a_clean_batch_finite(base, loss, objective):
     b = batch(4)
     b["input_ids"][0, 3] = 5
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
-    out = npt.optimizer_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), [b],
+    out = optimizer_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), [b],
                              objective=objective, loss=loss)
     assert out.skipped == 0 and out.stepped, out.reasons
 
@@ -96,7 +98,7 @@ def test_losses_of_zero_states_have_finite_gradients(fn):
     teacher = torch.randn(1, 3, 8)
     teacher[0, 1] = 0
     args = (student, teacher) if fn == "normalized_mse" else (student, teacher, torch.zeros(1, 3, 8))
-    value = getattr(npt, fn)(*args)
+    value = getattr(objective, fn)(*args)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(student.grad).all()
 
@@ -127,7 +129,7 @@ def test_seed_adapter_config_mismatch_is_a_clear_error(base, bad, message):
     assert message in str(e.value) and not npt.npt_layers(model)
 
 
-# ----------------------------------------------------------------------------- issue 17: values entering the weights
+# ----------------------------------------------------------------------------- values entering the weights
 def trained(base, **config):
     """A converted copy whose adapters have a non-zero modulation (B_mult starts at 0)."""
     model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4, **config))
@@ -197,7 +199,7 @@ def test_consolidate_default_is_the_last_real_token_under_right_padding(base):
     assert not all(torch.allclose(want[k], last_pad[k], atol=1e-6) for k in want)
 
 
-# ----------------------------------------------------------------------------- issue 17: malformed npt_config.json
+# ----------------------------------------------------------------------------- malformed npt_config.json
 @pytest.mark.parametrize("edit, field", [
     (lambda c: c.update(add_scale="big"), "add_scale"),
     (lambda c: c.update(add_scale=float("nan")), "add_scale"),
@@ -221,7 +223,7 @@ def test_load_adapters_names_the_malformed_field(base, tmp_path, edit, field):
     assert field in str(e.value) and "npt_config.json" in str(e.value), str(e.value)
 
 
-# ----------------------------------------------------------------------------- issue 17: a full disk while saving
+# ----------------------------------------------------------------------------- a full disk while saving
 @pytest.mark.parametrize("error", ["OSError", "SafetensorError"])  # safetensors wraps the OS error in its own
 def test_full_disk_while_saving_leaves_the_previous_checkpoint_intact(base, tmp_path, monkeypatch, error):
     import errno
@@ -229,13 +231,13 @@ def test_full_disk_while_saving_leaves_the_previous_checkpoint_intact(base, tmp_
     import safetensors.torch
     from safetensors import SafetensorError
 
-    import pretrain_npt_safe as trainer
+    from npt_tools.checkpoints import DiskFull, TrainerState, save_checkpoint
 
     model = trained(base)
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    state = trainer.TrainerState(step=1, run_id="r1")
-    first = trainer.save_checkpoint(tmp_path, "checkpoint-best", model, opt, sched, state)
+    state = TrainerState(step=1, run_id="r1")
+    first = save_checkpoint(tmp_path, "checkpoint-best", model, opt, sched, state)
     saved = {f.name: f.read_bytes() for f in first.iterdir()}
     real_save = safetensors.torch.save_file
 
@@ -248,8 +250,8 @@ def test_full_disk_while_saving_leaves_the_previous_checkpoint_intact(base, tmp_
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     with torch.no_grad():
         npt.get_adapter_params(model)[0].add_(1.0)
-    with pytest.raises(trainer.DiskFull) as e:
-        trainer.save_checkpoint(tmp_path, "checkpoint-best", model, opt, sched, trainer.TrainerState(step=2, run_id="r1"))
+    with pytest.raises(DiskFull) as e:
+        save_checkpoint(tmp_path, "checkpoint-best", model, opt, sched, TrainerState(step=2, run_id="r1"))
     assert str(tmp_path / "checkpoint-best") in str(e.value) and "MB" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best"]  # no half-written folder
     assert {f.name: f.read_bytes() for f in first.iterdir()} == saved

@@ -178,7 +178,7 @@ def test_eval_metrics_curve_and_tensorboard(tmp_path, tiny_llama_dir):
         assert len(r["eval_layer_update_error"]) == 2 and all(v >= 0 for v in r["eval_layer_update_error"])
         assert r["eval_update_error"] == sum(r["eval_layer_update_error"]) / 2
     for r in train_rows(out):
-        assert {"step", "loss", "mse", "reg", "grad_norm", "lr", "skipped"} <= set(r)
+        assert {"step", "loss", "fit", "reg", "grad_norm", "lr", "skipped"} <= set(r)
     report = json.loads((out / "equivalence.json").read_text())  # the equivalence report: step 0 -> the end
     assert report["layers"] == [0, 1]
     assert report["update_error_start"] == evals[0]["eval_layer_update_error"]

@@ -1,4 +1,4 @@
-"""Issue 12 as a user meets it, through real processes on the tiny random Llama: a model's own code never
+"""Hostile input as a user meets it, through real processes on the tiny random Llama: a model's own code never
 runs, a diverging run keeps its last finite adapters, a second run in the same --output_dir loses nothing,
 a cut-off metrics.jsonl line does not stop a resume, debug_nan --json to an unwritable path is exit 2."""
 import json
@@ -165,7 +165,7 @@ def test_other_scripts_refuse_remote_code_without_the_flag(tmp_path, tiny_llama_
     assert not marker.exists()
 
 
-# ----------------------------------------------------------------------------- issue 17: one run per output dir
+# ----------------------------------------------------------------------------- one run per output dir
 RACE = [*FAST, "--save_steps", 1, "--eval_steps", 0]
 
 
@@ -260,7 +260,7 @@ def trainer_main():
     return pretrain_npt_safe.main
 
 
-# ----------------------------------------------------------------------------- issue 17: a full disk
+# ----------------------------------------------------------------------------- a full disk
 @pytest.fixture
 def tmpfs(tmp_path):
     """mount(size) -> a fresh tmpfs of that size (unmounted after the test)."""
@@ -309,7 +309,7 @@ def test_full_disk_at_the_final_save_is_one_line_and_exit_4(tmp_path, tiny_llama
     assert not [p.name for p in out.iterdir() if p.name.startswith((".npt-tmp", "checkpoint-"))]
 
 
-# ----------------------------------------------------------------------------- issue 17: the other scripts
+# ----------------------------------------------------------------------------- the other scripts
 @pytest.mark.parametrize("edit, field", [(lambda c: [c], "JSON object"), (lambda c: {**c, "add_scale": "big"}, "add_scale"),
                                          (lambda c: {**c, "num_layers": "2"}, "num_layers")])
 def test_debug_nan_refuses_a_malformed_npt_config(tmp_path, tiny_llama_dir, first_run, edit, field):

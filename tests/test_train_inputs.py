@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 import npt
 import pretrain_npt_safe as trainer
 from helpers import ROOT
+from npt_tools.arguments import TrainArgs
+from npt_tools.checkpoints import TrainerState, save_checkpoint
 
 GATE = ["--modulation_target", "gate"]  # the layout the fixture's adapters were saved in (NPTConfig())
 
@@ -30,7 +32,7 @@ def inputs(tmp_path_factory, tiny_llama_dir):
     opt = torch.optim.AdamW(npt.get_adapter_params(model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     (d / "run").mkdir()
-    ckpt = trainer.save_checkpoint(d / "run", "checkpoint-1", model, opt, sched, trainer.TrainerState(step=1))
+    ckpt = save_checkpoint(d / "run", "checkpoint-1", model, opt, sched, TrainerState(step=1))
     blob = (ckpt / "adapter_model.safetensors").read_bytes()
     (ckpt / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2])  # truncated by a crash
     hostile_inputs(d, tiny_llama_dir, model, opt, sched)
@@ -38,7 +40,7 @@ def inputs(tmp_path_factory, tiny_llama_dir):
 
 
 def hostile_inputs(d, tiny_llama_dir, model, opt, sched):
-    """Issue 12's files: broken models, datasets and checkpoints, another run's output dir."""
+    """Broken inputs: broken models, datasets and checkpoints, another run's output dir."""
     shutil.copytree(tiny_llama_dir, d / "truncated")
     blob = (d / "truncated" / "model.safetensors").read_bytes()
     (d / "truncated" / "model.safetensors").write_bytes(blob[: len(blob) // 2])
@@ -57,9 +59,9 @@ def hostile_inputs(d, tiny_llama_dir, model, opt, sched):
         p.grad = torch.ones_like(p)
     opt.step()  # optimizer state to corrupt
     opt.zero_grad()
-    args = trainer.TrainArgs(model_name=str(tiny_llama_dir)).saved()
+    args = TrainArgs(model_name=str(tiny_llama_dir)).saved()
     for name in ("lacks_keys", "wrong_types", "optim_shape", "optim_nan", "saved_args"):
-        trainer.save_checkpoint(d / "run", name, model, opt, sched, trainer.TrainerState(step=1), {"args": args})
+        save_checkpoint(d / "run", name, model, opt, sched, TrainerState(step=1), {"args": args})
     edit_json(d / "run" / "lacks_keys" / "trainer_state.json", lambda s: s.pop("position"))
     edit_json(d / "run" / "wrong_types" / "trainer_state.json", lambda s: s.update(step="two"))
     optim = load_file(str(d / "run" / "optim_shape" / "optimizer.safetensors"))
@@ -71,7 +73,7 @@ def hostile_inputs(d, tiny_llama_dir, model, opt, sched):
     issue17_inputs(d, tiny_llama_dir, model, opt, sched, args)
 
 
-STATE_EDITS = {  # issue 17: trainer_state.json values a resume would feed into training
+STATE_EDITS = {  # trainer_state.json values a resume would feed into training
     "lr_negative": lambda s: s["optimizer_param_groups"][0].update(lr=-1e-3),
     "lr_string": lambda s: s["optimizer_param_groups"][0].update(lr="0.001"),
     "initial_lr_zero": lambda s: s["optimizer_param_groups"][0].update(initial_lr=0.0),
@@ -84,7 +86,7 @@ STATE_EDITS = {  # issue 17: trainer_state.json values a resume would feed into 
     "args_list": lambda s: s.update(args=[1]),
     "rng_strings": lambda s: s.update(python_rng=[3, ["a"], None]),
 }
-CONFIG_EDITS = {  # issue 17: npt_config.json of the wrong shape
+CONFIG_EDITS = {  # npt_config.json of the wrong shape
     "add_scale_big": lambda c: c.update(add_scale="big"),
     "add_scale_nan": lambda c: c.update(add_scale=float("nan")),
     "num_layers_string": lambda c: c.update(num_layers="2"),
@@ -93,13 +95,13 @@ CONFIG_EDITS = {  # issue 17: npt_config.json of the wrong shape
 
 
 def issue17_inputs(d, tiny_llama_dir, model, opt, sched, args):
-    """Issue 17's files: hostile trainer states, npt configs, NaN adapters, datasets, model folders."""
+    """Hostile files: hostile trainer states, npt configs, NaN adapters, datasets, model folders."""
     for name, change in {**STATE_EDITS, **CONFIG_EDITS}.items():
-        trainer.save_checkpoint(d / "run", name, model, opt, sched, trainer.TrainerState(step=1), {"args": args})
+        save_checkpoint(d / "run", name, model, opt, sched, TrainerState(step=1), {"args": args})
         target = "npt_config.json" if name in CONFIG_EDITS else "trainer_state.json"
         data = json.loads((d / "run" / name / target).read_text())
         (d / "run" / name / target).write_text(json.dumps(change(data) or data))
-    trainer.save_checkpoint(d / "run", "nan_adapters", model, opt, sched, trainer.TrainerState(step=1), {"args": args})
+    save_checkpoint(d / "run", "nan_adapters", model, opt, sched, TrainerState(step=1), {"args": args})
     weights = load_file(str(d / "run" / "nan_adapters" / "adapter_model.safetensors"))
     next(iter(weights.values()))[0] = float("nan")
     save_file(weights, str(d / "run" / "nan_adapters" / "adapter_model.safetensors"))
@@ -114,7 +116,7 @@ def issue17_inputs(d, tiny_llama_dir, model, opt, sched, args):
     MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=1, num_local_experts=4).save_pretrained(d / "mixtral_config_only")
     other = d / "other_run_ckpt"  # another run's directory: its metrics and its checkpoint
-    trainer.save_checkpoint(other, "checkpoint-1", model, opt, sched, trainer.TrainerState(step=1, run_id="theirs"),
+    save_checkpoint(other, "checkpoint-1", model, opt, sched, TrainerState(step=1, run_id="theirs"),
                             {"args": args})
     (other / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
 
@@ -149,7 +151,7 @@ def bad_cases(d, model):
         "wandb missing": ["--model_name", model, "--use_wandb"],
         "streaming without max_steps": ["--model_name", model, "--streaming", "--max_steps", "0"],
         "unknown mixed precision": ["--model_name", model, "--mixed_precision", "fp8"],
-        # issue 12
+        # broken inputs
         "not SwiGLU (hidden_act gelu)": ["--model_name", str(d / "gelu")],
         "not Llama-shaped (GPT-2)": ["--model_name", str(d / "gpt2")],
         "truncated model weights": ["--model_name", str(d / "truncated")],
@@ -219,7 +221,7 @@ def issue17_cases(d, model):
     }
 
 
-# what the one line must say (issue 17, class 4: what was actually wrong)
+# what the one line must say: what was actually wrong
 MESSAGES = {
     "state lr_negative": "lr", "state betas_one": "betas", "state last_epoch_string": "last_epoch",
     "state lr_string": "lr", "state maximize": "maximize", "resume npt_config add_scale_big": "add_scale",

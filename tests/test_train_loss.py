@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import npt
+from npt_tools.step import nan_embeddings
 from helpers import (LAMBDA, assert_same, layer_outputs, make_batch, naive_end_to_end, naive_layerwise, npt_model,
                      ref_update64)
-from npt import equivalence_loss, optimizer_step
+from npt_tools.objective import equivalence_loss
+from npt_tools.step import optimizer_step
 
 ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
 
@@ -142,7 +144,7 @@ def test_nan_micro_batch_is_skipped_without_state_change(tiny_llama):
     optimizer_step(model, opt, sched, [make_batch([8])])  # optimizer state exists before the bad step
     before = snapshot(model, opt, sched)
     bad = make_batch([8, 8], seed=5)
-    with npt.nan_embeddings(model, lambda ids: torch.equal(ids, bad["input_ids"])):
+    with nan_embeddings(model, lambda ids: torch.equal(ids, bad["input_ids"])):
         out = optimizer_step(model, opt, sched, [bad, bad])
     assert out.skipped == 2 and out.bad == [0, 1]
     assert out.loss != out.loss  # NaN: no step
@@ -156,7 +158,7 @@ def test_nan_micro_batch_is_skipped_without_state_change(tiny_llama):
     twin_opt, twin_sched = adam(twin)
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict shares tensors otherwise
     twin_sched.load_state_dict(sched.state_dict())
-    with npt.nan_embeddings(model, lambda ids: torch.equal(ids, bad["input_ids"])):
+    with nan_embeddings(model, lambda ids: torch.equal(ids, bad["input_ids"])):
         out = optimizer_step(model, opt, sched, [good, bad])
     ref = optimizer_step(twin, twin_opt, twin_sched, [good])
     assert out.skipped == 1 and ref.skipped == 0 and out.loss == ref.loss

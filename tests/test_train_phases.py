@@ -1,4 +1,4 @@
-"""pretrain_npt_safe's phases called one by one without the CLI, and its typed state on disk."""
+"""pretrain_npt_safe's Trainer run step by step without the CLI, the checks before it, and its typed state on disk."""
 import dataclasses
 import json
 
@@ -7,6 +7,10 @@ import pytest
 
 import npt
 import pretrain_npt_safe as trainer
+from npt_tools.arguments import TrainArgs
+from npt_tools.checkpoints import TrainerState
+from npt_tools.cli import UserError
+from npt_tools.plan import make_plan
 
 ONE_TORCH_THREAD = True
 
@@ -14,50 +18,57 @@ ONE_TORCH_THREAD = True
 def tiny_args(tiny_llama_dir, out, **overrides):
     fast = dict(max_steps=3, max_length=32, batch_size=2, gradient_accumulation_steps=1, learning_rate=5e-5,
                 warmup_steps=0, log_steps=1, save_steps=2, seed=3)
-    return trainer.TrainArgs(model_name=str(tiny_llama_dir), output_dir=str(out), **{**fast, **overrides})
+    return TrainArgs(model_name=str(tiny_llama_dir), output_dir=str(out), **{**fast, **overrides})
 
 
 def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
     args = tiny_args(tiny_llama_dir, tmp_path / "out")
-    plan = args.validate()
+    plan = make_plan(args)
     assert plan.layer_indices == [0, 1] and plan.resume is None and not (tmp_path / "out").exists()
-    data = trainer.load_data(args)
-    procs = trainer.start_processes(args)
-    assert procs.world == 1 and procs.main and procs.reduce is None
-    model, optimizer, scheduler = trainer.build_model(args, plan, procs, trainer.count_steps(args, data, procs.world))
-    assert [layer.layer_idx for layer in npt.npt_layers(model)] == [0, 1]
-    state = trainer.restore(plan, model, optimizer, scheduler)
-    assert state == trainer.TrainerState(run_id=state.run_id) and len(state.run_id) == 12
-    session = trainer.Session(args, plan, data, procs, model, optimizer, scheduler, state, 3).open()
-    line = trainer.closed_form_start(session)  # the default exact target's start
+    run = trainer.Trainer(args, plan).setup()
+    assert run.procs.world == 1 and run.procs.main and run.procs.reduce is None and run.total_steps == 3
+    assert [layer.layer_idx for layer in npt.npt_layers(run.model)] == [0, 1]
+    state = run.state
+    assert state == TrainerState(run_id=state.run_id) and len(state.run_id) == 12
+    line = run.closed_form_start()  # the default exact target's start
     assert line.startswith("closed-form start") and state.closed_form_start["tokens"] > 64
-    assert trainer.closed_form_start(session) is None  # done once, recorded in the state
-    assert trainer.loop(session) == 0 and state.step == 3 and state.tokens > 0
-    trainer.finish(session, 0)
+    assert run.closed_form_start() is None  # done once, recorded in the state
+    assert run.train() == 0 and state.step == 3 and state.tokens > 0
+    run.cleanup(0)
     saved = json.loads((tmp_path / "out" / "checkpoint-final" / "trainer_state.json").read_text())
-    assert trainer.TrainerState.from_dict(saved) == state  # the state round-trips through trainer_state.json
+    assert TrainerState.from_dict(saved) == state  # the state round-trips through trainer_state.json
     assert saved["args"]["max_steps"] == 3 and saved["world_size"] == 1
 
 
 def test_resume_plan_reads_the_checkpoint(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert trainer.train(tiny_args(tiny_llama_dir, out)) == 0
-    plan = tiny_args(tiny_llama_dir, tmp_path / "again", resume_from_checkpoint=str(out / "checkpoint-2")).validate()
+    plan = make_plan(tiny_args(tiny_llama_dir, tmp_path / "again", resume_from_checkpoint=str(out / "checkpoint-2")))
     assert plan.resume.state.step == 2  # the default: exact at d_model (64), capped from 256
     assert plan.resume.npt_config == npt.NPTConfig(rank=64, modulation_target="exact")
     assert plan.resume.state.closed_form_start["method"] == "principal directions"
-    with pytest.raises(trainer.UserError, match="rank is 64 there, 8 here"):
-        tiny_args(tiny_llama_dir, tmp_path / "again", adapter_rank=8,
-                  resume_from_checkpoint=str(out / "checkpoint-2")).validate()
+    with pytest.raises(UserError, match="rank is 64 there, 8 here"):
+        make_plan(tiny_args(tiny_llama_dir, tmp_path / "again", adapter_rank=8,
+                            resume_from_checkpoint=str(out / "checkpoint-2")))
 
 
 @pytest.mark.parametrize("bad, message", [({"learning_rate": 0.0}, "learning_rate"),
                                           ({"inject_nan_steps": "x"}, "inject_nan_steps"),
                                           ({"npt_layers": "7"}, "npt_layers")])
-def test_validate_is_where_bad_flags_are_refused(tiny_llama_dir, tmp_path, bad, message):
-    with pytest.raises(trainer.UserError, match=message):
-        tiny_args(tiny_llama_dir, tmp_path / "out", **bad).validate()
+def test_make_plan_is_where_bad_flags_are_refused(tiny_llama_dir, tmp_path, bad, message):
+    with pytest.raises(UserError, match=message):
+        make_plan(tiny_args(tiny_llama_dir, tmp_path / "out", **bad))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad, message", [({"learning_rate": 0.0}, "learning_rate"),
+                                          ({"inject_nan_steps": "x"}, "inject_nan_steps"),
+                                          ({"seed": -1}, "seed"), ({"run_name": "../x"}, "run_name")])
+def test_cheap_checks_read_no_file(tmp_path, bad, message):
+    """TrainArgs.check refuses what needs no file: a model that does not exist is not looked at."""
+    with pytest.raises(UserError, match=message):
+        TrainArgs(model_name=str(tmp_path / "no-such-model"), **bad).check()
+    assert TrainArgs(model_name=str(tmp_path / "no-such-model")).check().model_name.endswith("no-such-model")
 
 
 def flag_value(field):
@@ -83,7 +94,7 @@ def test_every_argument_is_a_flag(monkeypatch):
     off its default at once); --help lists them all but the hidden test hook."""
     from click.testing import CliRunner
 
-    fields = dataclasses.fields(trainer.TrainArgs)
+    fields = dataclasses.fields(TrainArgs)
     argv, expected = [], {}
     for f in fields:
         words, expected[f.name] = flag_value(f)

@@ -6,6 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import npt
+from npt_tools.models import load_base_model
+from npt_tools.objective import equivalence_loss
 
 
 def dequantized_copy(qmodel, fp_model):
@@ -24,7 +26,7 @@ def dequantized_copy(qmodel, fp_model):
 @pytest.mark.parametrize("objective", ["layerwise", "end_to_end"])
 def test_4bit_gradients_match_dequantized_model(tiny_llama_dir, objective):
     pytest.importorskip("bitsandbytes")
-    qmodel, _ = npt.load_base_model(str(tiny_llama_dir), use_quantization=True, device="cpu")
+    qmodel, _ = load_base_model(str(tiny_llama_dir), use_quantization=True, device="cpu")
     ref = dequantized_copy(qmodel, AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval())
     models = []
     for m in (qmodel, ref):
@@ -41,7 +43,7 @@ def test_4bit_gradients_match_dequantized_model(tiny_llama_dir, objective):
     grads = []
     for m in models:
         for _ in range(2):  # a second call sees whatever the first (no-grad teacher pass) did to the weights
-            out = npt.equivalence_loss(m, batch, objective, 0.0)  # the MSE path alone: through the 4-bit MLP
+            out = equivalence_loss(m, batch, objective, 0.0)  # the MSE path alone: through the 4-bit MLP
             g = torch.autograd.grad(out.loss, npt.get_adapter_params(m))
         grads.append((out.loss, g))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=5e-3, atol=1e-7)  # bnb CPU kernels round differently
