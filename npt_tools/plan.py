@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -28,7 +29,6 @@ class Plan:
     layer_indices: list[int]
     resume: "Resume | None"
     inject: set[int]  # micro-batch groups to poison (tests)
-    wandb: object | None  # the wandb module when --use_wandb
     run_id: str = ""  # the resumed run's id, or a new one: checkpoints and the output-dir lock name it
 
 
@@ -36,7 +36,8 @@ def make_plan(args: TrainArgs) -> Plan:
     """Refuse bad input (one line, exit 2) before any model or data loads or any file is written; what the flags
     resolve to. Reads the model's config, a checkpoint to resume and adapters to start from, never weights."""
     args.check()
-    wandb = _wandb_or_fail(args)
+    if args.use_wandb and importlib.util.find_spec("wandb") is None:
+        fail("--use_wandb needs the wandb package: pip install wandb (or drop --use_wandb)")
     if args.log_file is not None:
         log = Path(args.log_file).expanduser().resolve()
         if log.is_dir() or not log.parent.is_dir() or not can_create_in(log.parent):
@@ -65,7 +66,7 @@ def make_plan(args: TrainArgs) -> Plan:
     if args.kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         fail("--kernel triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --kernel auto")
     run_id = resume.state.run_id if resume is not None and resume.state.run_id else uuid.uuid4().hex[:12]
-    return Plan(output_dir, npt_config, layer_indices, resume, parse_steps(args.inject_nan_steps), wandb, run_id)
+    return Plan(output_dir, npt_config, layer_indices, resume, parse_steps(args.inject_nan_steps), run_id)
 
 
 def _check_init_adapters(args: TrainArgs, npt_config: npt.NPTConfig, num_layers: int, resume: "Resume | None") -> None:
@@ -123,16 +124,6 @@ def _check_resume_target(args: TrainArgs, output_dir: Path, resume: "Resume") ->
     if others or ((output_dir / "metrics.jsonl").exists() and not ours):
         fail(f"--output_dir {args.output_dir!r} holds another run than the checkpoint "
              f"{args.resume_from_checkpoint!r}: resume into a new --output_dir or the checkpoint's own")
-
-
-def _wandb_or_fail(args: TrainArgs):
-    if not args.use_wandb:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        fail("--use_wandb needs the wandb package: pip install wandb (or drop --use_wandb)")
-    return wandb
 
 
 def _resume_or_fail(args: TrainArgs, output_dir: Path) -> "Resume | None":
