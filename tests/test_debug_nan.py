@@ -16,6 +16,7 @@ import npt
 from debug_nan import STAGES
 from npt_cli import UserError
 
+pytestmark = pytest.mark.integration  # the embedded model, debug_nan.py as a process
 ROOT = Path(__file__).resolve().parents[1]
 ONE_TORCH_THREAD = True
 NUM_LAYERS = 30

@@ -14,6 +14,7 @@ import npt
 import test_fixed_npt as checks
 from debug_nan import tanh_factor
 
+pytestmark = pytest.mark.integration  # the embedded model, the script as a process
 ROOT = Path(__file__).resolve().parents[1]
 ONE_TORCH_THREAD = True
 

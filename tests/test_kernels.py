@@ -22,7 +22,7 @@ from kernels import modulated_swiglu  # noqa: E402
 
 ms = importlib.import_module("kernels.modulated_swiglu")  # the module (the package re-exports the function)
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.integration)]  # the interpreter: slow
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
@@ -484,6 +484,7 @@ def test_shape_mismatch_raises():
         modulated_swiglu(gate, up, z, w_add[:, :1], w_mult, backend="triton")
 
 
+@pytest.mark.integration
 def test_interpreter_enabled_after_triton_import():
     """TRITON_INTERPRET set only after triton (and kernels) were imported still works."""
     code = (
