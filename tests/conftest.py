@@ -1,8 +1,41 @@
-"""Shared fixtures. Tests run offline on CPU; the embedded model is built once per machine."""
+"""Shared fixtures and the two tiers. Tests run offline on CPU; the embedded model is built once per machine.
+
+Tiers: `python -m pytest` runs the fast tier (tiny random models and pure functions); tests marked
+`integration` (the embedded smollm2 model, subprocess trainings and CLIs, Triton GPU builds, slow
+Triton-interpreter runs) are deselected unless `--full` is given (both tiers) or a `-m` expression
+chooses (`-m integration`: that tier alone).
+"""
 import pytest
 
 from npt_tools.models import EMBEDDED_MODEL, embedded_model_path, load_base_model
 from helpers import tiny_model
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="run the integration tier too (tests marked integration: the embedded model, "
+                          "subprocesses, Triton GPU builds); without it (and without -m) they are deselected")
+
+
+def _integration_deselected(config) -> bool:
+    return not config.getoption("--full") and not config.option.markexpr
+
+
+def pytest_report_header(config):
+    if _integration_deselected(config):
+        return "tier: fast (integration tests deselected: --full runs both tiers, -m integration only that one)"
+    return "tier: full" if config.getoption("--full") else f"tier: -m {config.option.markexpr!r}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _integration_deselected(config):
+        return
+    fast, integration = [], []
+    for item in items:
+        (integration if item.get_closest_marker("integration") else fast).append(item)
+    if integration:
+        config.hook.pytest_deselected(items=integration)
+        items[:] = fast
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -18,6 +18,7 @@ from npt_tools.models import load_base_model
 from debug_nan import STAGES
 from npt_tools.cli import UserError
 
+pytestmark = pytest.mark.integration  # the embedded model, debug_nan.py as a process
 ROOT = Path(__file__).resolve().parents[1]
 ONE_TORCH_THREAD = True
 NUM_LAYERS = 30

@@ -222,6 +222,7 @@ def test_down_target_on_half_precision_bases(dtype):
                for p in npt.get_adapter_params(model))
 
 
+@pytest.mark.integration
 def test_down_target_on_a_4bit_base(tmp_path, embedded):
     """A 4-bit base converts to the down target with fp32 adapters that get finite gradients; consolidating
     into 4-bit weights is refused."""

@@ -204,6 +204,7 @@ def test_next_token_kl_and_its_gradient_match_float64():
     assert next_token_kl(t, t, mask).abs().item() < 1e-6
 
 
+@pytest.mark.integration
 def test_kl_objective_trains_the_exact_adapters_toward_the_teacher():
     model = exact_model("llama", rank=2)
     batch = random_batches(1, seed=11)[0]

@@ -16,6 +16,7 @@ from npt_tools.step import StepResult
 import test_fixed_npt as checks
 from debug_nan import tanh_factor
 
+pytestmark = pytest.mark.integration  # the embedded model, the script as a process
 ROOT = Path(__file__).resolve().parents[1]
 ONE_TORCH_THREAD = True
 

@@ -27,6 +27,7 @@ import torch
 
 pytest.importorskip("triton", reason="the build check needs the triton package")
 
+pytestmark = pytest.mark.integration  # Triton GPU builds (ptxas), minutes
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # workers import npt (which registers npt_kernels) too
 # Triton 3.9's default (FP fusion on), said explicitly: unset, every build warns that 3.10 changes it

@@ -22,7 +22,7 @@ from helpers import assert_same, rel_err
 ms = importlib.import_module("npt_kernels.modulated_swiglu")
 modulated_swiglu = ms.modulated_swiglu
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.integration)]  # the interpreter: slow
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
@@ -484,6 +484,7 @@ def test_shape_mismatch_raises():
         modulated_swiglu(gate, up, z, w_add[:, :1], w_mult, backend="triton")
 
 
+@pytest.mark.integration
 def test_interpreter_enabled_after_triton_import():
     """TRITON_INTERPRET set only after triton (and kernels) were imported still works."""
     code = (

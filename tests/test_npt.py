@@ -92,6 +92,7 @@ def test_only_adapters_train_and_they_are_fp32(dtype):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in npt.get_adapter_params(model))
 
 
+@pytest.mark.integration
 def test_four_bit_base_keeps_fp32_adapters(tmp_path, embedded):
     tiny_model("llama", hidden=128, ffn=256).save_pretrained(tmp_path)
     embedded[1].save_pretrained(tmp_path)
@@ -222,6 +223,7 @@ def test_convert_refuses_twice_and_non_decoders():
         npt.convert_to_npt(torch.nn.Sequential(torch.nn.Linear(3, 3)), npt.NPTConfig(rank=1))
 
 
+@pytest.mark.integration
 def test_local_path_loads_like_a_hub_name(tmp_path, embedded):
     base = tiny_model("llama")
     base.save_pretrained(tmp_path)
@@ -233,7 +235,7 @@ def test_local_path_loads_like_a_hub_name(tmp_path, embedded):
         load_base_model(str(tmp_path / "missing"))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_embedded_model_cold_and_warm(tmp_path, monkeypatch):
     """Cold: the first load into an empty cache converts the GGUF file, once. Warm: a second load reads the
     safetensors cache, never the GGUF file, and rewrites nothing."""
@@ -262,7 +264,7 @@ def test_embedded_model_cold_and_warm(tmp_path, monkeypatch):
         assert torch.isfinite(model(**batch).logits).all()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_embedded_model_4bit():
     model, tok = load_base_model("smollm2-135m", use_quantization=True)
     mlp = model.model.layers[0].mlp

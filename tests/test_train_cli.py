@@ -15,6 +15,9 @@ import torch
 from helpers import FAST, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
 
 
+pytestmark = pytest.mark.integration  # trainings as subprocesses
+
+
 def train_rows(out_dir):
     return [r for r in rows(out_dir) if "loss" in r]
 
@@ -26,7 +29,6 @@ SEED_COMMAND = """--model_name meta-llama/Llama-3.1-8B --adapter_rank 16 --use_q
     --log_steps 10 --save_steps 500 --use_wandb""".split()
 
 
-@pytest.mark.slow
 def test_seed_recommended_command_4bit(tmp_path):
     args = list(SEED_COMMAND)
     args[args.index("--model_name") + 1] = "smollm2-135m"

@@ -63,6 +63,7 @@ class EvilModel(LlamaForCausalLM):
     return model, marker
 
 
+@pytest.mark.integration
 def test_remote_code_never_runs_even_when_y_is_typed(tmp_path, tiny_llama_dir):
     model, marker = remote_code_model(tmp_path, tiny_llama_dir)
     code, output = run_in_terminal(["--model_name", model, "--output_dir", tmp_path / "out", "--max_steps", 1],
@@ -73,6 +74,7 @@ def test_remote_code_never_runs_even_when_y_is_typed(tmp_path, tiny_llama_dir):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("lr", ["1e30", "1e10"])
 @pytest.mark.parametrize("warmup", [0, 2])
 def test_diverging_learning_rate_keeps_the_last_finite_adapters(tmp_path, tiny_llama_dir, warmup, lr):
@@ -120,6 +122,7 @@ def run_id(ckpt) -> str:
     return json.loads((ckpt / "trainer_state.json").read_text())["run_id"]
 
 
+@pytest.mark.integration
 def test_second_run_in_the_same_output_dir_loses_nothing(tmp_path, tiny_llama_dir, first_run):
     out = tmp_path / "out"
     shutil.copytree(first_run, out)
@@ -135,6 +138,7 @@ def test_second_run_in_the_same_output_dir_loses_nothing(tmp_path, tiny_llama_di
     assert latest.returncode == 2 and "ambiguous" in latest.stderr  # never silently the other run
 
 
+@pytest.mark.integration
 def test_cut_off_metrics_line_does_not_stop_a_resume(tmp_path, tiny_llama_dir, first_run):
     out = tmp_path / "out"
     shutil.copytree(first_run, out)
@@ -185,6 +189,7 @@ def without_timing(rows_):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows_]
 
 
+@pytest.mark.integration
 def test_two_trainers_on_one_output_dir_exactly_one_trains(tmp_path, tiny_llama_dir):
     lone, out = tmp_path / "lone", tmp_path / "out"
     ok(run("--model_name", tiny_llama_dir, "--output_dir", lone, *RACE, "--max_steps", 4))
@@ -205,6 +210,7 @@ def test_two_trainers_on_one_output_dir_exactly_one_trains(tmp_path, tiny_llama_
     assert without_timing(rows(out)) == without_timing(rows(lone))
 
 
+@pytest.mark.integration
 def test_resume_while_the_run_trains_is_refused_and_a_killed_runs_lock_is_not(tmp_path, tiny_llama_dir):
     out = tmp_path / "out"
     first = launch("--model_name", tiny_llama_dir, "--output_dir", out, *RACE, "--max_steps", 40)
@@ -227,6 +233,7 @@ def user_files(out):
     return {str(p.relative_to(out)): (p.read_bytes() if p.is_file() else None) for p in sorted(out.rglob("*"))}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("overwrite", [True, False])
 def test_output_dir_with_a_users_checkpoint_names_is_left_untouched(tmp_path, tiny_llama_dir, first_run, overwrite):
     out = tmp_path / "out"
@@ -280,6 +287,7 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", str(d)], check=False)
 
 
+@pytest.mark.integration
 def test_full_disk_while_saving_exits_4_and_the_last_checkpoint_resumes_bitwise(tmp_path, tiny_llama_dir, tmpfs):
     lone, out = tmp_path / "lone", tmpfs("400k") / "out"  # sized for the gate target's checkpoints
     ok(run("--model_name", tiny_llama_dir, "--output_dir", lone, *RACE, *GATE, "--max_steps", 3))
@@ -300,6 +308,7 @@ def test_full_disk_while_saving_exits_4_and_the_last_checkpoint_resumes_bitwise(
     assert_bitwise(copy / "checkpoint-final", lone / "checkpoint-final")
 
 
+@pytest.mark.integration
 def test_full_disk_at_the_final_save_is_one_line_and_exit_4(tmp_path, tiny_llama_dir, tmpfs):
     out = tmpfs("100k") / "out"
     proc = run("--model_name", tiny_llama_dir, "--output_dir", out, *FAST, "--max_steps", 2, "--eval_steps", 0)
@@ -310,6 +319,7 @@ def test_full_disk_at_the_final_save_is_one_line_and_exit_4(tmp_path, tiny_llama
 
 
 # ----------------------------------------------------------------------------- the other scripts
+@pytest.mark.integration
 @pytest.mark.parametrize("edit, field", [(lambda c: [c], "JSON object"), (lambda c: {**c, "add_scale": "big"}, "add_scale"),
                                          (lambda c: {**c, "num_layers": "2"}, "num_layers")])
 def test_debug_nan_refuses_a_malformed_npt_config(tmp_path, tiny_llama_dir, first_run, edit, field):

@@ -269,6 +269,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, inputs, tiny_llama_d
     assert sorted(p.name for p in inputs.rglob("*")) == before, f"{case}: files were written"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["nonexistent model", "corrupt adapter file", "rank above d_model"])
 def test_bad_input_as_a_process(case, inputs, tiny_llama_dir, tmp_path):
     """The same, through a real interpreter: no traceback, no warning noise, one line that names what was

@@ -21,6 +21,7 @@ def tiny_args(tiny_llama_dir, out, **overrides):
     return TrainArgs(model_name=str(tiny_llama_dir), output_dir=str(out), **{**fast, **overrides})
 
 
+@pytest.mark.integration
 def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
     args = tiny_args(tiny_llama_dir, tmp_path / "out")
     plan = make_plan(args)
@@ -40,6 +41,7 @@ def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
     assert saved["args"]["max_steps"] == 3 and saved["world_size"] == 1
 
 
+@pytest.mark.integration
 def test_resume_plan_reads_the_checkpoint(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert trainer.train(tiny_args(tiny_llama_dir, out)) == 0
