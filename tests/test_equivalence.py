@@ -6,6 +6,8 @@ import torch
 import npt
 from helpers import ARCHS, capture_layer_io, padded_npt_forward, randomize_adapters, rel_err, rms_norm64, tiny_model
 
+ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
+
 
 def naive_update_error(s, t, h, mask):
     """Float64, per real token |s - t|^2 / |t - h|^2 (no guard needed at unit scale)."""

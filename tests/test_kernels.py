@@ -22,6 +22,7 @@ from kernels import modulated_swiglu  # noqa: E402
 
 ms = importlib.import_module("kernels.modulated_swiglu")  # the module (the package re-exports the function)
 
+ONE_TORCH_THREAD = True  # small tensors: a second OpenMP thread only spins (conftest)
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.integration)]  # the interpreter: slow
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 

@@ -8,6 +8,8 @@ import torch
 import npt
 from helpers import ARCHS, capture_layer_io, padded_npt_forward, randomize_adapters, rel_err, rms_norm64, tiny_model
 
+ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
+
 
 def reference_layer64(layer, h, attn, add_scale):
     """SPEC section 1 in float64, written from the formula (no project code)."""

@@ -8,9 +8,6 @@ from transformers import AutoModelForCausalLM
 import npt
 
 
-pytestmark = pytest.mark.integration  # bitsandbytes 4-bit CPU kernels: slow
-
-
 def dequantized_copy(qmodel, fp_model):
     """fp_model with every 4-bit linear replaced by its de-quantized weight (same numbers, plain fp32)."""
     import bitsandbytes.functional as F
