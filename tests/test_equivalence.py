@@ -8,6 +8,8 @@ from npt_tools.models import load_base_model
 from npt_tools.objective import UPDATE_FLOOR, equivalence_loss, update_error
 from helpers import ARCHS, capture_layer_io, padded_npt_forward, randomize_adapters, rel_err, rms_norm64, tiny_model
 
+ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
+
 
 def naive_update_error(s, t, h, mask):
     """Float64, per real token |s - t|^2 / |t - h|^2 (no guard needed at unit scale)."""

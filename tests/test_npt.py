@@ -10,6 +10,8 @@ from npt_tools.models import load_base_model
 from npt_tools.objective import normalized_mse
 from helpers import ARCHS, capture_layer_io, padded_npt_forward, randomize_adapters, rel_err, rms_norm64, tiny_model
 
+ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
+
 
 def reference_layer64(layer, h, attn, add_scale):
     """docs/CONTRACT.md section 1 in float64, written from the formula (no project code)."""

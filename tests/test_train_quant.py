@@ -10,9 +10,6 @@ from npt_tools.models import load_base_model
 from npt_tools.objective import equivalence_loss
 
 
-pytestmark = pytest.mark.integration  # bitsandbytes 4-bit CPU kernels: slow
-
-
 def dequantized_copy(qmodel, fp_model):
     """fp_model with every 4-bit linear replaced by its de-quantized weight (same numbers, plain fp32)."""
     import bitsandbytes.functional as F
