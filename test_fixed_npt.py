@@ -3,7 +3,7 @@
 
     python test_fixed_npt.py                     PASS / FAIL per check, a summary; exit 0 only if all pass
     python test_fixed_npt.py --check init_scales one check (repeatable); --help lists them
-    python -m pytest tests/test_fixed_checks.py  the same checks (test_check, parametrized over CHECKS)
+    python -m pytest --full tests/test_fixed_checks.py   the same checks (test_check, one per check)
 
 Each `check_*` takes the Subject (the models under test, loaded once on first use) and, as keyword
 parameters, the thing under test (defaulting to the project's own); it raises AssertionError when that

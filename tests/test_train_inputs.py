@@ -70,7 +70,7 @@ def hostile_inputs(d, tiny_llama_dir, model, opt, sched):
     optim = load_file(str(d / "run" / "optim_nan" / "optimizer.safetensors"))
     optim["0.exp_avg_sq"][0] = float("nan")
     save_file(optim, str(d / "run" / "optim_nan" / "optimizer.safetensors"))
-    issue17_inputs(d, tiny_llama_dir, model, opt, sched, args)
+    hostile_inputs(d, tiny_llama_dir, model, opt, sched, args)
 
 
 STATE_EDITS = {  # trainer_state.json values a resume would feed into training
@@ -94,7 +94,7 @@ CONFIG_EDITS = {  # npt_config.json of the wrong shape
 }
 
 
-def issue17_inputs(d, tiny_llama_dir, model, opt, sched, args):
+def hostile_inputs(d, tiny_llama_dir, model, opt, sched, args):
     """Hostile files: hostile trainer states, npt configs, NaN adapters, datasets, model folders."""
     for name, change in {**STATE_EDITS, **CONFIG_EDITS}.items():
         save_checkpoint(d / "run", name, model, opt, sched, TrainerState(step=1), {"args": args})
@@ -151,7 +151,13 @@ def bad_cases(d, model):
         "wandb missing": ["--model_name", model, "--use_wandb"],
         "streaming without max_steps": ["--model_name", model, "--streaming", "--max_steps", "0"],
         "unknown mixed precision": ["--model_name", model, "--mixed_precision", "fp8"],
-        # broken inputs
+        **broken_input_cases(d, model),
+        **hostile_file_cases(d, model),
+    }
+
+
+def broken_input_cases(d, model):
+    return {
         "not SwiGLU (hidden_act gelu)": ["--model_name", str(d / "gelu")],
         "not Llama-shaped (GPT-2)": ["--model_name", str(d / "gpt2")],
         "truncated model weights": ["--model_name", str(d / "truncated")],
@@ -187,11 +193,10 @@ def bad_cases(d, model):
         "init_adapters corrupt weights": ["--model_name", model, "--init_adapters", str(d / "run" / "checkpoint-1")],
         "init_adapters and resume": ["--model_name", model, "--init_adapters", str(d / "run" / "checkpoint-1"),
                                      "--resume_from_checkpoint", str(d / "run" / "checkpoint-1")],
-        **issue17_cases(d, model),
     }
 
 
-def issue17_cases(d, model):
+def hostile_file_cases(d, model):
     run = d / "run"
     return {
         **{f"state {name}": ["--model_name", model, "--resume_from_checkpoint", str(run / name)] for name in STATE_EDITS},
