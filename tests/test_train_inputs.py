@@ -35,11 +35,11 @@ def inputs(tmp_path_factory, tiny_llama_dir):
     ckpt = save_checkpoint(d / "run", "checkpoint-1", model, opt, sched, TrainerState(step=1))
     blob = (ckpt / "adapter_model.safetensors").read_bytes()
     (ckpt / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2])  # truncated by a crash
-    hostile_inputs(d, tiny_llama_dir, model, opt, sched)
+    broken_inputs(d, tiny_llama_dir, model, opt, sched)
     return d
 
 
-def hostile_inputs(d, tiny_llama_dir, model, opt, sched):
+def broken_inputs(d, tiny_llama_dir, model, opt, sched):
     """Broken inputs: broken models, datasets and checkpoints, another run's output dir."""
     shutil.copytree(tiny_llama_dir, d / "truncated")
     blob = (d / "truncated" / "model.safetensors").read_bytes()
@@ -70,7 +70,7 @@ def hostile_inputs(d, tiny_llama_dir, model, opt, sched):
     optim = load_file(str(d / "run" / "optim_nan" / "optimizer.safetensors"))
     optim["0.exp_avg_sq"][0] = float("nan")
     save_file(optim, str(d / "run" / "optim_nan" / "optimizer.safetensors"))
-    hostile_inputs(d, tiny_llama_dir, model, opt, sched, args)
+    hostile_files(d, tiny_llama_dir, model, opt, sched, args)
 
 
 STATE_EDITS = {  # trainer_state.json values a resume would feed into training
@@ -94,7 +94,7 @@ CONFIG_EDITS = {  # npt_config.json of the wrong shape
 }
 
 
-def hostile_inputs(d, tiny_llama_dir, model, opt, sched, args):
+def hostile_files(d, tiny_llama_dir, model, opt, sched, args):
     """Hostile files: hostile trainer states, npt configs, NaN adapters, datasets, model folders."""
     for name, change in {**STATE_EDITS, **CONFIG_EDITS}.items():
         save_checkpoint(d / "run", name, model, opt, sched, TrainerState(step=1), {"args": args})
