@@ -36,11 +36,11 @@ from npt_tools.closed_form import init_exact, teacher_attention_moments
 from npt_tools.data import collate, load_data
 from npt_tools.metrics import Metrics, trackers
 from npt_tools.models import load_model_or_fail
+from npt_tools.objective import equivalence_loss
 from npt_tools.plan import Plan, hold_output_dir, make_plan
 from npt_tools.processes import start_processes
 from npt_tools.report import describe_target, evaluate, write_equivalence
 from npt_tools.step import nan_embeddings, optimizer_step, sum_over_processes, undo_step
-from npt_tools.objective import equivalence_loss
 
 
 def count_steps(args: TrainArgs, windows_per_epoch: int | None, world: int) -> int:

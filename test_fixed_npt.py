@@ -24,12 +24,10 @@ import torch
 import torch.nn.functional as F
 
 import npt
-from npt_tools.models import EMBEDDED_MODEL, resolve_dtype
-from npt_tools.objective import equivalence_loss
-from npt_tools.step import nan_embeddings, optimizer_step
 from npt_tools.cli import command, first_line, flag, options
-from npt_tools.models import ModelArgs, load_model_config_or_fail, load_model_or_fail
-from npt_tools.objective import normalized_mse
+from npt_tools.models import EMBEDDED_MODEL, ModelArgs, load_model_config_or_fail, load_model_or_fail, resolve_dtype
+from npt_tools.objective import equivalence_loss, normalized_mse
+from npt_tools.step import nan_embeddings, optimizer_step
 
 SAMPLE_TEXTS = (
     "The capital of France is",

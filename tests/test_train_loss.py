@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import npt
-from npt_tools.step import nan_embeddings
 from helpers import (LAMBDA, assert_same, layer_outputs, make_batch, naive_end_to_end, naive_layerwise, npt_model,
                      ref_update64)
 from npt_tools.objective import equivalence_loss
-from npt_tools.step import optimizer_step
+from npt_tools.step import nan_embeddings, optimizer_step
 
 ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
 
