@@ -24,6 +24,10 @@ modulated_swiglu = ms.modulated_swiglu
 
 ONE_TORCH_THREAD = True  # small tensors: a second OpenMP thread only spins (conftest)
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.integration)]  # the interpreter: slow
+# NPT_TEST_DEVICE=cuda puts make_inputs' tensors on the GPU, where the Triton kernels run compiled (no interpreter):
+# the GPU check is `NPT_TEST_DEVICE=cuda python -m pytest --full tests/test_kernels.py`
+DEVICE = os.environ.get("NPT_TEST_DEVICE", "cpu")
+cpu_path = pytest.mark.skipif(DEVICE != "cpu", reason="tests the CPU path (CPU tensors)")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
@@ -36,7 +40,8 @@ def poisoned_buffers(monkeypatch):
         log.append(tuple(shape))
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(ms, "_empty", _nan_empty)
     return log
 
@@ -96,9 +101,14 @@ def make_inputs(lead, F, r, dtype=torch.float32, z_dtype=torch.float32, w_dtype=
     c_add = torch.randn(*lead, generator=gen)
     c_mult = torch.randn(*lead, generator=gen)
     if down_rank is None:
-        return Inputs(gate, up, z, w_add, w_mult, dh, c_add, c_mult)
+        return on_device(Inputs(gate, up, z, w_add, w_mult, dh, c_add, c_mult))
     down_u = (torch.randn(down_rank, F, generator=gen) / F ** 0.5).to(w_dtype)
-    return Inputs(gate, up, z, w_add, w_mult, dh, c_add, c_mult, down_u, torch.randn(*lead, down_rank, generator=gen))
+    return on_device(Inputs(gate, up, z, w_add, w_mult, dh, c_add, c_mult, down_u,
+                            torch.randn(*lead, down_rank, generator=gen)))
+
+
+def on_device(inputs):
+    return type(inputs)(*(None if t is None else t.to(DEVICE) for t in inputs))
 
 
 INPUT_NAMES = ("gate", "up", "z", "w_add", "w_mult", "down_u")
@@ -213,6 +223,7 @@ def test_non_contiguous_inputs(backend):
     check_against_reference(backend, Inputs(gate, up, z, w_add, w_mult, dh, c_add, c_mult), TOL[torch.float32])
 
 
+@cpu_path
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_saturated_codes_no_nan(backend):
     """m = +-1e4 and a = +-1e4 (so |g| ~ 1e3): outputs and gradients stay finite and exact."""
@@ -447,6 +458,7 @@ def test_self_check_is_per_configuration(self_check, monkeypatch):
     assert sorted(self_check.values()) == [False, True]
 
 
+@cpu_path
 def test_self_check_off_on_cpu_by_default():
     checked = dict(ms._self_check_passed)
     run("triton", make_inputs((9,), 50, 8))
@@ -460,6 +472,7 @@ def test_bad_backend_raises():
         modulated_swiglu(gate, up, z, w_add, w_mult, backend="cuda")
 
 
+@cpu_path
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     gate, up, z, w_add, w_mult = make_inputs((4,), 16, 2)[:5]
     monkeypatch.delenv("TRITON_INTERPRET")
