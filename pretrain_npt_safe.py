@@ -338,10 +338,10 @@ class Trainer:
                 gathered = self.procs.accelerator.gather(flat.to(self.procs.device)[None])
                 final["ranks_identical"] = bool(all(torch.equal(gathered[0], g) for g in gathered))
             self.metrics.row(final)
-            table = self.procs.main and write_equivalence(self.metrics.metrics, self.plan.output_dir,
-                                                          self.plan.layer_indices)
-            if table:
-                self.metrics.message(table)
+            if self.procs.main:  # the table, when the run evaluated
+                table = write_equivalence(self.metrics.metrics, self.plan.output_dir, self.plan.layer_indices)
+                if table:
+                    self.metrics.message(table)
             self.metrics.message(f"done: {self.state.step} steps, {self.state.skipped_total} skipped micro-batches; "
                                  f"adapters in {path}")
         self.metrics.plot()

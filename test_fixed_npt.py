@@ -334,9 +334,8 @@ class VerifyArgs(ModelArgs):
 def main(**flags):
     """Run each NaN fix's check on the model; PASS/FAIL per check. Exit 0 only if all pass."""
     args = VerifyArgs(**flags)
-    model_name, trust_remote_code = args.model_name, args.trust_remote_code
-    load_model_config_or_fail(model_name, trust_remote_code)  # a bad --model_name: one line, not ten FAILs
-    subject = Subject(model_name, args.use_quantization, args.use_fp16, trust_remote_code=trust_remote_code)
+    load_model_config_or_fail(args.model_name, args.trust_remote_code)  # a bad --model_name: one line, not ten FAILs
+    subject = Subject(args.model_name, args.use_quantization, args.use_fp16, trust_remote_code=args.trust_remote_code)
     names = args.check or tuple(CHECKS)
     width = max(len(name) for name in names)
     failed = 0

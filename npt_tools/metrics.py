@@ -85,9 +85,10 @@ class Metrics:
         if not self.main:
             return
         row = json_safe(row)
+        line = json.dumps(row)
         with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.log(json.dumps(row))
+            f.write(line + "\n")
+        self.log(line)
         scalars = {("eval/" if k.startswith("eval_") else "train/") + k: v for k, v in row.items()
                    if isinstance(v, (int, float)) and k != "step"}
         scalars.update({f"eval/layer_update_error/{i}": v
