@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """The exact target's closed-form start, no training: how close the converted smollm2-135m is to its teacher
-at each code rank.
+at each code rank, for each start (fisher, pca).
 
-The teacher's attention moments of every chosen layer are gathered once (npt_tools.closed_form.attention_moments over the real
-tokens of packed 128-token windows of the builtin corpus), then for each rank init_exact sets the
-principal directions and the converted model is scored on held-out windows (layer_fit.py's: perplexity and
-top-1 agreement against the teacher's, and each layer's update error on its own trajectory).
+The teacher's moments of every chosen layer are gathered once (npt_tools.closed_form.teacher_moments over packed
+128-token windows of the builtin corpus: the attention's and, for fisher, the gradients' at it), then for each rank
+and start init_exact sets the code and the converted model is scored on held-out windows of the same corpus
+(layer_fit.py's: perplexity and top-1 agreement against the teacher's, and each layer's update error on its own
+trajectory) and on windows of an off-domain text (--off_domain, default the GPL-3 licence text).
 
     python benchmarks/exact_start.py --layers all --rank 16 --rank 64 --rank 128 --rank 256
 """
@@ -22,45 +23,57 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import npt  # noqa: E402
-from npt_tools.closed_form import init_exact, teacher_attention_moments  # noqa: E402
+from npt_tools.closed_form import STARTS, init_exact, teacher_moments  # noqa: E402
 from npt_tools.models import EMBEDDED_MODEL, load_base_model  # noqa: E402
 from npt_tools.objective import equivalence_loss  # noqa: E402
 from layer_fit import HELD_OUT, agreement, windows  # noqa: E402
 
 
 def moments(model, ids: torch.Tensor, batch: int = 8) -> dict:
-    """{layer_idx: attention moments} of the teacher over the windows `ids`."""
-    return teacher_attention_moments(model, ({"input_ids": c, "attention_mask": torch.ones_like(c)}
-                                                 for c in ids.split(batch)))
+    """{layer_idx: attention and gradient moments} of the teacher over the windows `ids`."""
+    return teacher_moments(model, ({"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(batch)))
+
+
+def text_windows(tokenizer, path: str, length: int = 128, count: int = HELD_OUT) -> torch.Tensor:
+    """Packed windows of a text file: held-out text from another domain than the training corpus."""
+    ids = tokenizer(open(path, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
+    n = min(count, len(ids) // length)
+    return torch.tensor(ids[:n * length]).view(n, length)  # (n, length)
 
 
 @click.command()
 @click.option("--layers", default="all", show_default=True, help="NPT layers, as --npt_layers takes them.")
 @click.option("--rank", "ranks", type=int, multiple=True, default=(16, 64, 128, 256), show_default=True)
+@click.option("--start", "starts", type=click.Choice(STARTS), multiple=True, default=STARTS, show_default=True)
 @click.option("--windows", "n_windows", type=int, default=64, show_default=True,
               help="128-token windows the start is computed from (the trainer's --init_batches 32 x 2).")
+@click.option("--off_domain", default="/usr/share/common-licenses/GPL-3", show_default=True,
+              help="A text file of another domain, scored too ('' for none).")
 @click.option("--json", "json_file", default=None, help="Also write the rows to this file.")
-def main(layers, ranks, n_windows, json_file):
+def main(layers, ranks, starts, n_windows, off_domain, json_file):
     model, tok = load_base_model(EMBEDDED_MODEL)
     model.eval().requires_grad_(False)
     ids = windows(tok, 128, n_windows + HELD_OUT)
     held = ids[-HELD_OUT:]
-    rows = []
-    stats = None
+    other = text_windows(tok, off_domain) if off_domain else None
+    rows, stats = [], None
     for rank in ranks:
         npt.convert_to_npt(model, npt.NPTConfig(rank=rank, layers=layers, modulation_target="exact"))
-        t0 = time.time()
-        stats = stats or moments(model, ids[:-HELD_OUT])
-        kept = init_exact(model, moments=stats)
-        seconds = time.time() - t0
-        with torch.no_grad():
-            errors = equivalence_loss(model, {"input_ids": held, "attention_mask": torch.ones_like(held)},
+        if stats is None:
+            t0 = time.time()
+            stats = moments(model, ids[:-HELD_OUT])
+            print(f"moments of {len(ids) - HELD_OUT} windows: {time.time() - t0:.1f} s", flush=True)
+        for start in starts:
+            kept = init_exact(model, moments=stats, start=start)
+            with torch.no_grad():
+                errors = equivalence_loss(model, {"input_ids": held, "attention_mask": torch.ones_like(held)},
                                           "end_to_end", 0.0).layer_fit
-        row = {"layers": layers, "rank": rank, **agreement(model, held),
-               "variance_kept": sum(kept.values()) / len(kept),
-               "update_error_own_trajectory": errors.mean().item(), "start_seconds": seconds}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            row = {"layers": layers, "rank": rank, "start": start, **agreement(model, held),
+                   "kept": sum(kept.values()) / len(kept), "update_error_own_trajectory": errors.mean().item()}
+            if other is not None:
+                row.update({f"off_domain_{k}": v for k, v in agreement(model, other).items()})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
         for i, layer in enumerate(model.model.layers):  # back to the plain model for the next rank
             if isinstance(layer, npt.NPTLayer):
                 model.model.layers[i] = layer.layer
@@ -68,13 +81,24 @@ def main(layers, ranks, n_windows, json_file):
     if json_file:
         with open(json_file, "w") as f:
             json.dump(rows, f, indent=1)
-    print("| layers | rank | variance kept | student ppl (teacher) | ratio | top-1 agreement | update error |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a markdown table: held-out (same corpus) and off-domain ratio to the teacher and agreement."""
+    off = "off_domain_agreement" in rows[0]
+    lines = ["| layers | rank | start | kept | ppl ratio (teacher) | top-1 agreement | update error |"
+             + (" off-domain ppl ratio (teacher) | off-domain agreement |" if off else ""),
+             "| --- " * (9 if off else 7) + "|"]
     for r in rows:
-        print(f"| {r['layers']} | {r['rank']} | {r['variance_kept']:.3f} | "
-              f"{r['student_ppl']:.2f} ({r['teacher_ppl']:.2f}) "
-              f"| {r['student_ppl'] / r['teacher_ppl']:.3f}x | {r['agreement']:.3f} | "
-              f"{r['update_error_own_trajectory']:.4f} |")
+        line = (f"| {r['layers']} | {r['rank']} | {r['start']} | {r['kept']:.3f} | "
+                f"{r['student_ppl'] / r['teacher_ppl']:.3f}x ({r['teacher_ppl']:.2f}) | {r['agreement']:.3f} | "
+                f"{r['update_error_own_trajectory']:.4f} |")
+        if off:
+            line += (f" {r['off_domain_student_ppl'] / r['off_domain_teacher_ppl']:.3f}x "
+                     f"({r['off_domain_teacher_ppl']:.2f}) | {r['off_domain_agreement']:.3f} |")
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

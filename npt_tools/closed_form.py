@@ -1,29 +1,68 @@
-"""The exact target's closed-form start: per NPT layer, the principal directions of the teacher's attention output
-(mu its mean, A_proj = P^T, B = P with P the top-r eigenvectors of its covariance): the least-squares best rank-r
-code of the attention, from two moments gathered in float64 (summable over batches and processes)."""
+"""The exact target's closed-form start: per NPT layer, mu the mean of the teacher's attention output a and a rank-r
+code a_hat = mu + B A_proj (a - mu) chosen in closed form from moments gathered in float64 (summable over batches and
+processes), in one of two metrics:
+
+- fisher (the default): the error a - a_hat weighed by what it does to the next-token distributions. With
+  M = E[g g^T], g the teacher's gradient of log p(y) at the attention output (y sampled from the teacher, so M is
+  the Fisher information of the logits pulled back to a: to second order, KL(teacher || student) = 1/2 e^T M e
+  for an error e), the code minimises E[(a - a_hat)^T M (a - a_hat)]: U the top-r eigenvectors of
+  M^1/2 C M^1/2 (C the covariance of a), A_proj = U^T M^1/2, B = M^-1/2 U. One teacher backward per batch.
+- pca: the principal directions of a (A_proj = P^T, B = P): the least-squares best rank-r code, forward passes only.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from npt import NPTLayer, npt_layers, run_captured
+from npt import NPTLayer, capture, npt_disabled, npt_layers, run_captured
 
-def attention_moments(attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(count, sum, sum of outer products) of attention outputs (N, D), in float64: what init_exact needs,
-    summable over batches (and processes)."""
+STARTS = {"fisher": ("Fisher-weighted principal directions", "Fisher-weighted variance"),  # start: (method, what
+          "pca": ("principal directions", "variance")}  # the share init_exact returns is a share of)
+METRIC_DAMPING = 1e-3  # M + METRIC_DAMPING * mean eigenvalue: directions the logits never felt stay invertible
+
+
+def attention_moments(attn: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(count, sum, sum of outer products) of attention outputs (N, D), and with `grad` (N, D) the sum of the outer
+    products of the gradients at them, in float64: what init_exact needs, summable over batches (and processes)."""
     a = attn.detach().reshape(-1, attn.shape[-1]).double()  # (N, D)
-    return torch.tensor(float(len(a)), dtype=torch.float64), a.sum(0), a.T @ a
+    out = (torch.tensor(float(len(a)), dtype=torch.float64), a.sum(0), a.T @ a)
+    if grad is None:
+        return out
+    g = grad.detach().reshape(-1, grad.shape[-1]).double()  # (N, D)
+    return (*out, g.T @ g)
 
 
-@torch.no_grad()
-def teacher_attention_moments(model: nn.Module, batches) -> dict:
-    """{layer_idx: attention_moments} of the teacher's attention outputs over the real tokens of `batches`."""
+def teacher_moments(model: nn.Module, batches, start: str = "fisher", seed: int = 0) -> dict:
+    """{layer_idx: attention_moments} of the teacher's attention outputs over the real tokens of `batches`, with the
+    fisher start's gradient moments too (y drawn from the teacher's next-token distribution, generator `seed`)."""
+    _check_start(start)
+    generator = torch.Generator().manual_seed(seed)
     stats = {}
     for batch in batches:
-        records, _ = run_captured(model, batch, ("attn",), teacher=True)
-        real = batch["attention_mask"].bool()
-        stats = add_moments(stats, {i: attention_moments(rec["attn"][real]) for i, rec in records.items()})
+        stats = add_moments(stats, _batch_moments(model, batch, generator if start == "fisher" else None))
     return stats
+
+
+def _batch_moments(model: nn.Module, batch: dict, generator: torch.Generator | None) -> dict:
+    """One teacher pass: the moments of each NPT layer's attention output over the batch's real tokens; with a
+    generator, a backward of sum log p(y), y ~ teacher, for the gradient at each attention output too."""
+    real = batch["attention_mask"].bool()
+    leaves = {}
+
+    def tap(layer_idx, name, attn):  # a + 0: d/d(0) is the total derivative at a, through every later layer
+        leaves[layer_idx] = torch.zeros_like(attn, requires_grad=True)
+        return attn + leaves[layer_idx]
+
+    if generator is None:
+        records, _ = run_captured(model, batch, ("attn",), teacher=True)
+        return {i: attention_moments(rec["attn"][real]) for i, rec in records.items()}
+    with npt_disabled(model), capture(model, ("attn",), edit=tap) as records, torch.enable_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logp = torch.log_softmax(logits[real].float(), -1)  # (N, V)
+        y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=generator).to(logp.device)  # (N, 1)
+        order = sorted(leaves)
+        grads = torch.autograd.grad(logp.gather(-1, y).sum(), [leaves[i] for i in order])
+    return {i: attention_moments(records[i]["attn"][real], g[real]) for i, g in zip(order, grads)}
 
 
 def add_moments(a: dict, b: dict) -> dict:
@@ -32,33 +71,53 @@ def add_moments(a: dict, b: dict) -> dict:
 
 
 @torch.no_grad()
-def init_exact(model: nn.Module, batches=(), moments: dict | None = None) -> dict[int, float]:
-    """The exact target's closed-form start: per NPT layer, mu = the mean of the teacher's attention output a
-    over the real tokens of `batches` (dicts with input_ids, attention_mask) and A_proj = P^T, B = P with P the
-    top-`rank` principal directions of a (so a_hat = mu + P P^T (a - mu), the best rank-r estimate of a in the
-    least-squares sense). `moments` ({layer_idx: attention_moments(...)}) replaces the teacher passes where the
-    attention outputs are already at hand. Deterministic: statistics in float64, each direction's largest entry
-    positive. Returns {layer_idx: share of a's variance the code keeps}."""
+def init_exact(model: nn.Module, batches=(), moments: dict | None = None, start: str = "fisher",
+               seed: int = 0) -> dict[int, float]:
+    """The exact target's closed-form start (module docstring) from the teacher's passes over `batches` (dicts with
+    input_ids, attention_mask); `moments` ({layer_idx: attention_moments(...)}) adds statistics already at hand.
+    Deterministic: statistics in float64, each code direction's largest entry positive. Returns {layer_idx: share
+    of the error the code removes} (pca: of a's variance; fisher: of its Fisher-weighted variance)."""
+    _check_start(start)
     layers = npt_layers(model)
     if not layers or not all(layer.config.exact for layer in layers):
         raise ValueError("init_exact needs a model converted with modulation_target='exact'")
-    stats = add_moments(dict(moments or {}), teacher_attention_moments(model, batches))
+    stats = add_moments(dict(moments or {}), teacher_moments(model, batches, start, seed))
     if any(layer.layer_idx not in stats or stats[layer.layer_idx][0] < 1 for layer in layers):
         raise ValueError("init_exact needs at least one batch with a real token")
-    return {layer.layer_idx: _principal_start(layer, *stats[layer.layer_idx]) for layer in layers}
+    if start == "fisher" and any(len(stats[layer.layer_idx]) < 4 for layer in layers):
+        raise ValueError("the fisher start needs gradient moments: attention_moments(attn, grad)")
+    return {layer.layer_idx: _set_code(layer, start, *stats[layer.layer_idx]) for layer in layers}
 
 
-def _principal_start(layer: NPTLayer, n: torch.Tensor, total: torch.Tensor, outer: torch.Tensor) -> float:
-    """Sets mu, A_proj, B of one exact layer from its attention moments; the share of variance kept."""
+def _check_start(start: str) -> None:
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
+
+
+def _set_code(layer: NPTLayer, start: str, n: torch.Tensor, total: torch.Tensor, outer: torch.Tensor,
+              grad_outer: torch.Tensor | None = None) -> float:
+    """Sets mu, A_proj, B of one exact layer from its moments; the share of the (weighted) variance kept."""
     mu = total / n
-    values, vectors = torch.linalg.eigh((outer / n - torch.outer(mu, mu)).cpu())  # covariance (D, D), ascending
+    cov = (outer / n - torch.outer(mu, mu)).cpu()  # (D, D)
+    root = inverse_root = torch.eye(len(mu), dtype=cov.dtype)
+    if start == "fisher":
+        values, vectors = torch.linalg.eigh(grad_outer.cpu() / n)  # M = E[g g^T]
+        values = values.clamp_min(0) + METRIC_DAMPING * values.clamp_min(0).mean()
+        values = values.clamp_min(torch.finfo(torch.float64).tiny)
+        root = (vectors * values.sqrt()) @ vectors.T  # M^1/2
+        inverse_root = (vectors * values.rsqrt()) @ vectors.T  # M^-1/2
+    values, vectors = torch.linalg.eigh(root @ cov @ root)  # ascending
     r = layer.config.rank
     top = vectors[:, -r:].flip(-1)  # (D, r), largest first
-    peak = top.gather(0, top.abs().argmax(0, keepdim=True))  # (1, r): the sign convention
-    top = top * torch.where(peak < 0, -1.0, 1.0).to(top.dtype)
+    a_proj, b = top.T @ root, inverse_root @ top  # (r, D), (D, r): B A_proj = M^-1/2 U U^T M^1/2
+    # balanced: |row k of A_proj| = |column k of B| (B A_proj unchanged), so training steps see both on one scale;
+    # each column of B's largest entry positive: the sign convention that makes the start deterministic
+    peak = b.gather(0, b.abs().argmax(0, keepdim=True))[0]  # (r,)
+    scale = (b.norm(dim=0) / a_proj.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+    scale = scale * torch.where(peak < 0, -1.0, 1.0).to(scale.dtype)  # (r,)
     ad = layer.adapter
     ad.mu.copy_(mu)
-    ad.A_proj.weight.copy_(top.T)
-    ad.B.weight.copy_(top)
+    ad.A_proj.weight.copy_(a_proj * scale[:, None])
+    ad.B.weight.copy_(b / scale)
     values = values.clamp_min(0)
     return float(values[-r:].sum() / values.sum().clamp_min(torch.finfo(torch.float64).tiny))
