@@ -70,6 +70,7 @@ class EquivalenceLoss:
     layer_fit: torch.Tensor  # (L,) layer_error per NPT layer, detached (kl: on the student's own trajectory)
     tokens: int  # real (non-padding) tokens
     logits: tuple | None = None  # kl: (teacher, student) next-token logits, detached, for the caller's metrics
+    teacher: dict | None = None  # the teacher's captured input, attn, output per NPT layer (no grad): layerwise_fit
 
 
 def layer_error(student: torch.Tensor, teacher: dict[str, torch.Tensor], mask: torch.Tensor,
@@ -97,22 +98,28 @@ def equivalence_loss(model: nn.Module, batch: dict, objective: str = "layerwise"
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     mask = batch["attention_mask"]
-    layers = npt_layers(model)
     kl = objective == "kl"
     if objective == "layerwise":
         teacher, _ = run_captured(model, batch, ("input", "attn", "output"), teacher=True)
-        student = {layer.layer_idx: layer.modulated_mlp(teacher[layer.layer_idx]["input"],
-                                                        teacher[layer.layer_idx]["attn"]) for layer in layers}
+        layer_fit = layerwise_fit(model, teacher, mask, loss)
     else:
-        teacher, t_logits = run_captured(model, batch, ("input", "output"), teacher=True, logits=kl)
+        teacher, t_logits = run_captured(model, batch, ("input", "attn", "output"), teacher=True, logits=kl)
         records, s_logits = run_captured(model, batch, ("output",), logits=kl)
-        student = {i: c["output"] for i, c in records.items()}
-    layer_fit = torch.stack([layer_error(student[layer.layer_idx], teacher[layer.layer_idx], mask,
-                                         "update" if kl else loss) for layer in layers])  # (L,)
+        layer_fit = torch.stack([layer_error(records[layer.layer_idx]["output"], teacher[layer.layer_idx], mask,
+                                             "update" if kl else loss) for layer in npt_layers(model)])  # (L,)
     fit = next_token_kl(s_logits, t_logits, mask) if kl else layer_fit.mean()
     reg = regularization(model, mask)
     return EquivalenceLoss(loss=fit + regularization_lambda * reg, fit=fit, reg=reg, layer_fit=layer_fit.detach(),
-                           tokens=int(mask.sum()), logits=(t_logits, s_logits.detach()) if kl else None)
+                           tokens=int(mask.sum()), logits=(t_logits, s_logits.detach()) if kl else None,
+                           teacher=teacher)
+
+
+def layerwise_fit(model: nn.Module, teacher: dict, mask: torch.Tensor, loss: str = "update") -> torch.Tensor:
+    """(L,) layer_error of each NPT layer's modulated MLP run on the teacher's input h and attention output (the
+    teacher's captured "input", "attn", "output"): no error passes from one layer to the next."""
+    return torch.stack([layer_error(layer.modulated_mlp(teacher[layer.layer_idx]["input"],
+                                                        teacher[layer.layer_idx]["attn"]),
+                                    teacher[layer.layer_idx], mask, loss) for layer in npt_layers(model)])
 
 
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -12,7 +12,7 @@ import torch
 
 import npt
 from npt_tools.metrics import json_safe, read_rows
-from npt_tools.objective import equivalence_loss
+from npt_tools.objective import equivalence_loss, layerwise_fit
 
 
 @torch.no_grad()
@@ -26,8 +26,8 @@ def evaluate(model, batches, objective: str = "layerwise", regularization_lambda
     for b in batches:
         with autocast():
             out = equivalence_loss(model, b, objective, regularization_lambda, loss)
-            per_layer = (out if (objective, loss) == ("layerwise", "update")
-                         else equivalence_loss(model, b, "layerwise", 0.0, "update")).layer_fit
+            per_layer = (out.layer_fit if (objective, loss) == ("layerwise", "update")  # else from its teacher pass
+                         else layerwise_fit(model, out.teacher, b["attention_mask"]))
             t_logits, s_logits = out.logits or (npt.run_captured(model, b, (), teacher=True, logits=True)[1],
                                                 npt.run_captured(model, b, (), logits=True)[1])
         mask = b["attention_mask"]
@@ -62,9 +62,10 @@ def describe_target(c: npt.NPTConfig) -> str:
     return ", ".join(parts)
 
 
-def equivalence_report(metrics: Path, layers: list[int]) -> dict | None:
+def equivalence_report(metrics: Path, layers: list[int], best_step: int | None = None) -> dict | None:
     """Start and end of the run's held-out evaluation (the first and last eval rows of metrics.jsonl, so a
-    resumed run still reports from step 0); None when nothing was evaluated."""
+    resumed run still reports from step 0) and which checkpoint is the run's result (checkpoint-best, of step
+    `best_step`: the lowest held-out loss, the start included); None when nothing was evaluated."""
     rows = read_rows(metrics)
     evals = [r for r in rows if r.get("eval_layer_update_error")]
     if not evals:
@@ -74,12 +75,13 @@ def equivalence_report(metrics: Path, layers: list[int]) -> dict | None:
             "update_error_start": first["eval_layer_update_error"], "update_error_final": last["eval_layer_update_error"],
             "teacher_ppl": last["eval_teacher_ppl"], "student_ppl_start": first["eval_student_ppl"],
             "student_ppl_final": last["eval_student_ppl"], "agreement_start": first["eval_agreement"],
-            "agreement_final": last["eval_agreement"]}
+            "agreement_final": last["eval_agreement"], "eval_loss_start": first["eval_loss"],
+            "eval_loss_final": last["eval_loss"], "best_step": best_step}
 
 
 def render_equivalence(r: dict) -> str:
     """The report as a table: per layer update error start -> end (1 = the layer's update not reproduced,
-    0 = exact), then perplexity and top-1 agreement against the teacher."""
+    0 = exact), then perplexity and top-1 agreement against the teacher, and whether training helped."""
     head = f"step {r['step_start']} -> {r['step_final']}"
     lines = ["equivalence (held-out): update error per NPT layer, 1 = update not reproduced, 0 = exact",
              f"  {'layer':>5}  {head:>22}"]
@@ -88,13 +90,19 @@ def render_equivalence(r: dict) -> str:
     lines.append(f"  {'mean':>5}  {sum(start) / len(start):>10.4f} -> {sum(final) / len(final):<10.4f}")
     lines.append(f"  perplexity: teacher {r['teacher_ppl']:.4g}, student {r['student_ppl_start']:.4g} -> "
                  f"{r['student_ppl_final']:.4g};  top-1 agreement {r['agreement_start']:.3f} -> {r['agreement_final']:.3f}")
+    worse = r["eval_loss_final"] > r["eval_loss_start"]
+    verdict = "the end is WORSE than the start" if worse else "falls" if r["eval_loss_final"] < r["eval_loss_start"] \
+        else "unchanged"
+    result = ("" if r.get("best_step") is None else f"; the run's result: checkpoint-best (step {r['best_step']}"
+              f"{', = checkpoint-final' if r['best_step'] == r['step_final'] else ''})")
+    lines.append(f"  held-out loss {r['eval_loss_start']:.4g} -> {r['eval_loss_final']:.4g}: {verdict}{result}")
     return "\n".join(lines)
 
 
-def write_equivalence(metrics: Path, output_dir: Path, layers: list[int]) -> str | None:
+def write_equivalence(metrics: Path, output_dir: Path, layers: list[int], best_step: int | None = None) -> str | None:
     """OUTPUT_DIR/equivalence.json (written whole, then renamed) and the table to print, at the end of a run that
     evaluated; None when nothing was evaluated."""
-    report = equivalence_report(metrics, layers)
+    report = equivalence_report(metrics, layers, best_step)
     if report is None:
         return None
     tmp = output_dir / ".equivalence.json.tmp"
