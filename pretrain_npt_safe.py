@@ -32,7 +32,7 @@ from npt_tools.checkpoints import (CKPT_RE, EXIT_DISK_FULL, DiskFull, TrainerSta
                                    prune_checkpoints, remove_checkpoint, restore_checkpoint, save_checkpoint,
                                    tidy_output_dir)
 from npt_tools.cli import command, fail, first_line, options
-from npt_tools.closed_form import init_exact, teacher_attention_moments
+from npt_tools.closed_form import STARTS, init_exact, teacher_moments
 from npt_tools.data import collate, load_data
 from npt_tools.metrics import Metrics, trackers
 from npt_tools.models import load_model_or_fail
@@ -153,19 +153,20 @@ class Trainer:
         batches = [self._micro_batch(mine[i:i + per]) for i in range(0, len(mine), per)]
         t0 = time.time()
         with procs.autocast():
-            stats = teacher_attention_moments(model, tqdm(batches, desc="closed-form start", disable=not procs.main,
-                                                          dynamic_ncols=True, leave=False))
+            stats = teacher_moments(model, tqdm(batches, desc="closed-form start", disable=not procs.main,
+                                                dynamic_ncols=True, leave=False), args.exact_start, args.seed)
         if procs.reduce is not None:
             order = sorted(stats)
             sums = iter(sum_over_processes(procs.reduce, [t for i in order for t in stats[i]], torch.float64))
             stats = {i: tuple(next(sums) for _ in stats[i]) for i in order}
-        kept = init_exact(model, moments=stats)
+        kept = init_exact(model, moments=stats, start=args.exact_start)
         tokens = int(next(iter(stats.values()))[0])
-        state.closed_form_start = {"method": "principal directions", "windows": len(windows), "tokens": tokens}
-        return (f"closed-form start: principal directions of each NPT layer's attention output over {tokens} tokens "
+        method, weighed = STARTS[args.exact_start]
+        state.closed_form_start = {"method": method, "windows": len(windows), "tokens": tokens}
+        return (f"closed-form start: {method} of each NPT layer's attention output over {tokens} tokens "
                 f"({len(windows)} windows, {time.time() - t0:.1f} s); the rank-{model.npt_config.rank} code keeps "
-                f"{100 * sum(kept.values()) / len(kept):.1f}% of its variance (mean over layers, lowest "
-                f"{100 * min(kept.values()):.1f}%)")
+                f"{100 * sum(kept.values()) / len(kept):.1f}% of its {weighed} (mean over layers, "
+                f"lowest {100 * min(kept.values()):.1f}%)")
 
     def train(self) -> int:
         """Optimizer steps until the last one or the end of the data: 0, or 3 after --max_consecutive_nan
@@ -178,6 +179,7 @@ class Trainer:
                         dynamic_ncols=True)
         if args.eval_steps and st.step == 0:
             self.evaluate()
+            self._save_if_best()  # the start is a candidate too: a run never hands back worse than it began
         exhausted, self.t0 = False, time.time()
         while st.step < self.total_steps and not exhausted:
             group, exhausted = self._next_group(windows)
@@ -339,7 +341,9 @@ class Trainer:
                 final["ranks_identical"] = bool(all(torch.equal(gathered[0], g) for g in gathered))
             self.metrics.row(final)
             if self.procs.main:  # the table, when the run evaluated
-                table = write_equivalence(self.metrics.metrics, self.plan.output_dir, self.plan.layer_indices)
+                best = checkpoint_run(self.plan.output_dir / "checkpoint-best")
+                table = write_equivalence(self.metrics.metrics, self.plan.output_dir, self.plan.layer_indices,
+                                          best[1] if best and best[0] == self.state.run_id else None)
                 if table:
                     self.metrics.message(table)
             self.metrics.message(f"done: {self.state.step} steps, {self.state.skipped_total} skipped micro-batches; "

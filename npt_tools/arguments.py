@@ -41,6 +41,10 @@ class TrainArgs(ModelArgs):
     init_batches: int = flag(32, "exact target: training micro-batches whose attention outputs give the "
                                  "closed-form start (principal directions), before the first step.",
                              type=click.IntRange(min=1))
+    exact_start: str = flag("fisher", "exact target: the closed-form start's metric: fisher (the code that keeps what "
+                                      "matters to the next-token distribution: Fisher-weighted principal directions) "
+                                      "or pca (the principal directions of the attention output).",
+                            type=click.Choice(["fisher", "pca"]))
     dataset_name: str = flag("builtin", "builtin (pydoc_data.topics), a hub dataset, or a local "
                                         ".txt/.jsonl/.json/.parquet file.")
     dataset_split: str = flag("train", "Split of a hub dataset.")
