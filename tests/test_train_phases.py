@@ -202,7 +202,8 @@ def test_no_flags_no_warning(monkeypatch, tiny_llama_dir, tmp_path, target):
 
 
 def test_trainargs_built_directly_warns_as_the_cli_does(tiny_llama_dir, tmp_path):
-    """None is 'not given' for TrainArgs built in code too; resolving twice warns no more and changes nothing."""
+    """None is 'not given' for TrainArgs built in code too; resolving again changes nothing and names the same flag
+    (what was given is recorded by the first resolve, not read from the values it filled)."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
