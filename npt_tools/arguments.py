@@ -12,6 +12,41 @@ from npt_tools.cli import fail, flag
 from npt_tools.models import ModelArgs
 from npt_tools.objective import LOSSES, OBJECTIVES
 
+# the defaults that depend on --modulation_target, in one place to retune: a flag not given takes its target's value
+TARGET_DEFAULTS = {
+    "exact": {"objective": "kl", "learning_rate": 1e-5},
+    **{target: {"objective": "layerwise", "learning_rate": 3e-3} for target in npt.TARGETS if target != "exact"},
+}
+# the flags whose default is None only so that giving one shows (it may do nothing: DOES_NOTHING): their values
+UNSET_DEFAULTS = {"kernel": "auto", "loss": "update", "regularization_lambda": 0.01,
+                  "down_rank": npt.NPTConfig.down_rank, "init_batches": 32, "exact_start": "fisher"}
+# where a flag does nothing: (the flag it hangs on, its values where it does, why) for --help and the warning
+DOES_NOTHING = {
+    "kernel": ("modulation_target", ("exact",), "the modulated-SwiGLU kernel is never called there"),
+    "safe_mode": ("modulation_target", ("down", "exact"), "no gate modulation there"),
+    "regularization_lambda": ("modulation_target", ("exact",), "no regularizer term there"),
+    "loss": ("objective", ("kl",), "it fits the next-token distribution, not layers"),
+    "down_rank": ("modulation_target", ("gate", "exact"), "only down and gate+down modulate W_down"),
+    "init_batches": ("modulation_target", ("gate", "down", "gate+down"), "only exact starts in closed form"),
+    "exact_start": ("modulation_target", ("gate", "down", "gate+down"), "only exact starts in closed form"),
+}
+
+
+def _help(text: str, name: str) -> str:
+    """A flag's help text, with where it does nothing and, for a None default, what it resolves to."""
+    if name in DOES_NOTHING:
+        on, values, why = DOES_NOTHING[name]
+        text += f" Does nothing with --{on} {', '.join(values)} ({why})."
+    if name in UNSET_DEFAULTS:
+        return f"{text}  [default: {UNSET_DEFAULTS[name]}]"
+    if name in TARGET_DEFAULTS["exact"]:
+        by_value = {}
+        for target, values in TARGET_DEFAULTS.items():
+            by_value.setdefault(values[name], []).append(target)
+        per = "; ".join(f"{value} for {', '.join(targets)}" for value, targets in by_value.items())
+        return f"{text}  [default per --modulation_target: {per}]"
+    return text
+
 
 @dataclasses.dataclass
 class TrainArgs(ModelArgs):
@@ -20,31 +55,33 @@ class TrainArgs(ModelArgs):
                                           "target (d_model if smaller), 16 for the others]", type=click.IntRange(min=1))
     share_embeddings: bool = flag(False, "Accepted for compatibility: the teacher is always the same model "
                                          "(npt_disabled), so embeddings are always shared.")
-    safe_mode: bool = flag(False, "Additive modulation only (no multiplicative branch).")
+    safe_mode: bool = flag(False, _help("Additive gate modulation only (no multiplicative branch).", "safe_mode"))
     npt_layers: str = flag("all", "Layers to convert: all, upper_half, lower_half, a range like 8-15 or a list "
                                   "like 1,3,5 (0-based).")
-    kernel: str = flag("auto", "Modulated-SwiGLU backend (auto: Triton on CUDA, torch otherwise).",
-                       type=click.Choice(["auto", "triton", "torch"]))
-    objective: str = flag("kl", "layerwise: each NPT layer on the teacher's input and attention; "
-                                       "end_to_end: the student's own trajectory; kl: the teacher's next-token "
-                                       "distribution against the student's (its own trajectory).",
-                          type=click.Choice(OBJECTIVES))
-    loss: str = flag("update", "Per-layer fit: update (|y_s - y_t|^2 / |y_t - h|^2 per token: the share of the "
-                               "layer's update missed) or cosine (2 - 2 cos of whole states).",
-                     type=click.Choice(LOSSES))
+    kernel: str | None = flag(None, _help("Modulated-SwiGLU backend (auto: Triton on CUDA, torch otherwise).",
+                                          "kernel"), type=click.Choice(["auto", "triton", "torch"]))
+    objective: str | None = flag(None, _help("layerwise: each NPT layer on the teacher's input and attention; "
+                                             "end_to_end: the student's own trajectory; kl: the teacher's next-token "
+                                             "distribution against the student's (its own trajectory).", "objective"),
+                                 type=click.Choice(OBJECTIVES))
+    loss: str | None = flag(None, _help("Per-layer fit: update (|y_s - y_t|^2 / |y_t - h|^2 per token: the share of "
+                                        "the layer's update missed) or cosine (2 - 2 cos of whole states).", "loss"),
+                            type=click.Choice(LOSSES))
     modulation_target: str = flag("exact", "What the attention code modulates: gate (the seed's form), down (a "
                                           "per-token rank-K update of W_down), gate+down, or exact (per-token "
                                           "patches of W_gate, W_up, W_down and the norm scale that reproduce the "
                                           "layer from a rank-r code of its attention).",
                                   type=click.Choice(npt.TARGETS))
-    down_rank: int = flag(4, "K, the rank of the per-token down_proj modulation.", type=click.IntRange(min=1))
-    init_batches: int = flag(32, "exact target: training micro-batches whose attention outputs give the "
-                                 "closed-form start (principal directions), before the first step.",
-                             type=click.IntRange(min=1))
-    exact_start: str = flag("fisher", "exact target: the closed-form start's metric: fisher (the code that keeps what "
-                                      "matters to the next-token distribution: Fisher-weighted principal directions) "
-                                      "or pca (the principal directions of the attention output).",
-                            type=click.Choice(["fisher", "pca"]))
+    down_rank: int | None = flag(None, _help("K, the rank of the per-token down_proj modulation.", "down_rank"),
+                                 type=click.IntRange(min=1))
+    init_batches: int | None = flag(None, _help("exact target: training micro-batches whose attention outputs give "
+                                                "the closed-form start, before the first step.", "init_batches"),
+                                    type=click.IntRange(min=1))
+    exact_start: str | None = flag(None, _help("exact target: the closed-form start's metric: fisher (the code that "
+                                               "keeps what matters to the next-token distribution: Fisher-weighted "
+                                               "principal directions) or pca (the principal directions of the "
+                                               "attention output).", "exact_start"),
+                                   type=click.Choice(["fisher", "pca"]))
     dataset_name: str = flag("builtin", "builtin (pydoc_data.topics), a hub dataset, or a local "
                                         ".txt/.jsonl/.json/.parquet file.")
     dataset_split: str = flag("train", "Split of a hub dataset.")
@@ -54,16 +91,18 @@ class TrainArgs(ModelArgs):
     max_length: int = flag(128, "Tokens per packed sequence.", type=click.IntRange(min=2))
     batch_size: int = flag(2, "Sequences per micro-batch (per process).", type=click.IntRange(min=1))
     gradient_accumulation_steps: int = flag(2, "Micro-batches per optimizer step.", type=click.IntRange(min=1))
-    learning_rate: float = flag(1e-4, "Peak learning rate (1e-4 keeps the exact target's closed-form start; the "
-                                      "gate/down targets start at no effect and learn at 3e-3: see "
-                                      "benchmarks/RESULTS.md).", type=click.FloatRange(min=0))
+    learning_rate: float | None = flag(None, _help("Peak learning rate: small for the exact target, which starts at "
+                                                   "the teacher in closed form; large for the gate/down targets, "
+                                                   "which start at no effect (benchmarks/RESULTS.md).",
+                                                   "learning_rate"), type=click.FloatRange(min=0))
     weight_decay: float = flag(0.0, type=click.FloatRange(min=0))
     optimizer_type: str = flag("adamw", type=click.Choice(["adamw", "adam"]))
     scheduler_type: str = flag("linear", "Learning-rate schedule after warmup.",
                                type=click.Choice(["linear", "cosine", "constant"]))
     warmup_steps: int = flag(10, "Linear warmup, in optimizer steps.", type=click.IntRange(min=0))
     max_grad_norm: float = flag(0.5, "Gradient clipping norm.", type=click.FloatRange(min=0, min_open=True))
-    regularization_lambda: float = flag(0.01, "Weight of the modulation regularizer.", type=click.FloatRange(min=0))
+    regularization_lambda: float | None = flag(None, _help("Weight of the modulation regularizer.",
+                                                           "regularization_lambda"), type=click.FloatRange(min=0))
     num_epochs: float = flag(1.0, "Epochs over the data (used when --max_steps <= 0).",
                              type=click.FloatRange(min=0, min_open=True))
     max_steps: int = flag(20, "Optimizer steps to train (overrides --num_epochs; <= 0: train --num_epochs epochs).",
@@ -97,13 +136,15 @@ class TrainArgs(ModelArgs):
     use_wandb: bool = flag(False, "Log to Weights & Biases (WANDB_MODE=offline works).")
     inject_nan_steps: str = flag("", "Tests: NaN input embeddings in these micro-batch groups, e.g. 3,5-7.",
                                  hidden=True)
+    _given = None  # the flags set (not None, or True for a bool) when resolve first ran: not a flag itself
 
     def check(self) -> "TrainArgs":
         """Refuse (one line, exit 2) what click's types let through: nan and inf floats, seeds numpy/torch refuse,
         contradicting flags. Cheap: no file is read (plan.make_plan does the checks that read files)."""
         for f in dataclasses.fields(self):
-            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
-                fail(f"--{f.name} must be a finite number, got {getattr(self, f.name)}")
+            value = getattr(self, f.name)
+            if f.type.startswith("float") and value is not None and not math.isfinite(value):
+                fail(f"--{f.name} must be a finite number, got {value}")
         if self.learning_rate == 0:
             fail("--learning_rate must be positive")
         if not 0 <= self.seed < 2 ** 32:
@@ -121,6 +162,25 @@ class TrainArgs(ModelArgs):
         except ValueError:
             fail(f"--inject_nan_steps {self.inject_nan_steps!r} not understood: use e.g. 3,5-7")
         return self
+
+    def resolve(self, resumed: dict | None = None) -> list[str]:
+        """Give each flag left unset (None) its value, in place, before anything reads it: `resumed` (a resumed
+        checkpoint's values of the per-target flags not given), else TARGET_DEFAULTS for the target, else
+        UNSET_DEFAULTS. Returns a line per flag set where it does nothing (DOES_NOTHING), for a warning."""
+        if self._given is None:  # the first call still sees which flags were set
+            self._given = frozenset(f.name for f in dataclasses.fields(self)
+                                    if getattr(self, f.name) is not None and getattr(self, f.name) is not False)
+        for name, value in {**UNSET_DEFAULTS, **TARGET_DEFAULTS[self.modulation_target], **(resumed or {})}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        return [f"--{name}{'' if getattr(self, name) is True else f' {getattr(self, name)}'} does nothing with --{on} "
+                f"{getattr(self, on)} ({why}): ignored" for name, (on, _, why) in DOES_NOTHING.items()
+                if name in self._given and self.idle(name)]
+
+    def idle(self, name: str) -> bool:
+        """Whether flag `name` does nothing under these (resolved) arguments: DOES_NOTHING."""
+        on, values, _ = DOES_NOTHING[name]
+        return getattr(self, on) in values
 
     def npt_config(self, d_model: int) -> npt.NPTConfig:
         """The NPT layout the flags ask for on a model of width d_model (the rank's default depends on the target)."""
@@ -142,6 +202,17 @@ LAYOUT_FLAGS = "--adapter_rank/--safe_mode/--npt_layers/--modulation_target/--do
 RESUME_FIXED = ("model_name", "use_quantization", "use_fp16", "mixed_precision", "dataset_name", "dataset_split",
                 "text_column", "streaming", "num_samples", "max_length", "batch_size", "gradient_accumulation_steps",
                 "learning_rate", "weight_decay", "optimizer_type", "scheduler_type", "warmup_steps", "max_grad_norm", "regularization_lambda", "objective", "loss", "seed")
+
+
+def flag_takes(name: str, value) -> bool:
+    """Whether --name, given on the command line, could hold `value` (one read from a file): its type and range."""
+    kind = next(f for f in dataclasses.fields(TrainArgs) if f.name == name).metadata.get("type")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not isinstance(kind, click.ParamType):
+        return False
+    try:
+        return kind.convert(value, None, None) == value and (isinstance(value, str) or math.isfinite(value))
+    except click.BadParameter:
+        return False
 
 
 def parse_steps(spec: str) -> set[int]:

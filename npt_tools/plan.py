@@ -9,12 +9,13 @@ import json
 import os
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
 
 import npt
-from npt_tools.arguments import LAYOUT_FLAGS, RESUME_FIXED, TrainArgs, parse_steps
+from npt_tools.arguments import LAYOUT_FLAGS, RESUME_FIXED, TARGET_DEFAULTS, TrainArgs, flag_takes, parse_steps
 from npt_tools.checkpoints import (STATE_NAME, Resume, checkpoint_run, is_checkpoint, is_checkpoint_name,
                                    is_own_checkpoint, latest_checkpoint, read_checkpoint_or_fail)
 from npt_tools.cli import can_create_in, check_output_dir_or_fail, fail, first_line
@@ -34,7 +35,8 @@ class Plan:
 
 def make_plan(args: TrainArgs) -> Plan:
     """Refuse bad input (one line, exit 2) before any model or data loads or any file is written; what the flags
-    resolve to. Reads the model's config, a checkpoint to resume and adapters to start from, never weights."""
+    resolve to (the flags left unset get their values here, in place: TrainArgs.resolve). Reads the model's config,
+    a checkpoint to resume and adapters to start from, never weights."""
     args.check()
     if args.use_wandb and importlib.util.find_spec("wandb") is None:
         fail("--use_wandb needs the wandb package: pip install wandb (or drop --use_wandb)")
@@ -44,6 +46,9 @@ def make_plan(args: TrainArgs) -> Plan:
             fail(f"--log_file {args.log_file!r}: cannot write there (its folder must exist and be writable)")
     output_dir = check_output_dir_or_fail(args.output_dir)
     resume = _resume_or_fail(args, output_dir)
+    for line in args.resolve(_resumed_values(args, resume)):
+        warnings.warn(line, stacklevel=1)
+    args.check()  # again: values taken from the checkpoint
     check_run_of(args, output_dir, resume)
     config = load_model_config_or_fail(args.model_name, args.trust_remote_code)  # refuses unconvertible models
     positions = getattr(config, "max_position_embeddings", None)
@@ -63,10 +68,23 @@ def make_plan(args: TrainArgs) -> Plan:
             fail(f"{e}: pass the same {LAYOUT_FLAGS}")
     if args.init_adapters is not None:
         _check_init_adapters(args, npt_config, config.num_hidden_layers, resume)
-    if args.kernel == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if (args.kernel == "triton" and not args.idle("kernel") and not torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") != "1"):
         fail("--kernel triton needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU); use --kernel auto")
     run_id = resume.state.run_id if resume is not None and resume.state.run_id else uuid.uuid4().hex[:12]
     return Plan(output_dir, npt_config, layer_indices, resume, parse_steps(args.inject_nan_steps), run_id)
+
+
+def _resumed_values(args: TrainArgs, resume: "Resume | None") -> dict:
+    """The resumed run's own values (its trainer_state.json args) of the per-target flags not given: a resume
+    continues that run, whatever today's defaults are. A value the flag could not take is refused."""
+    saved = resume.saved.get("args", {}) if resume is not None else {}
+    values = {k: saved[k] for k in TARGET_DEFAULTS[args.modulation_target] if getattr(args, k) is None and k in saved}
+    for name, value in values.items():
+        if not flag_takes(name, value):
+            fail(f"checkpoint {str(resume.path)!r} is corrupt: {STATE_NAME} args hold --{name} {value!r}, not a value "
+                 f"of that flag: pass --{name}")
+    return values
 
 
 def _check_init_adapters(args: TrainArgs, npt_config: npt.NPTConfig, num_layers: int, resume: "Resume | None") -> None:

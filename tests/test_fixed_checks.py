@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import npt
+from npt_tools.closed_form import init_exact
 from npt_tools.objective import equivalence_loss
 from npt_tools.step import StepResult
 import test_fixed_npt as checks
@@ -168,10 +169,12 @@ def test_step_without_nan_skipping_fails(subject):
         checks.check_nan_batch_skipped(subject, naive_step)
 
 
-def test_step_that_does_not_train_fails(subject):
-    def no_step(model, optimizer, scheduler, micro_batches, **kwargs):
-        return StepResult(loss=1.0, fit=1.0, reg=0.0, grad_norm=0.0, skipped=0)
+def no_step(model, optimizer, scheduler, micro_batches, **kwargs):
+    """A step that reports success and changes nothing."""
+    return StepResult(loss=1.0, fit=1.0, reg=0.0, grad_norm=0.0, skipped=0)
 
+
+def test_step_that_does_not_train_fails(subject):
     with pytest.raises(AssertionError, match="changed no adapter"):
         checks.check_training_step(subject, no_step)
 
@@ -181,3 +184,68 @@ def test_unfrozen_base_fails_training_step(subject):
     model.model.layers[5].layer.mlp.down_proj.weight.requires_grad_(True)
     with pytest.raises(AssertionError, match="base parameters"):
         checks.check_training_step(subject, model=model)
+
+
+# ----------------------------------------------------------------------------- the default target: exact
+def start_then(change):
+    """init_exact, then `change(model)`: a start broken after the fact."""
+    def init(model, batches):
+        init_exact(model, batches)
+        with torch.no_grad():
+            change(model)
+    return init
+
+
+@pytest.mark.parametrize("init_fn", [
+    lambda model, batches: {},  # no start: a_hat = 0, the attention dropped
+    start_then(lambda m: npt.npt_layers(m)[5].adapter.B.weight.mul_(1 + 1e-3)),  # one layer's estimate 0.1% off
+], ids=["no start", "B 0.1% off in one layer"])
+def test_start_that_is_not_the_identity_fails_exact_full_rank(subject, init_fn):
+    with pytest.raises(AssertionError, match="differ from the base model's"):
+        checks.check_exact_full_rank(subject, init_fn)
+
+
+def test_nan_start_fails_exact_full_rank(subject):
+    with pytest.raises(AssertionError, match="non-finite logits"):
+        checks.check_exact_full_rank(subject, start_then(lambda m: npt.npt_layers(m)[3].adapter.mu.fill_(float("nan"))))
+
+
+def test_low_rank_fails_exact_default_rank(subject):
+    """Rank 16 keeps the teacher's next token on about 43% of the held-out positions."""
+    with pytest.raises(AssertionError, match="rank-16 start keeps the teacher's next token on .* below 75%"):
+        checks.check_exact_default_rank(subject, model=subject.exact_model(rank=16))
+
+
+def test_nan_adapter_fails_exact_default_rank(subject):
+    with pytest.raises(AssertionError, match="non-finite logits at rank 256"):
+        checks.check_exact_default_rank(subject, start_then(
+            lambda m: npt.npt_layers(m)[3].adapter.A_proj.weight[0, 0].fill_(float("nan"))))
+
+
+def test_step_that_does_not_train_fails_on_exact(subject):
+    with pytest.raises(AssertionError, match="changed no adapter"):
+        checks.check_exact_training_step(subject, no_step)
+
+
+def test_unfrozen_base_fails_exact_training_step(subject):
+    model = checks.started_exact_model(subject, seed=1)
+    model.model.layers[5].layer.mlp.down_proj.weight.requires_grad_(True)
+    with pytest.raises(AssertionError, match="base parameters"):
+        checks.check_exact_training_step(subject, model=model)
+
+
+def test_nan_gradient_fails_exact_training_step(subject):
+    """A finite loss whose gradient on one adapter tensor is NaN (d sqrt(u) / du at u = 0, times 0)."""
+    def nan_gradient_loss(model, batch, **kwargs):
+        out = equivalence_loss(model, batch, **kwargs)
+        mu = npt.npt_layers(model)[0].adapter.mu
+        out.loss = out.loss + torch.sqrt((mu - mu.detach()).pow(2).sum())
+        return out
+
+    with pytest.raises(AssertionError, match="non-finite adapter gradients"):
+        checks.check_exact_training_step(subject, loss_fn=nan_gradient_loss)
+
+
+def test_step_without_nan_skipping_fails_on_exact(subject):
+    with pytest.raises(AssertionError, match="skipped = 0"):
+        checks.check_exact_nan_batch_skipped(subject, naive_step)

@@ -59,7 +59,9 @@ def broken_inputs(d, tiny_llama_dir, model, opt, sched):
         p.grad = torch.ones_like(p)
     opt.step()  # optimizer state to corrupt
     opt.zero_grad()
-    args = TrainArgs(model_name=str(tiny_llama_dir)).saved()
+    args = TrainArgs(model_name=str(tiny_llama_dir))
+    args.resolve()  # what the trainer saves: every flag at its value
+    args = args.saved()
     for name in ("lacks_keys", "wrong_types", "optim_shape", "optim_nan", "saved_args"):
         save_checkpoint(d / "run", name, model, opt, sched, TrainerState(step=1), {"args": args})
     edit_json(d / "run" / "lacks_keys" / "trainer_state.json", lambda s: s.pop("position"))
@@ -84,6 +86,7 @@ STATE_EDITS = {  # trainer_state.json values a resume would feed into training
     "base_lrs_negative": lambda s: s["scheduler"].update(base_lrs=[-1e-3]),
     "best_string": lambda s: s.update(best="low"),
     "args_list": lambda s: s.update(args=[1]),
+    "args_learning_rate_string": lambda s: s["args"].update(learning_rate="fast"),  # taken when not given
     "rng_strings": lambda s: s.update(python_rng=[3, ["a"], None]),
 }
 CONFIG_EDITS = {  # npt_config.json of the wrong shape
@@ -230,6 +233,7 @@ def hostile_file_cases(d, model):
 MESSAGES = {
     "state lr_negative": "lr", "state betas_one": "betas", "state last_epoch_string": "last_epoch",
     "state lr_string": "lr", "state maximize": "maximize", "resume npt_config add_scale_big": "add_scale",
+    "state args_learning_rate_string": "--learning_rate 'fast'",
     "init_adapters npt_config add_scale_big": "add_scale", "init_adapters npt_config add_scale_nan": "add_scale must be",
     "init_adapters npt_config num_layers_string": "num_layers must be a positive integer, got '2'",
     "init_adapters npt_config top_level_list": "JSON object", "init_adapters NaN": "not finite",

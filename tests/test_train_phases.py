@@ -4,6 +4,7 @@ import json
 
 import click
 import pytest
+import torch
 
 import npt
 import pretrain_npt_safe as trainer
@@ -85,7 +86,7 @@ def flag_value(field):
         value = (field.default or 0) + 3
         return [str(value)], value
     if field.type.startswith("float"):
-        value = field.default + 0.25
+        value = (field.default or 0.0) + 0.25
         return [repr(value)], value
     value = f"{field.name}-value"
     return [value], value
@@ -114,3 +115,154 @@ def test_every_argument_is_a_flag(monkeypatch):
     hidden = {"inject_nan_steps"}
     assert all(f"--{f.name}" in text for f in fields if f.name not in hidden)
     assert "--inject_nan_steps" not in text
+
+
+# ----------------------------------------------------------------------------- per-target defaults
+def cli_args(monkeypatch, *words):
+    """The TrainArgs main builds from these command-line words (nothing runs)."""
+    from click.testing import CliRunner
+
+    received = []
+    monkeypatch.setattr(trainer, "train", lambda args: received.append(args) or 0)
+    result = CliRunner().invoke(trainer.main, [str(w) for w in words], catch_exceptions=False)
+    assert result.exit_code == 0 and len(received) == 1, result.output
+    return received[0]
+
+
+def test_down_alone_trains_as_the_old_explicit_layerwise_command(monkeypatch, tiny_llama_dir, tmp_path):
+    """`--modulation_target down` resolves to the arguments and plan of `--objective layerwise --learning_rate 3e-3`
+    (what the down target needed spelled out before its defaults)."""
+    common = ["--model_name", tiny_llama_dir, "--output_dir", tmp_path / "out", "--modulation_target", "down"]
+    alone = cli_args(monkeypatch, *common)
+    spelled = cli_args(monkeypatch, *common, "--objective", "layerwise", "--learning_rate", "3e-3")
+    assert (alone.objective, alone.learning_rate) == (None, None)  # "per target" until the plan resolves them
+    plans = [dataclasses.replace(make_plan(a), run_id="") for a in (alone, spelled)]
+    assert alone == spelled and plans[0] == plans[1] and alone.saved() == spelled.saved()
+    assert (alone.objective, alone.learning_rate, alone.loss, alone.kernel) == ("layerwise", 3e-3, "update", "auto")
+
+
+@pytest.mark.parametrize("target", npt.TARGETS)
+def test_every_target_resolves_its_own_defaults(monkeypatch, tiny_llama_dir, tmp_path, target):
+    from npt_tools.arguments import TARGET_DEFAULTS
+
+    args = cli_args(monkeypatch, "--model_name", tiny_llama_dir, "--output_dir", tmp_path, "--modulation_target",
+                    target)
+    make_plan(args)
+    assert {k: getattr(args, k) for k in TARGET_DEFAULTS[target]} == TARGET_DEFAULTS[target]
+    assert args.objective == ("kl" if target == "exact" else "layerwise")
+    assert args.saved()["learning_rate"] == args.learning_rate > 0  # trainer_state.json records the value
+
+
+IGNORED = [  # (flag words, target), where the flag does nothing
+    (["--kernel", "torch"], "exact"), (["--kernel", "auto"], "exact"), (["--safe_mode"], "down"),
+    (["--safe_mode"], "exact"), (["--regularization_lambda", "0.05"], "exact"), (["--loss", "cosine"], "exact"),
+    (["--down_rank", "2"], "gate"), (["--down_rank", "2"], "exact"), (["--init_batches", "3"], "down"),
+    (["--exact_start", "pca"], "gate+down"),
+]
+USED = [  # the same flags where they matter
+    (["--kernel", "torch"], "gate"), (["--safe_mode"], "gate+down"), (["--regularization_lambda", "0.05"], "down"),
+    (["--loss", "cosine"], "gate"), (["--down_rank", "2"], "down"), (["--init_batches", "3"], "exact"),
+    (["--exact_start", "pca"], "exact"),
+]
+
+
+def plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, *words) -> list[str]:
+    import warnings
+
+    args = cli_args(monkeypatch, "--model_name", tiny_llama_dir, "--output_dir", tmp_path / "out", *words)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_plan(args)
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("words, target", IGNORED, ids=lambda x: x if isinstance(x, str) else " ".join(x))
+def test_a_flag_set_where_it_does_nothing_warns_once(monkeypatch, tiny_llama_dir, tmp_path, words, target):
+    caught = plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, *words, "--modulation_target", target)
+    assert len(caught) == 1 and "\n" not in caught[0], caught
+    assert caught[0].startswith(" ".join(words) + " does nothing ") and caught[0].endswith("ignored"), caught[0]
+    assert ("with --objective kl" if words[0] == "--loss" else f"with --modulation_target {target} (") in caught[0]
+
+
+@pytest.mark.parametrize("words, target", USED, ids=lambda x: x if isinstance(x, str) else " ".join(x))
+def test_a_flag_set_where_it_matters_does_not_warn(monkeypatch, tiny_llama_dir, tmp_path, words, target):
+    assert plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, *words, "--modulation_target", target) == []
+
+
+def test_loss_warns_under_kl_whatever_the_target(monkeypatch, tiny_llama_dir, tmp_path):
+    caught = plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, "--modulation_target", "gate", "--objective", "kl",
+                           "--loss", "cosine")
+    assert len(caught) == 1 and caught[0].startswith("--loss cosine does nothing with --objective kl ("), caught
+
+
+@pytest.mark.parametrize("target", [None, *npt.TARGETS])
+def test_no_flags_no_warning(monkeypatch, tiny_llama_dir, tmp_path, target):
+    words = [] if target is None else ["--modulation_target", target]
+    assert plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, *words) == []
+
+
+def test_trainargs_built_directly_warns_as_the_cli_does(tiny_llama_dir, tmp_path):
+    """None is 'not given' for TrainArgs built in code too; resolving again changes nothing and names the same flag
+    (what was given is recorded by the first resolve, not read from the values it filled)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet = make_plan(tiny_args(tiny_llama_dir, tmp_path / "a"))
+        args = tiny_args(tiny_llama_dir, tmp_path / "b", kernel="torch")
+        make_plan(args)
+        resolved = dataclasses.asdict(args)
+        assert args.resolve() == [str(caught[0].message)] and dataclasses.asdict(args) == resolved
+    assert quiet.npt_config.exact and [str(w.message).split()[:2] for w in caught] == [["--kernel", "torch"]]
+
+
+# ----------------------------------------------------------------------------- resuming under new defaults
+def older_checkpoint(tiny_llama_dir, out, **saved_args):
+    """An exact-target checkpoint whose trainer_state.json args hold `saved_args` over the resolved defaults."""
+    from transformers import AutoModelForCausalLM
+
+    from npt_tools.checkpoints import save_checkpoint
+
+    args = tiny_args(tiny_llama_dir, out)
+    args.resolve()
+    model = npt.convert_to_npt(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                               npt.NPTConfig(rank=64, modulation_target="exact"))
+    opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return save_checkpoint(out, "checkpoint-1", model, opt, sched, TrainerState(step=1, run_id="older"),
+                           {"args": {**args.saved(), **saved_args}})
+
+
+def test_resume_keeps_the_checkpoints_values_of_flags_not_given(tiny_llama_dir, tmp_path):
+    """A run saved under the old global default (learning_rate 1e-4) resumes without flags; the per-target flags
+    take its values. Given and different, they are refused as before."""
+    ckpt = older_checkpoint(tiny_llama_dir, tmp_path / "run", learning_rate=1e-4, objective="end_to_end")
+    args = tiny_args(tiny_llama_dir, tmp_path / "run", resume_from_checkpoint=str(ckpt))
+    args.learning_rate = None  # tiny_args gives one; this resume gives none
+    plan = make_plan(args)
+    assert plan.resume.state.step == 1 and (args.learning_rate, args.objective) == (1e-4, "end_to_end")
+    for given, line in (({"learning_rate": 1e-5}, "--learning_rate 0.0001 -> 1e-05"),
+                        ({"objective": "kl"}, "--objective 'end_to_end' -> 'kl'")):
+        again = tiny_args(tiny_llama_dir, tmp_path / "run", resume_from_checkpoint=str(ckpt), **given)
+        again.learning_rate = given.get("learning_rate")
+        with pytest.raises(UserError, match=f"changed flags \\({line}\\)"):
+            make_plan(again)
+
+
+@pytest.mark.parametrize("value", ["fast", None, float("nan"), 0.0, -1e-3, True])
+def test_resume_refuses_a_checkpoints_value_the_flag_could_not_take(tiny_llama_dir, tmp_path, value):
+    ckpt = older_checkpoint(tiny_llama_dir, tmp_path / "run", learning_rate=value)
+    args = tiny_args(tiny_llama_dir, tmp_path / "run", resume_from_checkpoint=str(ckpt))
+    args.learning_rate = None
+    with pytest.raises(UserError, match="learning_rate") as e:
+        make_plan(args)
+    assert "\n" not in str(e.value)
+
+
+def test_kernel_triton_without_a_gpu_is_refused_only_where_the_kernel_runs(monkeypatch, tiny_llama_dir, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UserError, match="--kernel triton needs a CUDA GPU"):
+        plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, "--kernel", "triton", "--modulation_target", "gate")
+    caught = plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, "--kernel", "triton")  # exact: never called
+    assert len(caught) == 1 and caught[0].startswith("--kernel triton does nothing"), caught
