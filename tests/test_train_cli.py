@@ -187,6 +187,9 @@ def test_eval_metrics_curve_and_tensorboard(tmp_path, tiny_llama_dir):
     assert report["update_error_final"] == evals[-1]["eval_layer_update_error"]
     assert (report["student_ppl_start"], report["agreement_final"]) == (evals[0]["eval_student_ppl"],
                                                                        evals[-1]["eval_agreement"])
+    best = json.loads((out / "checkpoint-best" / "trainer_state.json").read_text())["step"]
+    losses = {r["step"]: r["eval_loss"] for r in evals}  # --save_steps 0: the start and the end are the candidates
+    assert report["best_step"] == best and losses[best] == min(losses[0], losses[4])
     assert "update error per NPT layer" in (tmp_path / "train.log").read_text()
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
