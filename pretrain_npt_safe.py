@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import npt
-from npt_tools.arguments import TrainArgs
+from npt_tools.arguments import EXACT_LR_SCALE, TrainArgs, exact_learning_rate
 from npt_tools.checkpoints import (CKPT_RE, EXIT_DISK_FULL, DiskFull, TrainerState, checkpoint_run, is_disk_full,
                                    prune_checkpoints, remove_checkpoint, restore_checkpoint, save_checkpoint,
                                    tidy_output_dir)
@@ -55,8 +55,6 @@ def count_steps(args: TrainArgs, windows_per_epoch: int | None, world: int) -> i
 
 def build_model(args: TrainArgs, plan: Plan, device: torch.device, world: int, total_steps: int):
     """(model, optimizer, scheduler): the only copy of the model (the teacher is npt_disabled), converted."""
-    from transformers import get_scheduler
-
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model, _ = load_model_or_fail(args.model_name, args.use_quantization, args.use_fp16,
@@ -79,11 +77,18 @@ def build_model(args: TrainArgs, plan: Plan, device: torch.device, world: int, t
         with torch.no_grad():
             for p in params:
                 torch.distributed.broadcast(p.data, src=0)
+    return (model, *build_optimizer(args, params, total_steps))
+
+
+def build_optimizer(args: TrainArgs, params: list, total_steps: int) -> tuple:
+    """(optimizer, scheduler) at --learning_rate, warmup then --scheduler_type per optimizer step."""
+    from transformers import get_scheduler
+
     opt_cls = torch.optim.AdamW if args.optimizer_type == "adamw" else torch.optim.Adam
     optimizer = opt_cls(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     schedule = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[args.scheduler_type]
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
-    return model, optimizer, scheduler
+    return optimizer, scheduler
 
 
 class Trainer:
@@ -116,7 +121,8 @@ class Trainer:
         per_step = args.batch_size * procs.world * args.gradient_accumulation_steps
         self.metrics.message(
             f"NPT pre-training: {args.model_name}, {len(plan.layer_indices)} NPT layers, rank {plan.npt_config.rank}, "
-            f"{describe_target(plan.npt_config)}, {args.objective} objective, {args.loss} loss, {self.total_steps} "
+            f"{describe_target(plan.npt_config)}, {args.objective} objective"
+            f"{'' if args.idle('loss') else f', {args.loss} loss'}, {self.total_steps} "
             f"steps of {per_step} x {args.max_length} tokens, {procs.world} process(es)"
             + (f", resumed at step {self.state.step} from {plan.resume.path}" if plan.resume is not None else ""))
         windows = self.data.eval_windows
@@ -160,13 +166,19 @@ class Trainer:
             sums = iter(sum_over_processes(procs.reduce, [t for i in order for t in stats[i]], torch.float64))
             stats = {i: tuple(next(sums) for _ in stats[i]) for i in order}
         kept = init_exact(model, moments=stats, start=args.exact_start)
+        share = sum(kept.values()) / len(kept)
         tokens = int(next(iter(stats.values()))[0])
         method, weighed = STARTS[args.exact_start]
-        state.closed_form_start = {"method": method, "windows": len(windows), "tokens": tokens}
+        state.closed_form_start = {"method": method, "windows": len(windows), "tokens": tokens, "kept": share}
+        rate = ""
+        if not args.was_given("learning_rate"):  # steps as large as the start leaves to learn (saved with the run)
+            args.learning_rate = exact_learning_rate(share)
+            self.optimizer, self.scheduler = build_optimizer(args, npt.get_adapter_params(model), self.total_steps)
+            rate = (f"; learning rate {args.learning_rate:.3g} (--learning_rate not given: {EXACT_LR_SCALE:g} x the "
+                    "share missed)")
         return (f"closed-form start: {method} of each NPT layer's attention output over {tokens} tokens "
                 f"({len(windows)} windows, {time.time() - t0:.1f} s); the rank-{model.npt_config.rank} code keeps "
-                f"{100 * sum(kept.values()) / len(kept):.1f}% of its {weighed} (mean over layers, "
-                f"lowest {100 * min(kept.values()):.1f}%)")
+                f"{100 * share:.1f}% of its {weighed} (mean over layers, lowest {100 * min(kept.values()):.1f}%){rate}")
 
     def train(self) -> int:
         """Optimizer steps until the last one or the end of the data: 0, or 3 after --max_consecutive_nan

@@ -12,6 +12,8 @@ from npt_tools.cli import fail, flag
 from npt_tools.models import ModelArgs
 from npt_tools.objective import LOSSES, OBJECTIVES
 
+EXACT_RANK = 320  # the exact target's default rank: the measured choice (README, "Which modulation target")
+EXACT_LR_SCALE = 3e-3  # exact, --learning_rate not given: this x the share the closed-form start misses (measured)
 # the defaults that depend on --modulation_target, in one place to retune: a flag not given takes its target's value
 TARGET_DEFAULTS = {
     "exact": {"objective": "kl", "learning_rate": 1e-5},
@@ -51,7 +53,8 @@ def _help(text: str, name: str) -> str:
 @dataclasses.dataclass
 class TrainArgs(ModelArgs):
     """The trainer's arguments, one field per flag after the model flags (`npt_tools.models.ModelArgs`)."""
-    adapter_rank: int | None = flag(None, "Rank r of the NPT adapters (1..d_model). [default: 256 for the exact "
+    adapter_rank: int | None = flag(None, "Rank r of the NPT adapters (1..d_model). [default: "
+                                          f"{EXACT_RANK} for the exact "
                                           "target (d_model if smaller), 16 for the others]", type=click.IntRange(min=1))
     share_embeddings: bool = flag(False, "Accepted for compatibility: the teacher is always the same model "
                                          "(npt_disabled), so embeddings are always shared.")
@@ -177,6 +180,10 @@ class TrainArgs(ModelArgs):
                 f"{getattr(self, on)} ({why}): ignored" for name, (on, _, why) in DOES_NOTHING.items()
                 if name in self._given and self.idle(name)]
 
+    def was_given(self, name: str) -> bool:
+        """Whether the user set flag `name` (resolve records it before it fills in any value)."""
+        return self._given is not None and name in self._given
+
     def idle(self, name: str) -> bool:
         """Whether flag `name` does nothing under these (resolved) arguments: DOES_NOTHING."""
         on, values, _ = DOES_NOTHING[name]
@@ -195,7 +202,6 @@ class TrainArgs(ModelArgs):
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "resume_from_checkpoint"}
 
 
-EXACT_RANK = 256  # the exact target's default rank: the measured choice (README, "Which modulation target")
 # the flags the adapters' layout follows: a checkpoint's adapters fit only a run with the same values
 LAYOUT_FLAGS = "--adapter_rank/--safe_mode/--npt_layers/--modulation_target/--down_rank"
 # changing these on resume would silently make a different run than the checkpoint's (precision flags too: refused)
@@ -213,6 +219,13 @@ def flag_takes(name: str, value) -> bool:
         return kind.convert(value, None, None) == value and (isinstance(value, str) or math.isfinite(value))
     except click.BadParameter:
         return False
+
+
+def exact_learning_rate(kept: float) -> float:
+    """The exact target's learning rate when --learning_rate is not given: EXACT_LR_SCALE x (1 - kept), kept the
+    share of the (Fisher-weighted) variance the closed-form start keeps. The nearer the start is to the teacher,
+    the smaller the steps: larger ones undo it (benchmarks/RESULTS.md)."""
+    return EXACT_LR_SCALE * max(1.0 - kept, 1e-3)
 
 
 def parse_steps(spec: str) -> set[int]:

@@ -204,7 +204,7 @@ def test_fisher_start_beats_pca_in_its_metric_on_fresh_tokens():
             ad = layer.adapter
             residual = torch.eye(len(s), dtype=s.dtype) - ad.B.weight.double() @ ad.A_proj.weight.double()
             mu = ad.mu.double()
-            second = outer / n - torch.outer(s / n, mu) - torch.outer(mu, s / n) + torch.outer(mu, mu)  # E[(a-mu)(a-mu)^T]
+            second = outer / n - torch.outer(s / n, mu) - torch.outer(mu, s / n) + torch.outer(mu, mu)  # about mu
             total += torch.trace(residual.T @ (grad_outer / n) @ residual @ second).item()  # E[e^T M e], a, g apart
         cost[start] = total
     assert cost["fisher"] < cost["pca"]

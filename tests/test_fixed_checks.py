@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import npt
+from npt_tools.arguments import EXACT_RANK
 from npt_tools.closed_form import init_exact
 from npt_tools.objective import equivalence_loss
 from npt_tools.step import StepResult
@@ -217,7 +218,7 @@ def test_low_rank_fails_exact_default_rank(subject):
 
 
 def test_nan_adapter_fails_exact_default_rank(subject):
-    with pytest.raises(AssertionError, match="non-finite logits at rank 256"):
+    with pytest.raises(AssertionError, match=f"non-finite logits at rank {EXACT_RANK}"):
         checks.check_exact_default_rank(subject, start_then(
             lambda m: npt.npt_layers(m)[3].adapter.A_proj.weight[0, 0].fill_(float("nan"))))
 

@@ -8,7 +8,7 @@ import torch
 
 import npt
 import pretrain_npt_safe as trainer
-from npt_tools.arguments import TrainArgs
+from npt_tools.arguments import EXACT_LR_SCALE, TrainArgs
 from npt_tools.checkpoints import TrainerState
 from npt_tools.cli import UserError
 from npt_tools.plan import make_plan
@@ -43,13 +43,33 @@ def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.integration
+def test_exact_learning_rate_follows_the_start_unless_given(tiny_llama_dir, tmp_path):
+    """--learning_rate not given on the exact target: EXACT_LR_SCALE x the share the start misses, in the optimizer
+    and in the saved arguments (a resume continues at it); given, it is honoured."""
+    fast = {k: v for k, v in dataclasses.asdict(tiny_args(tiny_llama_dir, tmp_path)).items() if k != "learning_rate"}
+    for given, out in ((None, tmp_path / "auto"), (5e-5, tmp_path / "given")):
+        args = TrainArgs(**{**fast, "output_dir": str(out), "adapter_rank": 8, "learning_rate": given})
+        run = trainer.Trainer(args, make_plan(args)).setup()
+        line = run.closed_form_start()
+        kept = run.state.closed_form_start["kept"]
+        assert 0 < kept < 1
+        expected = given or EXACT_LR_SCALE * (1 - kept)
+        assert args.learning_rate == pytest.approx(expected, rel=1e-12) and ("learning rate" in line) == (given is None)
+        assert [g["initial_lr"] for g in run.optimizer.param_groups] == [args.learning_rate]
+        assert run.train() == 0
+        run.cleanup(0)
+        saved = json.loads((out / "checkpoint-final" / "trainer_state.json").read_text())
+        assert saved["args"]["learning_rate"] == args.learning_rate
+
+
+@pytest.mark.integration
 def test_resume_plan_reads_the_checkpoint(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert trainer.train(tiny_args(tiny_llama_dir, out)) == 0
     plan = make_plan(tiny_args(tiny_llama_dir, tmp_path / "again", resume_from_checkpoint=str(out / "checkpoint-2")))
     assert plan.resume.state.step == 2  # the default: exact at d_model (64), capped from 256
     assert plan.resume.npt_config == npt.NPTConfig(rank=64, modulation_target="exact")
-    assert plan.resume.state.closed_form_start["method"] == "principal directions"
+    assert plan.resume.state.closed_form_start["method"] == "Fisher-weighted principal directions"
     with pytest.raises(UserError, match="rank is 64 there, 8 here"):
         make_plan(tiny_args(tiny_llama_dir, tmp_path / "again", adapter_rank=8,
                             resume_from_checkpoint=str(out / "checkpoint-2")))
