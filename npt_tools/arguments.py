@@ -126,7 +126,7 @@ class TrainArgs(ModelArgs):
                            type=click.IntRange(min=0))
     save_total_limit: int | None = flag(None, "Keep at most N checkpoint-<step> directories (best and final are "
                                               "kept).", type=click.IntRange(min=1))
-    eval_steps: int = flag(40, "Evaluate on held-out text every N steps, and at start and end (0: off).",
+    eval_steps: int = flag(10, "Evaluate on held-out text every N steps, and at start and end (0: off).",
                            type=click.IntRange(min=0))
     eval_samples: int = flag(16, "Held-out sequences per evaluation.", type=click.IntRange(min=1))
     resume_from_checkpoint: str | None = flag(None, "A checkpoint directory, or 'latest' (the newest in --output_dir).")

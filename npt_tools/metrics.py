@@ -110,13 +110,13 @@ class Metrics:
         layer_evals = [r for r in rows if r.get("eval_layer_update_error")]
         fig, axes = plt.subplots(1, 2 if layer_evals else 1, figsize=(12 if layer_evals else 7, 4), squeeze=False)
         ax = axes[0, 0]
-        if train:
-            ax.plot(*zip(*train), label="train loss")
+        if train:  # each step's loss is on that step's own batch: noisy, so drawn light
+            ax.plot(*zip(*train), color="tab:blue", alpha=0.4, lw=1, label="train loss (each step's own batch)")
         if evals:
-            ax.plot(*zip(*evals), "o-", label="eval loss")
+            ax.plot(*zip(*evals), "o-", color="tab:orange", lw=2, label="held-out loss (the same windows each time)")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (per-layer fit + lambda * reg)")
-        ax.set_yscale("log")
+        ax.set_ylabel("loss (the objective's fit + lambda * reg)")
+        _log_scale_if_positive(ax, [v for _, v in train + evals])
         ax.legend()
         ax.set_title("NPT equivalence pre-training")
         if layer_evals:  # the equivalence report: each layer's held-out update error at start and end
@@ -126,6 +126,7 @@ class Metrics:
                         "o-", ms=3, label=f"step {row['step']}: student ppl {row['eval_student_ppl']:.3g} (teacher "
                         f"{row['eval_teacher_ppl']:.3g}), agreement {row['eval_agreement']:.2f}")
             ax.axhline(1.0, color="grey", lw=0.5)
+            _log_scale_if_positive(ax, [v for r in layer_evals for v in r["eval_layer_update_error"]])
             ax.set_xlabel("NPT layer")
             ax.set_ylabel("held-out update error (1 = not reproduced)")
             ax.legend(fontsize=8)
@@ -146,3 +147,9 @@ class Metrics:
         for tracker in self.accelerator.trackers:
             tracker.finish()
         self.accelerator.trackers.clear()
+
+
+def _log_scale_if_positive(ax, values: list[float]) -> None:
+    """A log y axis where every value is positive and finite (losses that span decades); linear otherwise."""
+    if values and all(math.isfinite(v) and v > 0 for v in values):
+        ax.set_yscale("log")
