@@ -11,6 +11,8 @@ processes), in one of two metrics:
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn as nn
 
@@ -34,18 +36,27 @@ def attention_moments(attn: torch.Tensor, grad: torch.Tensor | None = None) -> t
 
 def teacher_moments(model: nn.Module, batches, start: str = "fisher", seed: int = 0) -> dict:
     """{layer_idx: attention_moments} of the teacher's attention outputs over the real tokens of `batches`, with the
-    fisher start's gradient moments too (y drawn from the teacher's next-token distribution, generator `seed`)."""
+    fisher start's gradient moments too (y drawn from the teacher's next-token distribution: draw_next_tokens)."""
     _check_start(start)
-    generator = torch.Generator().manual_seed(seed)
     stats = {}
     for batch in batches:
-        stats = add_moments(stats, _batch_moments(model, batch, generator if start == "fisher" else None))
+        stats = add_moments(stats, _batch_moments(model, batch, seed if start == "fisher" else None))
     return stats
 
 
-def _batch_moments(model: nn.Module, batch: dict, generator: torch.Generator | None) -> dict:
+def draw_next_tokens(logits: torch.Tensor, ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """(T,) one token drawn from softmax(logits) (T, V) at each position of one window `ids` (T,), from a generator
+    seeded by the window's tokens and `seed`: the same draw however the windows are batched or shared out among
+    processes, so several processes gather one process's statistics."""
+    key = zlib.crc32(ids.detach().cpu().numpy().tobytes(), seed % 2 ** 32)  # 32 bits: what the CPU generator keeps
+    generator = torch.Generator().manual_seed(key)
+    probs = torch.softmax(logits.detach().float(), -1).cpu()
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
+
+
+def _batch_moments(model: nn.Module, batch: dict, seed: int | None) -> dict:
     """One teacher pass: the moments of each NPT layer's attention output over the batch's real tokens; with a
-    generator, a backward of sum log p(y), y ~ teacher, for the gradient at each attention output too."""
+    seed, a backward of sum log p(y), y ~ teacher, for the gradient at each attention output too."""
     real = batch["attention_mask"].bool()
     leaves = {}
 
@@ -53,15 +64,16 @@ def _batch_moments(model: nn.Module, batch: dict, generator: torch.Generator | N
         leaves[layer_idx] = torch.zeros_like(attn, requires_grad=True)
         return attn + leaves[layer_idx]
 
-    if generator is None:
+    if seed is None:
         records, _ = run_captured(model, batch, ("attn",), teacher=True)
         return {i: attention_moments(rec["attn"][real]) for i, rec in records.items()}
     with npt_disabled(model), capture(model, ("attn",), edit=tap) as records, torch.enable_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        y = torch.cat([draw_next_tokens(logits[b][real[b]], batch["input_ids"][b][real[b]], seed)
+                       for b in range(len(real))])  # (N,) in the order of [real]
         logp = torch.log_softmax(logits[real].float(), -1)  # (N, V)
-        y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=generator).to(logp.device)  # (N, 1)
         order = sorted(leaves)
-        grads = torch.autograd.grad(logp.gather(-1, y).sum(), [leaves[i] for i in order])
+        grads = torch.autograd.grad(logp.gather(-1, y[:, None]).sum(), [leaves[i] for i in order])
     return {i: attention_moments(records[i]["attn"][real], g[real]) for i, g in zip(order, grads)}
 
 
