@@ -18,8 +18,9 @@ import torch.nn as nn
 
 from npt import NPTLayer, capture, npt_disabled, npt_layers, run_captured
 
-STARTS = {"fisher": ("Fisher-weighted principal directions", "Fisher-weighted variance"),  # start: (method, what
-          "pca": ("principal directions", "variance")}  # the share init_exact returns is a share of)
+# start -> (its name in the trainer's line, what init_exact's returned share is a share of)
+STARTS = {"fisher": ("Fisher-weighted principal directions", "Fisher-weighted variance"),
+          "pca": ("principal directions", "variance")}
 METRIC_DAMPING = 1e-3  # M + METRIC_DAMPING * mean eigenvalue: directions the logits never felt stay invertible
 
 
