@@ -27,7 +27,7 @@ from npt_tools.closed_form import STARTS, init_exact  # noqa: E402
 from npt_tools.models import EMBEDDED_MODEL, load_base_model  # noqa: E402
 from npt_tools.objective import next_token_kl  # noqa: E402
 from npt_tools.step import optimizer_step  # noqa: E402
-from exact_start import moments  # noqa: E402
+from exact_start import moments, unconvert  # noqa: E402
 from layer_fit import HELD_OUT, agreement, windows  # noqa: E402
 
 
@@ -43,9 +43,8 @@ def score(model, held: torch.Tensor) -> dict:
 
 
 def run(model, stats, rank, lr, start, steps, warmup, every, train, held) -> list[dict]:
-    for i, layer in enumerate(model.model.layers):  # back to the plain model, then converted at this rank
-        if isinstance(layer, npt.NPTLayer):
-            model.model.layers[i] = layer.layer
+    if hasattr(model, "npt_config"):  # converted at another rank before
+        unconvert(model)
     torch.manual_seed(0)
     npt.convert_to_npt(model, npt.NPTConfig(rank=rank, modulation_target="exact"))
     init_exact(model, moments=stats, start=start)

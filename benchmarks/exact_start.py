@@ -34,6 +34,14 @@ def moments(model, ids: torch.Tensor, batch: int = 8) -> dict:
     return teacher_moments(model, ({"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(batch)))
 
 
+def unconvert(model) -> None:
+    """The plain model again: each NPT layer replaced by the decoder layer it wraps (to convert at another rank)."""
+    for i, layer in enumerate(model.model.layers):
+        if isinstance(layer, npt.NPTLayer):
+            model.model.layers[i] = layer.layer
+    del model.npt_config
+
+
 def text_windows(tokenizer, path: str, length: int = 128, count: int = HELD_OUT) -> torch.Tensor:
     """Packed windows of a text file: held-out text from another domain than the training corpus."""
     ids = tokenizer(open(path, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
@@ -74,10 +82,7 @@ def main(layers, ranks, starts, n_windows, off_domain, json_file):
                 row.update({f"off_domain_{k}": v for k, v in agreement(model, other).items()})
             rows.append(row)
             print(json.dumps(row), flush=True)
-        for i, layer in enumerate(model.model.layers):  # back to the plain model for the next rank
-            if isinstance(layer, npt.NPTLayer):
-                model.model.layers[i] = layer.layer
-        del model.npt_config
+        unconvert(model)  # back to the plain model for the next rank
     if json_file:
         with open(json_file, "w") as f:
             json.dump(rows, f, indent=1)

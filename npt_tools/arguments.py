@@ -9,6 +9,7 @@ import click
 
 import npt
 from npt_tools.cli import fail, flag
+from npt_tools.closed_form import STARTS
 from npt_tools.models import ModelArgs
 from npt_tools.objective import LOSSES, OBJECTIVES
 
@@ -84,7 +85,7 @@ class TrainArgs(ModelArgs):
                                                "keeps what matters to the next-token distribution: Fisher-weighted "
                                                "principal directions) or pca (the principal directions of the "
                                                "attention output).", "exact_start"),
-                                   type=click.Choice(["fisher", "pca"]))
+                                   type=click.Choice(list(STARTS)))
     dataset_name: str = flag("builtin", "builtin (pydoc_data.topics), a hub dataset, or a local "
                                         ".txt/.jsonl/.json/.parquet file.")
     dataset_split: str = flag("train", "Split of a hub dataset.")
