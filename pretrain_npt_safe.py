@@ -160,16 +160,21 @@ class Trainer:
         t0 = time.time()
         with procs.autocast():
             stats = teacher_moments(model, tqdm(batches, desc="closed-form start", disable=not procs.main,
-                                                dynamic_ncols=True, leave=False), args.exact_start, args.seed)
+                                                dynamic_ncols=True, leave=False), args.exact_start, args.seed,
+                                    args.init_gradient_batches)
         if procs.reduce is not None:
             order = sorted(stats)
             sums = iter(sum_over_processes(procs.reduce, [t for i in order for t in stats[i]], torch.float64))
             stats = {i: tuple(next(sums) for _ in stats[i]) for i in order}
         kept = init_exact(model, moments=stats, start=args.exact_start)
         share = sum(kept.values()) / len(kept)
-        tokens = int(next(iter(stats.values()))[0])
+        first = next(iter(stats.values()))
+        tokens = int(first[0])
+        gradient_tokens = int(first[3]) if args.exact_start == "fisher" else 0  # fewer: --init_gradient_batches
+        gradients = f"; gradients at {gradient_tokens} of them" if 0 < gradient_tokens < tokens else ""
         method, weighed = STARTS[args.exact_start]
-        state.closed_form_start = {"method": method, "windows": len(windows), "tokens": tokens, "kept": share}
+        state.closed_form_start = {"method": method, "windows": len(windows), "tokens": tokens,
+                                   "gradient_tokens": gradient_tokens, "kept": share}
         rate = ""
         if not args.was_given("learning_rate"):  # steps as large as the start leaves to learn (saved with the run)
             args.learning_rate = exact_learning_rate(share)
@@ -177,8 +182,8 @@ class Trainer:
             rate = (f"; learning rate {args.learning_rate:.3g} (--learning_rate not given: {EXACT_LR_SCALE:g} x the "
                     "share missed)")
         return (f"closed-form start: {method} of each NPT layer's attention output over {tokens} tokens "
-                f"({len(windows)} windows, {time.time() - t0:.1f} s); the rank-{model.npt_config.rank} code keeps "
-                f"{100 * share:.1f}% of its {weighed} (mean over layers, lowest {100 * min(kept.values()):.1f}%){rate}")
+                f"({len(windows)} windows{gradients}, {time.time() - t0:.1f} s); the rank-{model.npt_config.rank} code "
+                f"keeps {100 * share:.1f}% of its {weighed} (mean over layers, lowest {100 * min(kept.values()):.1f}%){rate}")
 
     def train(self) -> int:
         """Optimizer steps until the last one or the end of the data: 0, or 3 after --max_consecutive_nan

@@ -31,6 +31,7 @@ DOES_NOTHING = {
     "loss": ("objective", ("kl",), "it fits the next-token distribution, not layers"),
     "down_rank": ("modulation_target", ("gate", "exact"), "only down and gate+down modulate W_down"),
     "init_batches": ("modulation_target", ("gate", "down", "gate+down"), "only exact starts in closed form"),
+    "init_gradient_batches": ("modulation_target", ("gate", "down", "gate+down"), "only exact starts in closed form"),
     "exact_start": ("modulation_target", ("gate", "down", "gate+down"), "only exact starts in closed form"),
 }
 
@@ -81,6 +82,12 @@ class TrainArgs(ModelArgs):
     init_batches: int | None = flag(None, _help("exact target: training micro-batches whose attention outputs give "
                                                 "the closed-form start, before the first step.", "init_batches"),
                                     type=click.IntRange(min=1))
+    init_gradient_batches: int | None = flag(
+        None, _help("exact target, fisher start: how many of each process's --init_batches also give the gradient "
+                    "metric (the first ones; one teacher backward each); the others give the attention covariance "
+                    "alone, from a cheaper forward that skips the logits. The covariance gains most from more "
+                    "windows: e.g. --init_batches 128 --init_gradient_batches 32. [default: all of them]",
+                    "init_gradient_batches"), type=click.IntRange(min=1))
     exact_start: str | None = flag(None, _help("exact target: the closed-form start's metric: fisher (the code that "
                                                "keeps what matters to the next-token distribution: Fisher-weighted "
                                                "principal directions) or pca (the principal directions of the "

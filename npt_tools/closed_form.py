@@ -6,7 +6,9 @@ processes), in one of two metrics:
   M = E[g g^T], g the teacher's gradient of log p(y) at the attention output (y sampled from the teacher, so M is
   the Fisher information of the logits pulled back to a: to second order, KL(teacher || student) = 1/2 e^T M e
   for an error e), the code minimises E[(a - a_hat)^T M (a - a_hat)]: U the top-r eigenvectors of
-  M^1/2 C M^1/2 (C the covariance of a), A_proj = U^T M^1/2, B = M^-1/2 U. One teacher backward per batch.
+  M^1/2 C M^1/2 (C the covariance of a), A_proj = U^T M^1/2, B = M^-1/2 U. One teacher backward per batch that
+  gives gradients (`gradient_batches`: the first ones); the others give C alone, from a forward that stops after
+  the last NPT layer. C needs more windows than M: measured, most of what more windows gain comes from C.
 - pca: the principal directions of a (A_proj = P^T, B = P): the least-squares best rank-r code, forward passes only.
 """
 from __future__ import annotations
@@ -24,24 +26,32 @@ STARTS = {"fisher": ("Fisher-weighted principal directions", "Fisher-weighted va
 METRIC_DAMPING = 1e-3  # M + METRIC_DAMPING * mean eigenvalue: directions the logits never felt stay invertible
 
 
-def attention_moments(attn: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """(count, sum, sum of outer products) of attention outputs (N, D), and with `grad` (N, D) the sum of the outer
-    products of the gradients at them, in float64: what init_exact needs, summable over batches (and processes)."""
+def attention_moments(attn: torch.Tensor, grad: torch.Tensor | None = None,
+                      with_grad: bool = False) -> tuple[torch.Tensor, ...]:
+    """(count, sum, sum of outer products) of attention outputs (N, D), and with `grad` (N, D) (count, sum of outer
+    products) of the gradients at them (with_grad and no grad: zeros, a batch that gave none), in float64: what
+    init_exact needs, summable over batches (and processes)."""
     a = attn.detach().reshape(-1, attn.shape[-1]).double()  # (N, D)
     out = (torch.tensor(float(len(a)), dtype=torch.float64), a.sum(0), a.T @ a)
     if grad is None:
-        return out
+        return (*out, out[0].new_zeros(()), out[2].new_zeros(out[2].shape)) if with_grad else out
     g = grad.detach().reshape(-1, grad.shape[-1]).double()  # (N, D)
-    return (*out, g.T @ g)
+    return (*out, torch.tensor(float(len(g)), dtype=torch.float64), g.T @ g)
 
 
-def teacher_moments(model: nn.Module, batches, start: str = "fisher", seed: int = 0) -> dict:
+def teacher_moments(model: nn.Module, batches, start: str = "fisher", seed: int = 0,
+                    gradient_batches: int | None = None) -> dict:
     """{layer_idx: attention_moments} of the teacher's attention outputs over the real tokens of `batches`, with the
-    fisher start's gradient moments too (y drawn from the teacher's next-token distribution: draw_next_tokens)."""
+    fisher start's gradient moments too (y drawn from the teacher's next-token distribution: draw_next_tokens) from
+    the first `gradient_batches` of them (None: all)."""
     _check_start(start)
+    if gradient_batches is not None and gradient_batches < 1:
+        raise ValueError(f"gradient_batches must be at least 1, got {gradient_batches}")
     stats = {}
-    for batch in batches:
-        stats = add_moments(stats, _batch_moments(model, batch, seed if start == "fisher" else None))
+    for k, batch in enumerate(batches):
+        fisher = start == "fisher"
+        grads = fisher and (gradient_batches is None or k < gradient_batches)
+        stats = add_moments(stats, _batch_moments(model, batch, seed if grads else None, with_grad=fisher))
     return stats
 
 
@@ -55,9 +65,10 @@ def draw_next_tokens(logits: torch.Tensor, ids: torch.Tensor, seed: int) -> torc
     return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
 
 
-def _batch_moments(model: nn.Module, batch: dict, seed: int | None) -> dict:
+def _batch_moments(model: nn.Module, batch: dict, seed: int | None, with_grad: bool = False) -> dict:
     """One teacher pass: the moments of each NPT layer's attention output over the batch's real tokens; with a
-    seed, a backward of sum log p(y), y ~ teacher, for the gradient at each attention output too."""
+    seed, a backward of sum log p(y), y ~ teacher, for the gradient at each attention output too (without one but
+    with_grad, zero gradient moments: attention_moments)."""
     real = batch["attention_mask"].bool()
     leaves = {}
 
@@ -67,7 +78,7 @@ def _batch_moments(model: nn.Module, batch: dict, seed: int | None) -> dict:
 
     if seed is None:
         records, _ = run_captured(model, batch, ("attn",), teacher=True)
-        return {i: attention_moments(rec["attn"][real]) for i, rec in records.items()}
+        return {i: attention_moments(rec["attn"][real], with_grad=with_grad) for i, rec in records.items()}
     with npt_disabled(model), capture(model, ("attn",), edit=tap) as records, torch.enable_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         y = torch.cat([draw_next_tokens(logits[b][real[b]], batch["input_ids"][b][real[b]], seed)
@@ -79,25 +90,30 @@ def _batch_moments(model: nn.Module, batch: dict, seed: int | None) -> dict:
 
 
 def add_moments(a: dict, b: dict) -> dict:
+    """The sum of two {layer_idx: attention_moments} (a layer in one only keeps its moments)."""
+    if any(len(a[i]) != len(b[i]) for i in a.keys() & b.keys()):
+        raise ValueError("cannot add attention moments with gradients to moments without (attention_moments)")
     return {i: tuple(x + y for x, y in zip(a[i], b[i])) if i in a and i in b else a.get(i, b.get(i))
             for i in {*a, *b}}
 
 
 @torch.no_grad()
 def init_exact(model: nn.Module, batches=(), moments: dict | None = None, start: str = "fisher",
-               seed: int = 0) -> dict[int, float]:
+               seed: int = 0, gradient_batches: int | None = None) -> dict[int, float]:
     """The exact target's closed-form start (module docstring) from the teacher's passes over `batches` (dicts with
-    input_ids, attention_mask); `moments` ({layer_idx: attention_moments(...)}) adds statistics already at hand.
+    input_ids, attention_mask; fisher: gradients from the first `gradient_batches`, None: all); `moments`
+    ({layer_idx: attention_moments(...)}) adds statistics already at hand.
     Deterministic: statistics in float64, each code direction's largest entry positive. Returns {layer_idx: share
     of the error the code removes} (pca: of a's variance; fisher: of its Fisher-weighted variance)."""
     _check_start(start)
     layers = npt_layers(model)
     if not layers or not all(layer.config.exact for layer in layers):
         raise ValueError("init_exact needs a model converted with modulation_target='exact'")
-    stats = add_moments(dict(moments or {}), teacher_moments(model, batches, start, seed))
+    stats = add_moments(dict(moments or {}), teacher_moments(model, batches, start, seed, gradient_batches))
     if any(layer.layer_idx not in stats or stats[layer.layer_idx][0] < 1 for layer in layers):
         raise ValueError("init_exact needs at least one batch with a real token")
-    if start == "fisher" and any(len(stats[layer.layer_idx]) < 4 for layer in layers):
+    if start == "fisher" and any(len(stats[layer.layer_idx]) < 5 or stats[layer.layer_idx][3] < 1
+                                 for layer in layers):
         raise ValueError("the fisher start needs gradient moments: attention_moments(attn, grad)")
     return {layer.layer_idx: _set_code(layer, start, *stats[layer.layer_idx]) for layer in layers}
 
@@ -108,13 +124,13 @@ def _check_start(start: str) -> None:
 
 
 def _set_code(layer: NPTLayer, start: str, n: torch.Tensor, total: torch.Tensor, outer: torch.Tensor,
-              grad_outer: torch.Tensor | None = None) -> float:
+              grad_n: torch.Tensor | None = None, grad_outer: torch.Tensor | None = None) -> float:
     """Sets mu, A_proj, B of one exact layer from its moments; the share of the (weighted) variance kept."""
     mu = total / n
     cov = (outer / n - torch.outer(mu, mu)).cpu()  # (D, D)
     root = inverse_root = torch.eye(len(mu), dtype=cov.dtype)
     if start == "fisher":
-        values, vectors = torch.linalg.eigh(grad_outer.cpu() / n)  # M = E[g g^T]
+        values, vectors = torch.linalg.eigh(grad_outer.cpu() / grad_n.cpu())  # M = E[g g^T]
         values = values.clamp_min(0) + METRIC_DAMPING * values.clamp_min(0).mean()
         values = values.clamp_min(torch.finfo(torch.float64).tiny)
         root = (vectors * values.sqrt()) @ vectors.T  # M^1/2

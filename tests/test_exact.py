@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import npt
-from npt_tools.closed_form import attention_moments, draw_next_tokens, init_exact, teacher_moments
+from npt_tools.closed_form import add_moments, attention_moments, draw_next_tokens, init_exact, teacher_moments
 from npt_tools.objective import equivalence_loss, next_token_kl
 from helpers import ARCHS, capture_layer_io, rel_err, rms_norm64, tiny_model
 
@@ -171,7 +171,8 @@ def test_fisher_start_equals_its_definition():
     stats = teacher_moments(model, batches, "fisher")
     fisher = sampled_fisher64(model, batches)
     for layer in npt.npt_layers(model):
-        n, total, outer, grad_outer = stats[layer.layer_idx]
+        n, total, outer, grad_n, grad_outer = stats[layer.layer_idx]
+        assert grad_n == n
         assert rel_err(grad_outer / n, fisher[layer.layer_idx]) <= 1e-4
         mu = total / n
         cov = outer / n - torch.outer(mu, mu)
@@ -186,6 +187,32 @@ def test_fisher_start_equals_its_definition():
         assert rel_err(ad.B.weight.norm(dim=0), ad.A_proj.weight.norm(dim=1)) <= 1e-5  # balanced
         pca = torch.linalg.eigh(cov).eigenvectors[:, -5:]
         assert rel_err(product, pca @ pca.T) > 1e-2  # another code than the principal directions
+
+
+def test_fisher_gradients_from_the_first_batches_only():
+    """gradient_batches=k: the covariance from every batch, the metric from the first k alone (the others run a
+    forward only), so the start is the one from those two moments; adding moments with gradients to moments
+    without is refused, not truncated."""
+    model = exact_model("mistral", rank=4, init=False)
+    batches = random_batches(4, seed=9)
+    part = teacher_moments(model, batches, "fisher", gradient_batches=1)
+    first = teacher_moments(model, batches[:1], "fisher")
+    every = teacher_moments(model, batches, "pca")
+    for i, (n, total, outer, grad_n, grad_outer) in part.items():
+        assert n == every[i][0] > grad_n == first[i][3] > 0
+        assert rel_err(total, every[i][1]) <= 1e-12 and rel_err(outer, every[i][2]) <= 1e-12
+        assert rel_err(grad_outer, first[i][4]) <= 1e-12
+    kept = init_exact(model, batches, gradient_batches=1)
+    product = {la.layer_idx: la.adapter.B.weight @ la.adapter.A_proj.weight for la in npt.npt_layers(model)}
+    mixed = {i: (*every[i], *first[i][3:]) for i in every}  # the covariance of all, the gradients of the first
+    assert init_exact(model, moments=mixed) == kept
+    assert all(torch.equal(la.adapter.B.weight @ la.adapter.A_proj.weight, product[la.layer_idx])
+               for la in npt.npt_layers(model))
+    assert init_exact(model, batches) != kept  # the other batches' gradients change the start
+    with pytest.raises(ValueError, match="with gradients to moments without"):
+        add_moments(first, every)
+    with pytest.raises(ValueError, match="at least 1"):
+        teacher_moments(model, batches, "fisher", gradient_batches=0)
 
 
 def test_draws_do_not_depend_on_batching():
@@ -209,9 +236,9 @@ def test_fisher_start_minimises_the_error_in_its_metric():
     def cost() -> float:
         total = 0.0
         for layer in npt.npt_layers(model):
-            n, s, outer, grad_outer = stats[layer.layer_idx]
+            n, s, outer, grad_n, grad_outer = stats[layer.layer_idx]
             mu = s / n
-            metric = grad_outer / n
+            metric = grad_outer / grad_n
             metric = metric + 1e-3 * torch.linalg.eigvalsh(metric).clamp_min(0).mean() * torch.eye(len(mu)).double()
             ad = layer.adapter
             residual = torch.eye(len(mu), dtype=mu.dtype) - ad.B.weight.double() @ ad.A_proj.weight.double()

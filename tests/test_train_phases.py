@@ -63,6 +63,20 @@ def test_exact_learning_rate_follows_the_start_unless_given(tiny_llama_dir, tmp_
 
 
 @pytest.mark.integration
+def test_init_gradient_batches_take_the_metric_from_the_first_batches(tiny_llama_dir, tmp_path):
+    """--init_gradient_batches k: the covariance from every --init_batches batch, the gradients from the first k
+    (recorded and said); not given, from all of them."""
+    for k, out in ((None, tmp_path / "all"), (1, tmp_path / "one")):
+        args = tiny_args(tiny_llama_dir, out, init_batches=3, init_gradient_batches=k)
+        run = trainer.Trainer(args, make_plan(args)).setup()
+        line = run.closed_form_start()
+        start = run.state.closed_form_start
+        assert start["tokens"] == 3 * 2 * 32  # 3 batches of 2 full windows of 32 tokens
+        assert start["gradient_tokens"] == (start["tokens"] if k is None else 2 * 32)
+        assert ("gradients at 64 of them" in line) == (k == 1)
+
+
+@pytest.mark.integration
 def test_resume_plan_reads_the_checkpoint(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert trainer.train(tiny_args(tiny_llama_dir, out)) == 0
@@ -177,12 +191,12 @@ IGNORED = [  # (flag words, target), where the flag does nothing
     (["--kernel", "torch"], "exact"), (["--kernel", "auto"], "exact"), (["--safe_mode"], "down"),
     (["--safe_mode"], "exact"), (["--regularization_lambda", "0.05"], "exact"), (["--loss", "cosine"], "exact"),
     (["--down_rank", "2"], "gate"), (["--down_rank", "2"], "exact"), (["--init_batches", "3"], "down"),
-    (["--exact_start", "pca"], "gate+down"),
+    (["--exact_start", "pca"], "gate+down"), (["--init_gradient_batches", "2"], "gate"),
 ]
 USED = [  # the same flags where they matter
     (["--kernel", "torch"], "gate"), (["--safe_mode"], "gate+down"), (["--regularization_lambda", "0.05"], "down"),
     (["--loss", "cosine"], "gate"), (["--down_rank", "2"], "down"), (["--init_batches", "3"], "exact"),
-    (["--exact_start", "pca"], "exact"),
+    (["--exact_start", "pca"], "exact"), (["--init_gradient_batches", "2"], "exact"),
 ]
 
 
