@@ -144,8 +144,10 @@ def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path, tiny_ll
 @pytest.mark.parametrize("target", ["gate+down", "exact"])
 def test_torchrun_two_processes_match_one_process(tmp_path, tiny_llama_dir, target):
     """gate+down layerwise: the gate and the down modulation's gradients both sync; exact with kl: the closed-form
-    start, gathered in shards, is the one process's, and the kl gradients sync."""
-    layout = (["--objective", "layerwise"] if target == "gate+down" else ["--adapter_rank", 8, "--init_batches", 3])
+    start (gradients from the first 2 of 3 batches a process), gathered in shards, is the one process's, and the kl
+    gradients sync."""
+    layout = (["--objective", "layerwise"] if target == "gate+down" else ["--adapter_rank", 8, "--init_batches", 3,
+                                                                          "--init_gradient_batches", 2])
     common = ["--model_name", tiny_llama_dir, "--max_steps", 4, *FAST, "--gradient_accumulation_steps", 2,
               "--save_steps", 2, "--modulation_target", target, *layout]
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
