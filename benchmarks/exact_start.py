@@ -9,6 +9,7 @@ and start init_exact sets the code and the converted model is scored on held-out
 trajectory) and on windows of an off-domain text (--off_domain, default the GPL-3 licence text).
 
     python benchmarks/exact_start.py --layers all --rank 16 --rank 64 --rank 128 --rank 256
+    python benchmarks/exact_start.py --rank 64 --rank 128 --start fisher --windows 448 --gradient_windows 64
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ from npt_tools.objective import equivalence_loss  # noqa: E402
 from layer_fit import HELD_OUT, agreement, windows  # noqa: E402
 
 
-def moments(model, ids: torch.Tensor, batch: int = 8) -> dict:
-    """{layer_idx: attention and gradient moments} of the teacher over the windows `ids`."""
-    return teacher_moments(model, ({"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(batch)))
+def moments(model, ids: torch.Tensor, batch: int = 8, gradient_windows: int | None = None) -> dict:
+    """{layer_idx: attention and gradient moments} of the teacher over the windows `ids` (the gradients' over the
+    first `gradient_windows`, rounded up to whole batches; None: all)."""
+    return teacher_moments(model, ({"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(batch)),
+                           gradient_batches=None if gradient_windows is None else -(-gradient_windows // batch))
 
 
 def unconvert(model) -> None:
@@ -55,22 +58,26 @@ def text_windows(tokenizer, path: str, length: int = 128, count: int = HELD_OUT)
 @click.option("--start", "starts", type=click.Choice(STARTS), multiple=True, default=STARTS, show_default=True)
 @click.option("--windows", "n_windows", type=int, default=64, show_default=True,
               help="128-token windows the start is computed from (the trainer's --init_batches 32 x 2).")
+@click.option("--gradient_windows", type=int, default=None,
+              help="fisher: the first this many of them give the gradient metric (default: all; the trainer's "
+                   "--init_gradient_batches x 2).")
 @click.option("--off_domain", default="/usr/share/common-licenses/GPL-3", show_default=True,
               help="A text file of another domain, scored too ('' for none).")
 @click.option("--json", "json_file", default=None, help="Also write the rows to this file.")
-def main(layers, ranks, starts, n_windows, off_domain, json_file):
+def main(layers, ranks, starts, n_windows, gradient_windows, off_domain, json_file):
     model, tok = load_base_model(EMBEDDED_MODEL)
     model.eval().requires_grad_(False)
     ids = windows(tok, 128, n_windows + HELD_OUT)
-    held = ids[-HELD_OUT:]
+    cut = min(n_windows, 64)  # layer_fit.py's held-out windows 64-79 whatever the count: rows compare
+    held, ids = ids[cut:cut + HELD_OUT], torch.cat([ids[:cut], ids[cut + HELD_OUT:]])
     other = text_windows(tok, off_domain) if off_domain else None
     rows, stats = [], None
     for rank in ranks:
         npt.convert_to_npt(model, npt.NPTConfig(rank=rank, layers=layers, modulation_target="exact"))
         if stats is None:
             t0 = time.time()
-            stats = moments(model, ids[:-HELD_OUT])
-            print(f"moments of {len(ids) - HELD_OUT} windows: {time.time() - t0:.1f} s", flush=True)
+            stats = moments(model, ids, gradient_windows=gradient_windows)
+            print(f"moments of {len(ids)} windows: {time.time() - t0:.1f} s", flush=True)
         for start in starts:
             kept = init_exact(model, moments=stats, start=start)
             with torch.no_grad():
