@@ -22,7 +22,8 @@ TARGET_DEFAULTS = {
 }
 # the flags whose default is None only so that giving one shows (it may do nothing: DOES_NOTHING): their values
 UNSET_DEFAULTS = {"kernel": "auto", "loss": "update", "regularization_lambda": 0.01,
-                  "down_rank": npt.NPTConfig.down_rank, "init_batches": 32, "exact_start": "fisher"}
+                  "down_rank": npt.NPTConfig.down_rank, "init_batches": 64, "init_gradient_batches": 32,
+                  "exact_start": "fisher"}
 # where a flag does nothing: (the flag it hangs on, its values where it does, why) for --help and the warning
 DOES_NOTHING = {
     "kernel": ("modulation_target", ("exact",), "the modulated-SwiGLU kernel is never called there"),
@@ -85,8 +86,8 @@ class TrainArgs(ModelArgs):
     init_gradient_batches: int | None = flag(
         None, _help("exact target, fisher start: how many of each process's --init_batches also give the gradient "
                     "metric (the first ones; one teacher backward each); the others give the attention covariance "
-                    "alone, from a cheaper forward that skips the logits. The covariance gains most from more "
-                    "windows: e.g. --init_batches 128 --init_gradient_batches 32. [default: all of them]",
+                    "alone, from a forward alone that stops before the logits, far cheaper. The covariance gains most "
+                    "from more windows.",
                     "init_gradient_batches"), type=click.IntRange(min=1))
     exact_start: str | None = flag(None, _help("exact target: the closed-form start's metric: fisher (the code that "
                                                "keeps what matters to the next-token distribution: Fisher-weighted "

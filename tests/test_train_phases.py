@@ -65,7 +65,7 @@ def test_exact_learning_rate_follows_the_start_unless_given(tiny_llama_dir, tmp_
 @pytest.mark.integration
 def test_init_gradient_batches_take_the_metric_from_the_first_batches(tiny_llama_dir, tmp_path):
     """--init_gradient_batches k: the covariance from every --init_batches batch, the gradients from the first k
-    (recorded and said); not given, from all of them."""
+    (recorded and said); not given (32, more than the 3 batches here), from all of them."""
     for k, out in ((None, tmp_path / "all"), (1, tmp_path / "one")):
         args = tiny_args(tiny_llama_dir, out, init_batches=3, init_gradient_batches=k)
         run = trainer.Trainer(args, make_plan(args)).setup()
