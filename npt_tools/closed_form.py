@@ -47,9 +47,8 @@ def teacher_moments(model: nn.Module, batches, start: str = "fisher", seed: int 
     _check_start(start)
     if gradient_batches is not None and gradient_batches < 1:
         raise ValueError(f"gradient_batches must be at least 1, got {gradient_batches}")
-    stats = {}
+    stats, fisher = {}, start == "fisher"
     for k, batch in enumerate(batches):
-        fisher = start == "fisher"
         grads = fisher and (gradient_batches is None or k < gradient_batches)
         stats = add_moments(stats, _batch_moments(model, batch, seed if grads else None, with_grad=fisher))
     return stats
