@@ -183,7 +183,8 @@ class Trainer:
                     "share missed)")
         return (f"closed-form start: {method} of each NPT layer's attention output over {tokens} tokens "
                 f"({len(windows)} windows{gradients}, {time.time() - t0:.1f} s); the rank-{model.npt_config.rank} code "
-                f"keeps {100 * share:.1f}% of its {weighed} (mean over layers, lowest {100 * min(kept.values()):.1f}%){rate}")
+                f"keeps {100 * share:.1f}% of its {weighed} (mean over layers, lowest "
+                f"{100 * min(kept.values()):.1f}%){rate}")
 
     def train(self) -> int:
         """Optimizer steps until the last one or the end of the data: 0, or 3 after --max_consecutive_nan

@@ -83,7 +83,8 @@ def main(ranks, single):
             for layer in layers:
                 layer.npt_enabled = True
         print(json.dumps(row), file=sys.stderr, flush=True)
-        print(f"| {rank} | {row['floor']:.4f} | {row['held_out_model']:.4f} | {row.get('single_layers', float('nan')):.4f}"
+        single_sum = row.get("single_layers", float("nan"))
+        print(f"| {rank} | {row['floor']:.4f} | {row['held_out_model']:.4f} | {single_sum:.4f}"
               f" | {row['all_layers']:.4f} | {row['student_ppl'] / row['teacher_ppl']:.3f}x | {row['agreement']:.3f} |",
               flush=True)
 

@@ -57,10 +57,10 @@ def text_windows(tokenizer, path: str, length: int = 128, count: int = HELD_OUT)
 @click.option("--rank", "ranks", type=int, multiple=True, default=(16, 64, 128, 256), show_default=True)
 @click.option("--start", "starts", type=click.Choice(STARTS), multiple=True, default=STARTS, show_default=True)
 @click.option("--windows", "n_windows", type=int, default=64, show_default=True,
-              help="128-token windows the start is computed from (the trainer's --init_batches 32 x 2).")
+              help="128-token windows the start is computed from (the trainer's default: --init_batches 64 x 2).")
 @click.option("--gradient_windows", type=int, default=None,
               help="fisher: the first this many of them give the gradient metric (default: all; the trainer's "
-                   "--init_gradient_batches x 2).")
+                   "default: --init_gradient_batches 32 x 2).")
 @click.option("--off_domain", default="/usr/share/common-licenses/GPL-3", show_default=True,
               help="A text file of another domain, scored too ('' for none).")
 @click.option("--json", "json_file", default=None, help="Also write the rows to this file.")

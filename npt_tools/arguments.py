@@ -86,8 +86,8 @@ class TrainArgs(ModelArgs):
     init_gradient_batches: int | None = flag(
         None, _help("exact target, fisher start: how many of each process's --init_batches also give the gradient "
                     "metric (the first ones; one teacher backward each); the others give the attention covariance "
-                    "alone, from a forward alone that stops before the logits, far cheaper. The covariance gains most "
-                    "from more windows.",
+                    "alone, from a forward that stops before the logits (about a third of the cost). The covariance "
+                    "gains most from more windows.",
                     "init_gradient_batches"), type=click.IntRange(min=1))
     exact_start: str | None = flag(None, _help("exact target: the closed-form start's metric: fisher (the code that "
                                                "keeps what matters to the next-token distribution: Fisher-weighted "
