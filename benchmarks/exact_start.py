@@ -30,10 +30,11 @@ from npt_tools.objective import equivalence_loss  # noqa: E402
 from layer_fit import HELD_OUT, agreement, windows  # noqa: E402
 
 
-def moments(model, ids: torch.Tensor, batch: int = 8, gradient_windows: int | None = None) -> dict:
+def moments(model, ids: torch.Tensor, batch: int = 8, gradient_windows: int | None = None, seed: int = 0) -> dict:
     """{layer_idx: attention and gradient moments} of the teacher over the windows `ids` (the gradients' over the
-    first `gradient_windows`, rounded up to whole batches; None: all)."""
+    first `gradient_windows`, rounded up to whole batches; None: all; y drawn with `seed`)."""
     return teacher_moments(model, ({"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(batch)),
+                           seed=seed,
                            gradient_batches=None if gradient_windows is None else -(-gradient_windows // batch))
 
 
