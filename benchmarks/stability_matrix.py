@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
-import debug_nan  # noqa: E402  (the seed's 1 + tanh(m) factor lives there, as a demonstration)
 import npt  # noqa: E402
+from npt_tools.inspection import tanh_factor  # noqa: E402  (the seed's 1 + tanh(m) factor, a demonstration)
 from npt_tools.models import EMBEDDED_MODEL, load_base_model
 from npt_tools.step import optimizer_step, weights_finite
 from layer_fit import windows  # noqa: E402
@@ -97,7 +97,7 @@ def run_cell(config: str, precision: str, seed: int, args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     fp16_autocast = config == "original" and precision == "4bit"
     autocast = ((lambda: torch.autocast("cpu", dtype=torch.float16)) if fp16_autocast else contextlib.nullcontext)
-    factor = (mock.patch.object(KERNEL, "modulation_factor", debug_nan.tanh_factor)
+    factor = (mock.patch.object(KERNEL, "modulation_factor", tanh_factor)
               if config == "original" else contextlib.nullcontext())
     bad, t0 = collections.Counter(), time.time()
     with factor:

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import debug_nan
 import npt
+from npt_tools import inspection
 from npt_tools.closed_form import init_exact
+from npt_tools.inspection import STAGES
 from npt_tools.models import load_base_model
-from debug_nan import STAGES
 from npt_tools.cli import UserError
 
 pytestmark = pytest.mark.integration  # the embedded model, debug_nan.py as a process
@@ -33,7 +33,7 @@ def run_cli(*args, timeout=120):
 def run_in_process(capsys, *args) -> tuple[int, str, str]:
     """debug_nan's CLI in this process (no model reload per subprocess): (exit code, stdout, stderr)."""
     with pytest.raises(SystemExit) as exit_info:
-        debug_nan.main.main(args=list(args), prog_name="debug_nan.py")
+        inspection.main.main(args=list(args), prog_name="debug_nan.py")
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
 
@@ -115,13 +115,13 @@ def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
 def test_injected_nan_is_found_at_exactly_that_layer_and_stage(npt_model, embedded, layer):
     tokenizer = embedded[1]
     for stage in (s for s in STAGES if s not in ("delta_down", "a_hat", "norm_scale")):  # off for the gate target
-        report = debug_nan.inspect_model(npt_model, tokenizer, inject=(layer, stage))
+        report = inspection.inspect_model(npt_model, tokenizer, inject=(layer, stage))
         assert_first(report, layer, stage)
         # the NaN is real, not cosmetic: it flows on into the layer's output
         out = report["layers"][layer]["stages"]["layer_out"]
         assert out["nan"] > 0, stage
     # hooks removed and planted weights restored: a clean run afterwards finds nothing
-    assert debug_nan.inspect_model(npt_model, tokenizer)["first_nonfinite"] is None
+    assert inspection.inspect_model(npt_model, tokenizer)["first_nonfinite"] is None
 
 
 def test_injected_nan_subprocess_exit_1_and_json(tmp_path):
@@ -141,8 +141,8 @@ def test_other_precisions(embedded, precision):
     model, tokenizer = load_base_model(use_fp16=precision == "fp16", use_quantization=precision == "4bit")
     torch.manual_seed(0)
     npt.convert_to_npt(model, npt.NPTConfig(layers="0-5"))
-    assert debug_nan.inspect_model(model, tokenizer)["first_nonfinite"] is None
-    report = debug_nan.inspect_model(model, tokenizer, inject=(4, "modulated_gate"))
+    assert inspection.inspect_model(model, tokenizer)["first_nonfinite"] is None
+    report = inspection.inspect_model(model, tokenizer, inject=(4, "modulated_gate"))
     assert_first(report, 4, "modulated_gate")
     assert [e["layer"] for e in report["layers"]] == list(range(6))
 
@@ -150,23 +150,23 @@ def test_other_precisions(embedded, precision):
 @pytest.mark.parametrize("target", ["down", "gate+down"])
 def test_down_target_stages(embedded, target):
     model = fresh_npt(embedded, layers="10-12", modulation_target=target)
-    clean = debug_nan.inspect_model(model, embedded[1])
+    clean = inspection.inspect_model(model, embedded[1])
     assert clean["first_nonfinite"] is None
     assert all(e["stages"]["delta_down"]["numel"] > 0 for e in clean["layers"])
     assert all((e["stages"]["delta_add"] is None) == (target == "down") for e in clean["layers"])
     for stage in ("delta_down", "mlp_out", "low_rank"):
-        report = debug_nan.inspect_model(model, embedded[1], inject=(11, stage))
+        report = inspection.inspect_model(model, embedded[1], inject=(11, stage))
         assert_first(report, 11, stage)
         assert report["layers"][1]["stages"]["layer_out"]["nan"] > 0, stage
     with pytest.raises(UserError, match="delta_down is off"):
-        debug_nan.inspect_model(fresh_npt(embedded, layers="10"), embedded[1], inject=(10, "delta_down"))
+        inspection.inspect_model(fresh_npt(embedded, layers="10"), embedded[1], inject=(10, "delta_down"))
 
 
 def test_exact_target_stages(embedded):
     model = fresh_npt(embedded, layers="10-12", modulation_target="exact", rank=16)
     ids = embedded[1](["The attention output, seen through a rank-16 code."] * 2, return_tensors="pt")
     init_exact(model, [dict(ids)])
-    clean = debug_nan.inspect_model(model, embedded[1])
+    clean = inspection.inspect_model(model, embedded[1])
     assert clean["first_nonfinite"] is None
     for e in clean["layers"]:
         assert all(e["stages"][s] is None for s in ("delta_add", "delta_mult", "delta_down"))
@@ -174,22 +174,22 @@ def test_exact_target_stages(embedded):
         scale = e["stages"]["norm_scale"]  # s = rms(h) / rms(h + a_hat): the attention changes the norm a little
         assert 0.2 < scale["min"] <= scale["max"] < 5 and scale["min"] != scale["max"]
     for stage in ("low_rank", "a_hat"):
-        report = debug_nan.inspect_model(model, embedded[1], inject=(11, stage))
+        report = inspection.inspect_model(model, embedded[1], inject=(11, stage))
         assert_first(report, 11, stage)
         assert report["layers"][1]["stages"]["norm_scale"]["nan"] > 0 and report["layers"][1]["stages"]["layer_out"]["nan"] > 0
     with pytest.raises(UserError, match="norm_scale is derived"):
-        debug_nan.inspect_model(model, embedded[1], inject=(11, "norm_scale"))
+        inspection.inspect_model(model, embedded[1], inject=(11, "norm_scale"))
     with pytest.raises(UserError, match="a_hat is off"):
-        debug_nan.inspect_model(fresh_npt(embedded, layers="10"), embedded[1], inject=(10, "a_hat"))
+        inspection.inspect_model(fresh_npt(embedded, layers="10"), embedded[1], inject=(10, "a_hat"))
 
 
 def test_partial_conversion_and_safe_mode(embedded):
     model = fresh_npt(embedded, modulation="additive", layers="upper_half")
-    report = debug_nan.inspect_model(model, embedded[1], inject=(20, "delta_add"))
+    report = inspection.inspect_model(model, embedded[1], inject=(20, "delta_add"))
     assert [e["layer"] for e in report["layers"]] == list(range(15, 30))
     assert all(e["stages"]["delta_mult"] is None for e in report["layers"])  # branch off, shown as "off"
     assert_first(report, 20, "delta_add")
-    assert " off" in debug_nan.render(report)
+    assert " off" in inspection.render(report)
 
 
 # ----------------------------------------------------------------------------- (3) poisoned checkpoints
@@ -209,7 +209,7 @@ def poisoned_checkpoint(model, path: Path, layer: int, tensor: str) -> Path:
 def test_poisoned_checkpoint_names_first_affected_stage(npt_model, embedded, tmp_path, tensor):
     ckpt = poisoned_checkpoint(npt_model, tmp_path / "ckpt", 11, tensor)
     model = npt.load_adapters(copy.deepcopy(embedded[0]), ckpt)
-    assert_first(debug_nan.inspect_model(model, embedded[1]), 11, POISON[tensor])
+    assert_first(inspection.inspect_model(model, embedded[1]), 11, POISON[tensor])
 
 
 def test_poisoned_checkpoint_cli_4bit(npt_model, tmp_path):
@@ -270,7 +270,7 @@ def test_stats_match_an_independent_forward(npt_model, embedded):
     """layer_out / input_norm stats agree with output_hidden_states and a hand-made RMSNorm, real tokens only."""
     tokenizer = embedded[1]
     texts = ["A short one.", "A somewhat longer text, so that the first one is padded."]
-    report = debug_nan.inspect_model(npt_model, tokenizer, texts)
+    report = inspection.inspect_model(npt_model, tokenizer, texts)
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     real = enc["attention_mask"].bool()
     with torch.no_grad():

@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-import debug_nan
 import npt
-import test_fixed_npt
+from npt_tools import fix_checks, inspection, trainer
+from npt_tools.arguments import TrainArgs
 from helpers import FAST, GATE, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
 
 
@@ -151,14 +151,14 @@ def test_cut_off_metrics_line_does_not_stop_a_resume(tmp_path, tiny_llama_dir, f
 
 def test_debug_nan_json_to_an_unwritable_path_is_exit_2(tiny_llama_dir, tmp_path):
     for target in ("/proc/npt-report.json", "/proc/self/status"):  # root may "access" both; neither is writable
-        result = CliRunner().invoke(debug_nan.main, ["--model_name", str(tiny_llama_dir), "--json", target],
+        result = CliRunner().invoke(inspection.main, ["--model_name", str(tiny_llama_dir), "--json", target],
                                     catch_exceptions=False)
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--json" in lines[0], result.stderr
         assert result.stdout == ""
 
 
-@pytest.mark.parametrize("script", [debug_nan, test_fixed_npt])
+@pytest.mark.parametrize("script", [inspection, fix_checks])
 def test_other_scripts_refuse_remote_code_without_the_flag(tmp_path, tiny_llama_dir, script, monkeypatch):
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     assert "--trust_remote_code" in CliRunner().invoke(script.main, ["--help"]).output
@@ -247,7 +247,7 @@ def test_output_dir_with_a_users_checkpoint_names_is_left_untouched(tmp_path, ti
     (out / "checkpoint-final").mkdir()
     (out / "checkpoint-final" / "precious.txt").write_text("precious")
     before = user_files(out)
-    result = CliRunner().invoke(trainer_main(), ["--model_name", str(tiny_llama_dir), "--output_dir", str(out), *map(
+    result = CliRunner().invoke(trainer.main, ["--model_name", str(tiny_llama_dir), "--output_dir", str(out), *map(
         str, RACE), "--max_steps", "3", *(["--overwrite_output_dir"] if overwrite else [])], catch_exceptions=False)
     assert result.exit_code == 2 and "not written by this trainer" in one_error_line(result.stderr)
     assert "checkpoint-2" in result.stderr
@@ -255,16 +255,11 @@ def test_output_dir_with_a_users_checkpoint_names_is_left_untouched(tmp_path, ti
 
 
 def test_overwrite_help_says_what_it_replaces_and_keeps():
-    text = " ".join(CliRunner().invoke(trainer_main(), ["--help"]).output.split())
+    text = " ".join(CliRunner().invoke(trainer.main, ["--help"]).output.split())
     assert ("Replaced: metrics.jsonl, loss_curve.png, equivalence.json, and that run's checkpoints of the names this "
             "run saves. Kept: its other checkpoints (never pruned or resumed) and everything this trainer did not "
             "write") in text
 
-
-def trainer_main():
-    import pretrain_npt_safe
-
-    return pretrain_npt_safe.main
 
 
 # ----------------------------------------------------------------------------- a full disk
@@ -327,7 +322,7 @@ def test_debug_nan_refuses_a_malformed_npt_config(tmp_path, tiny_llama_dir, firs
     shutil.copytree(first_run / "checkpoint-1", ckpt)
     config = json.loads((ckpt / "npt_config.json").read_text())
     (ckpt / "npt_config.json").write_text(json.dumps(edit(config)))
-    result = CliRunner().invoke(debug_nan.main, ["--model_name", str(tiny_llama_dir), "--checkpoint", str(ckpt)],
+    result = CliRunner().invoke(inspection.main, ["--model_name", str(tiny_llama_dir), "--checkpoint", str(ckpt)],
                                 catch_exceptions=False)
     assert result.exit_code == 2 and field in one_error_line(result.stderr) and result.stdout == ""
 
@@ -346,14 +341,13 @@ def test_fixed_npt_refuses_an_unconvertible_model_with_one_line(tmp_path, tiny_l
     else:
         MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, num_local_experts=4).save_pretrained(folder)
-    result = CliRunner().invoke(test_fixed_npt.main, ["--model_name", str(folder)], catch_exceptions=False)
+    result = CliRunner().invoke(fix_checks.main, ["--model_name", str(folder)], catch_exceptions=False)
     assert result.exit_code == 2 and "cannot be converted to NPT" in one_error_line(result.stderr)
     assert result.stdout == ""
 
 
 def test_warmup_longer_than_the_run_warns_once():
-    import pretrain_npt_safe
 
     with pytest.warns(UserWarning, match="peaks at 3% of --learning_rate") as caught:
-        assert pretrain_npt_safe.count_steps(pretrain_npt_safe.TrainArgs(max_steps=3, warmup_steps=100), None, 1) == 3
+        assert trainer.count_steps(TrainArgs(max_steps=3, warmup_steps=100), None, 1) == 3
     assert len(caught) == 1

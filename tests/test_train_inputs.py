@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, MixtralConfig
 
 import npt
-import pretrain_npt_safe as trainer
+from npt_tools import trainer
 from helpers import ROOT
 from npt_tools.arguments import TrainArgs
 from npt_tools.checkpoints import TrainerState, save_checkpoint

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import npt
-import pretrain_npt_safe as trainer
+from npt_tools import trainer
 from npt_tools.arguments import EXACT_LR_SCALE, TrainArgs
 from npt_tools.checkpoints import TrainerState
 from npt_tools.cli import UserError
