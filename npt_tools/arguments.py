@@ -15,9 +15,11 @@ from npt_tools.objective import LOSSES, OBJECTIVES
 
 EXACT_RANK = 384  # the exact target's default rank: the measured choice (README, "Which modulation target")
 EXACT_LR_SCALE = 3e-3  # exact, --learning_rate not given: this x the share the closed-form start misses (measured)
-# the defaults that depend on --modulation_target, in one place to retune: a flag not given takes its target's value
+EXACT_ADAPTERS_LR = 1e-5  # exact from --init_adapters (no closed-form start), --learning_rate not given
+# the defaults that depend on --modulation_target, in one place to retune: a flag not given takes its target's value;
+# None: decided by the run (exact: the closed-form start sets the learning rate, before the optimizer is built)
 TARGET_DEFAULTS = {
-    "exact": {"objective": "kl", "learning_rate": 1e-5},
+    "exact": {"objective": "kl", "learning_rate": None},
     **{target: {"objective": "layerwise", "learning_rate": 3e-3} for target in npt.TARGETS if target != "exact"},
 }
 # the flags whose default is None only so that giving one shows (it may do nothing: DOES_NOTHING): their values
@@ -37,6 +39,10 @@ DOES_NOTHING = {
 }
 
 
+DECIDED_BY_RUN = {("exact", "learning_rate"): f"{EXACT_LR_SCALE:g} x the share of the attention the closed-form start "
+                                              f"misses ({EXACT_ADAPTERS_LR:g} with --init_adapters)"}
+
+
 def _help(text: str, name: str) -> str:
     """A flag's help text, with where it does nothing and, for a None default, what it resolves to."""
     if name in DOES_NOTHING:
@@ -47,7 +53,7 @@ def _help(text: str, name: str) -> str:
     if name in TARGET_DEFAULTS["exact"]:
         by_value = {}
         for target, values in TARGET_DEFAULTS.items():
-            by_value.setdefault(values[name], []).append(target)
+            by_value.setdefault(DECIDED_BY_RUN.get((target, name), values[name]), []).append(target)
         per = "; ".join(f"{value} for {', '.join(targets)}" for value, targets in by_value.items())
         return f"{text}  [default per --modulation_target: {per}]"
     return text
@@ -185,13 +191,11 @@ class TrainArgs(ModelArgs):
         for name, value in {**UNSET_DEFAULTS, **TARGET_DEFAULTS[self.modulation_target], **(resumed or {})}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.learning_rate is None and self.init_adapters is not None:  # no closed-form start to decide it
+            self.learning_rate = EXACT_ADAPTERS_LR
         return [f"--{name}{'' if getattr(self, name) is True else f' {getattr(self, name)}'} does nothing with --{on} "
                 f"{getattr(self, on)} ({why}): ignored" for name, (on, _, why) in DOES_NOTHING.items()
                 if name in self._given and self.idle(name)]
-
-    def was_given(self, name: str) -> bool:
-        """Whether the user set flag `name` (resolve records it before it fills in any value)."""
-        return self._given is not None and name in self._given
 
     def idle(self, name: str) -> bool:
         """Whether flag `name` does nothing under these (resolved) arguments: DOES_NOTHING."""

@@ -29,7 +29,8 @@ class TrainerState:
     position: list[int] = dataclasses.field(default_factory=lambda: [0, 0, 0])  # TextStream (epoch, doc, offset)
     skipped_total: int = 0
     consecutive_nan: int = 0
-    best: float | None = None  # best eval loss (or mean train loss) seen at a save
+    best: float | None = None  # the best value of best_metric seen at a save (checkpoint-best holds its adapters)
+    best_metric: str | None = None  # eval_loss, or train_loss (the mean since the last save) with --eval_steps 0
     tokens: int = 0
     run_id: str = ""  # which run wrote a checkpoint: pruning and `latest` only consider this run's
     closed_form_start: dict | None = None  # the exact target's start (init_exact): what it was computed from
@@ -249,6 +250,8 @@ def state_problem(saved) -> str | None:
     wrong += [k for k, t in (("run_id", str), ("args", dict)) if not isinstance(saved.get(k, t()), t)]
     if saved.get("best") is not None and not _finite(saved["best"]):
         wrong.append("best")
+    if saved.get("best_metric") not in (None, "eval_loss", "train_loss"):
+        wrong.append("best_metric")
     if not isinstance(saved.get("closed_form_start") or {}, dict):
         wrong.append("closed_form_start")
     if wrong:

@@ -50,8 +50,8 @@ def count_steps(args: TrainArgs, windows_per_epoch: int | None, world: int) -> i
     return total
 
 
-def build_model(args: TrainArgs, plan: Plan, device: torch.device, world: int, total_steps: int):
-    """(model, optimizer, scheduler): the only copy of the model (the teacher is npt_disabled), converted."""
+def build_model(args: TrainArgs, plan: Plan, device: torch.device, world: int):
+    """The only copy of the model (the teacher is npt_disabled), converted; its adapters as the same on every rank."""
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model, _ = load_model_or_fail(args.model_name, args.use_quantization, args.use_fp16,
@@ -74,13 +74,17 @@ def build_model(args: TrainArgs, plan: Plan, device: torch.device, world: int, t
         with torch.no_grad():
             for p in params:
                 torch.distributed.broadcast(p.data, src=0)
-    return (model, *build_optimizer(args, params, total_steps))
+    return model
 
 
 def build_optimizer(args: TrainArgs, params: list, total_steps: int) -> tuple:
-    """(optimizer, scheduler) at --learning_rate, warmup then --scheduler_type per optimizer step."""
+    """(optimizer, scheduler) at --learning_rate, warmup then --scheduler_type per optimizer step. Built once per
+    run, after the learning rate is decided (the exact target's closed-form start sets it when not given)."""
     from transformers import get_scheduler
 
+    if args.learning_rate is None:  # only a checkpoint that recorded no rate can get here
+        fail("the learning rate is not decided: this run neither starts in closed form nor resumes one that "
+             "recorded its rate; pass --learning_rate")
     opt_cls = torch.optim.AdamW if args.optimizer_type == "adamw" else torch.optim.Adam
     optimizer = opt_cls(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     schedule = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[args.scheduler_type]
@@ -88,9 +92,94 @@ def build_optimizer(args: TrainArgs, params: list, total_steps: int) -> tuple:
     return optimizer, scheduler
 
 
-class Trainer:
-    """One run: `setup` (data, processes, model, resumed state, metrics), `closed_form_start`, `train` (the loop),
-    `cleanup`. The loop's state (progress bar, losses since the last save, the last step taken) lives here."""
+def closed_form_start(model, batches: list[dict], args: TrainArgs, procs) -> tuple[dict, dict[int, float]]:
+    """The exact target's start (init_exact) from this process's `batches`: each process gathers the attention
+    moments of its share; their sums are reduced over processes, so every process sets the same adapters, whatever
+    the number of processes. (what it was computed from, for the state; each NPT layer's share kept)."""
+    from tqdm.auto import tqdm
+
+    with procs.autocast():
+        stats = teacher_moments(model, tqdm(batches, desc="closed-form start", disable=not procs.main,
+                                            dynamic_ncols=True, leave=False), args.exact_start, args.seed,
+                                args.init_gradient_batches)
+    if procs.reduce is not None:
+        order = sorted(stats)
+        sums = iter(sum_over_processes(procs.reduce, [t for i in order for t in stats[i]], torch.float64))
+        stats = {i: tuple(next(sums) for _ in stats[i]) for i in order}
+    kept = init_exact(model, moments=stats, start=args.exact_start)
+    first = next(iter(stats.values()))
+    tokens = int(first[0])
+    gradient_tokens = int(first[3]) if args.exact_start == "fisher" else 0  # fewer: --init_gradient_batches
+    record = {"method": STARTS[args.exact_start][0], "tokens": tokens, "gradient_tokens": gradient_tokens,
+              "kept": sum(kept.values()) / len(kept)}
+    return record, kept
+
+
+def micro_batch(windows, pad_id: int, device) -> dict:
+    """Token windows as one padded batch on `device`."""
+    if not windows:  # an empty shard (the tail of a stream under DDP)
+        return {k: torch.zeros((0, 1), dtype=torch.long, device=device) for k in ("input_ids", "attention_mask")}
+    return {k: v.to(device) for k, v in collate(windows, pad_id).items()}
+
+
+class Checkpoints:
+    """The Trainer's checkpoint policy: checkpoint-<step> on schedule, checkpoint-best when the run is at its best
+    yet, checkpoint-final, and the step undone at an abort (with the checkpoints saved of it)."""
+
+    def _save_if_best(self) -> None:
+        """checkpoint-best when the last eval loss (or, with --eval_steps 0, the mean train loss since the last save)
+        is the best yet of its kind: a resume that changes --eval_steps starts the comparison afresh."""
+        losses, self.window_losses = self.window_losses, []
+        kind = "eval_loss" if self.last_eval else "train_loss"
+        score = self.last_eval["eval_loss"] if self.last_eval else (sum(losses) / len(losses) if losses else None)
+        st = self.state
+        if score is not None and (st.best is None or st.best_metric != kind or score < st.best):
+            st.best, st.best_metric = score, kind
+            self.save_checkpoint("checkpoint-best")
+
+    def _undo_poisoned_step(self, group: list[dict]) -> int | None:
+        """At an abort. A step can leave finite adapters whose every forward is non-finite (the weights check
+        passes, then each micro-batch fails): if a held-out batch is non-finite under the last step's adapters,
+        that step is undone, and checkpoints saved of it are removed. The adapters before it are the last
+        that gave a finite loss (that step's own). Returns the undone step, or None."""
+        last, st = self.last_step, self.state
+        probe = next((b for b in [*self.eval_batches, *group] if b["attention_mask"].sum() > 0), None)
+        if last is None or last.previous is None or probe is None:
+            return None
+        with torch.no_grad(), self.procs.autocast():
+            value = equivalence_loss(self.model, probe, self.args.objective, self.args.regularization_lambda,
+                                         self.args.loss).loss
+        bad = torch.tensor([0.0 if bool(torch.isfinite(value)) else 1.0])
+        if self.procs.reduce is not None:  # every rank undoes, or none
+            bad = self.procs.reduce(bad)
+        if not bad.item():
+            return None
+        undo_step(self.model, self.optimizer, self.scheduler, last)
+        self.last_step, undone = None, st.step
+        st.step -= 1
+        if self.procs.main:
+            for d in (self.plan.output_dir / f"checkpoint-{undone}", self.plan.output_dir / "checkpoint-best"):
+                if d.is_dir() and checkpoint_run(d) == (st.run_id, undone):
+                    remove_checkpoint(d, st.run_id)
+        return undone
+
+    def save_checkpoint(self, name: str) -> Path:
+        """OUTPUT_DIR/name (the main process writes it), pruned to --save_total_limit, and the plot."""
+        output_dir = self.plan.output_dir
+        if self.procs.main:
+            meta = {"args": self.args.saved(), "world_size": self.procs.world}
+            path = save_checkpoint(output_dir, name, self.model, self.optimizer, self.scheduler, self.state, meta)
+            if CKPT_RE.match(name):
+                prune_checkpoints(output_dir, self.args.save_total_limit, self.state.run_id)
+            self.metrics.plot()
+            return path
+        return output_dir / name
+
+
+class Trainer(Checkpoints):
+    """One run: `setup` (data, processes, model, resumed state, the closed-form start, optimizer, metrics), `train`
+    (the loop), `cleanup`. The loop's state (progress bar, losses since the last save, the last step taken) lives
+    here."""
 
     def __init__(self, args: TrainArgs, plan: Plan):
         self.args, self.plan = args, plan
@@ -99,22 +188,27 @@ class Trainer:
         self.t0, self.tokens_since = 0.0, 0  # the current tokens/s window
 
     def setup(self) -> "Trainer":
-        """Data (checked before the model loads), processes, the model, the state to resume, the output dir."""
+        """Data (checked before the model loads), processes, the model, the state to resume, the closed-form start
+        (the exact target's; it decides the learning rate when not given), the optimizer and scheduler (built once),
+        the output dir, the metrics."""
         args, plan = self.args, self.plan
         self.data = load_data(args)
         run_name = args.run_name or plan.output_dir.name
         self.procs = procs = start_processes(args, trackers(plan.output_dir, run_name, args.use_tensorboard,
-                                                            args.use_wandb, args.saved()))
+                                                            args.use_wandb))
         self.total_steps = count_steps(args, self.data.windows_per_epoch, procs.world)
-        self.model, self.optimizer, self.scheduler = build_model(args, plan, procs.device, procs.world,
-                                                                 self.total_steps)
-        self.state = self._restore()
+        self.model = build_model(args, plan, procs.device, procs.world)
+        self.state = plan.resume.state if plan.resume is not None else TrainerState(run_id=plan.run_id)
+        self.started = self.closed_form_start()  # decides the learning rate when not given: before the optimizer
+        self.optimizer, self.scheduler = build_optimizer(args, npt.get_adapter_params(self.model), self.total_steps)
+        self._restore()
         if procs.main:
             plan.output_dir.mkdir(parents=True, exist_ok=True)
             tidy_output_dir(plan.output_dir, self.state.run_id)
         procs.accelerator.wait_for_everyone()
         self.metrics = Metrics(plan.output_dir, procs.accelerator, args.log_file,
-                               self.state.step if plan.resume is not None else None, plan.layer_indices)
+                               self.state.step if plan.resume is not None else None, plan.layer_indices,
+                               args.saved())  # the run's configuration as used: the learning rate is decided
         per_step = args.batch_size * procs.world * args.gradient_accumulation_steps
         self.metrics.message(
             f"NPT pre-training: {args.model_name}, {len(plan.layer_indices)} NPT layers, rank {plan.npt_config.rank}, "
@@ -122,66 +216,49 @@ class Trainer:
             f"{'' if args.idle('loss') else f', {args.loss} loss'}, {self.total_steps} "
             f"steps of {per_step} x {args.max_length} tokens, {procs.world} process(es)"
             + (f", resumed at step {self.state.step} from {plan.resume.path}" if plan.resume is not None else ""))
+        if self.started:
+            self.metrics.message(self.started)
         windows = self.data.eval_windows
-        self.eval_batches = [self._micro_batch(windows[i:i + args.batch_size])
+        self.eval_batches = [micro_batch(windows[i:i + args.batch_size], self.data.pad_id, procs.device)
                              for i in range(0, len(windows), args.batch_size)]
         return self
 
-    def _restore(self) -> TrainerState:
-        """A fresh state, or the checkpoint's (its adapters, optimizer, scheduler and RNG loaded)."""
+    def _restore(self) -> None:
+        """A resumed run: the checkpoint's adapters, optimizer, scheduler and RNG loaded."""
         resume = self.plan.resume
         if resume is None:
-            return TrainerState(run_id=self.plan.run_id)
+            return
         try:
             restore_checkpoint(resume, self.model, self.optimizer, self.scheduler)
         except (ValueError, TypeError, KeyError) as e:
             fail(f"cannot resume from {str(resume.path)!r}: {e}")
-        resume.state.run_id = self.plan.run_id  # a checkpoint written before run ids: this run adopts it
-        return resume.state
+        self.state.run_id = self.plan.run_id  # a checkpoint written before run ids: this run adopts it
 
     def closed_form_start(self) -> str | None:
-        """The exact target's start (init_exact) from the first --init_batches x --batch_size x processes training
-        windows, for a new run not started from saved adapters; a line saying what it did. Each process gathers the
-        attention moments of its share; their sums are reduced over processes, so every process sets the same
-        adapters, whatever the number of processes."""
+        """The exact target's start from the first --init_batches x --batch_size x processes training windows, for
+        a new run not started from saved adapters; with --learning_rate not given, the rate it leaves (set once,
+        before the optimizer is built). A line saying what it did, or None."""
         args, procs, model, state = self.args, self.procs, self.model, self.state
         if not model.npt_config.exact or state.step or state.closed_form_start or args.init_adapters is not None:
             return None
-        from tqdm.auto import tqdm
-
-        per = args.batch_size
+        per, t0 = args.batch_size, time.time()
         windows = [w for w, _ in itertools.islice(self.data.stream.windows((0, 0, 0)),
                                                   args.init_batches * per * procs.world)]
         mine = windows[procs.rank::procs.world]
-        batches = [self._micro_batch(mine[i:i + per]) for i in range(0, len(mine), per)]
-        t0 = time.time()
-        with procs.autocast():
-            stats = teacher_moments(model, tqdm(batches, desc="closed-form start", disable=not procs.main,
-                                                dynamic_ncols=True, leave=False), args.exact_start, args.seed,
-                                    args.init_gradient_batches)
-        if procs.reduce is not None:
-            order = sorted(stats)
-            sums = iter(sum_over_processes(procs.reduce, [t for i in order for t in stats[i]], torch.float64))
-            stats = {i: tuple(next(sums) for _ in stats[i]) for i in order}
-        kept = init_exact(model, moments=stats, start=args.exact_start)
-        share = sum(kept.values()) / len(kept)
-        first = next(iter(stats.values()))
-        tokens = int(first[0])
-        gradient_tokens = int(first[3]) if args.exact_start == "fisher" else 0  # fewer: --init_gradient_batches
-        gradients = f"; gradients at {gradient_tokens} of them" if 0 < gradient_tokens < tokens else ""
-        method, weighed = STARTS[args.exact_start]
-        state.closed_form_start = {"method": method, "windows": len(windows), "tokens": tokens,
-                                   "gradient_tokens": gradient_tokens, "kept": share}
+        record, kept = closed_form_start(model, [micro_batch(mine[i:i + per], self.data.pad_id, procs.device)
+                                                 for i in range(0, len(mine), per)], args, procs)
+        state.closed_form_start = {**record, "windows": len(windows)}
         rate = ""
-        if not args.was_given("learning_rate"):  # steps as large as the start leaves to learn (saved with the run)
-            args.learning_rate = exact_learning_rate(share)
-            self.optimizer, self.scheduler = build_optimizer(args, npt.get_adapter_params(model), self.total_steps)
+        if args.learning_rate is None:  # steps as large as the start leaves to learn (saved with the run)
+            args.learning_rate = exact_learning_rate(record["kept"])
             rate = (f"; learning rate {args.learning_rate:.3g} (--learning_rate not given: {EXACT_LR_SCALE:g} x the "
                     "share missed)")
-        return (f"closed-form start: {method} of each NPT layer's attention output over {tokens} tokens "
-                f"({len(windows)} windows{gradients}, {time.time() - t0:.1f} s); the rank-{model.npt_config.rank} code "
-                f"keeps {100 * share:.1f}% of its {weighed} (mean over layers, lowest "
-                f"{100 * min(kept.values()):.1f}%){rate}")
+        tokens, gradient_tokens = record["tokens"], record["gradient_tokens"]
+        gradients = f"; gradients at {gradient_tokens} of them" if 0 < gradient_tokens < tokens else ""
+        return (f"closed-form start: {record['method']} of each NPT layer's attention output over {tokens} tokens "
+                f"({len(windows)} windows{gradients}, {time.time() - t0:.1f} s); the rank-{model.npt_config.rank} "
+                f"code keeps {100 * record['kept']:.1f}% of its {STARTS[args.exact_start][1]} (mean over layers, "
+                f"lowest {100 * min(kept.values()):.1f}%){rate}")
 
     def train(self) -> int:
         """Optimizer steps until the last one or the end of the data: 0, or 3 after --max_consecutive_nan
@@ -197,7 +274,7 @@ class Trainer:
             self._save_if_best()  # the start is a candidate too: a run never hands back worse than it began
         exhausted, self.t0 = False, time.time()
         while st.step < self.total_steps and not exhausted:
-            group, exhausted = self._next_group(windows)
+            group, exhausted = next_group(windows, args, self.procs, st, self.data.pad_id)
             if not group:
                 break
             out = self._step(group)
@@ -214,30 +291,6 @@ class Trainer:
             if out.stepped:
                 self._after_step()
         return 0
-
-    def _next_group(self, windows) -> tuple[list[dict], bool]:
-        """This process's next gradient_accumulation_steps micro-batches (fewer where the data ends), and
-        whether it ended."""
-        args, group, exhausted = self.args, [], False
-        while len(group) < args.gradient_accumulation_steps and not exhausted:
-            seqs = []
-            while len(seqs) < args.batch_size * self.procs.world:
-                nxt = next(windows, None)
-                if nxt is None:
-                    exhausted = True
-                    break
-                seqs.append(nxt[0])
-                self.state.position = list(nxt[1])
-            if seqs:
-                rank = self.procs.rank
-                group.append(self._micro_batch(seqs[rank * args.batch_size:(rank + 1) * args.batch_size]))
-        return group, exhausted
-
-    def _micro_batch(self, windows) -> dict:
-        device = self.procs.device
-        if not windows:  # an empty shard (the tail of a stream under DDP)
-            return {k: torch.zeros((0, 1), dtype=torch.long, device=device) for k in ("input_ids", "attention_mask")}
-        return {k: v.to(device) for k, v in collate(windows, self.data.pad_id).items()}
 
     def _step(self, group: list[dict]):
         """One optimizer step over the group (NaN embeddings in the groups --inject_nan_steps names)."""
@@ -293,52 +346,6 @@ class Trainer:
             self._save_if_best()
             self.save_checkpoint(f"checkpoint-{step}")
 
-    def _save_if_best(self) -> None:
-        """checkpoint-best when the last eval loss (or the mean train loss since the last save) is the best yet."""
-        losses, self.window_losses = self.window_losses, []
-        score = self.last_eval["eval_loss"] if self.last_eval else (sum(losses) / len(losses) if losses else None)
-        if score is not None and (self.state.best is None or score < self.state.best):
-            self.state.best = score
-            self.save_checkpoint("checkpoint-best")
-
-    def _undo_poisoned_step(self, group: list[dict]) -> int | None:
-        """At an abort. A step can leave finite adapters whose every forward is non-finite (the weights check
-        passes, then each micro-batch fails): if a held-out batch is non-finite under the last step's adapters,
-        that step is undone, and checkpoints saved of it are removed. The adapters before it are the last
-        that gave a finite loss (that step's own). Returns the undone step, or None."""
-        last, st = self.last_step, self.state
-        probe = next((b for b in [*self.eval_batches, *group] if b["attention_mask"].sum() > 0), None)
-        if last is None or last.previous is None or probe is None:
-            return None
-        with torch.no_grad(), self.procs.autocast():
-            value = equivalence_loss(self.model, probe, self.args.objective, self.args.regularization_lambda,
-                                         self.args.loss).loss
-        bad = torch.tensor([0.0 if bool(torch.isfinite(value)) else 1.0])
-        if self.procs.reduce is not None:  # every rank undoes, or none
-            bad = self.procs.reduce(bad)
-        if not bad.item():
-            return None
-        undo_step(self.model, self.optimizer, self.scheduler, last)
-        self.last_step, undone = None, st.step
-        st.step -= 1
-        if self.procs.main:
-            for d in (self.plan.output_dir / f"checkpoint-{undone}", self.plan.output_dir / "checkpoint-best"):
-                if d.is_dir() and checkpoint_run(d) == (st.run_id, undone):
-                    remove_checkpoint(d, st.run_id)
-        return undone
-
-    def save_checkpoint(self, name: str) -> Path:
-        """OUTPUT_DIR/name (the main process writes it), pruned to --save_total_limit, and the plot."""
-        output_dir = self.plan.output_dir
-        if self.procs.main:
-            meta = {"args": self.args.saved(), "world_size": self.procs.world}
-            path = save_checkpoint(output_dir, name, self.model, self.optimizer, self.scheduler, self.state, meta)
-            if CKPT_RE.match(name):
-                prune_checkpoints(output_dir, self.args.save_total_limit, self.state.run_id)
-            self.metrics.plot()
-            return path
-        return output_dir / name
-
     def cleanup(self, code: int) -> None:
         """After a complete run: the last eval, checkpoint-best/-final, the final row, the equivalence report.
         Always: close the bar and the trackers, and end the processes."""
@@ -357,7 +364,7 @@ class Trainer:
             self.metrics.row(final)
             if self.procs.main:  # the table, when the run evaluated
                 best = checkpoint_run(self.plan.output_dir / "checkpoint-best")
-                table = write_equivalence(self.metrics.metrics, self.plan.output_dir, self.plan.layer_indices,
+                table = write_equivalence(self.metrics.path, self.plan.output_dir, self.plan.layer_indices,
                                           best[1] if best and best[0] == self.state.run_id else None)
                 if table:
                     self.metrics.message(table)
@@ -368,37 +375,54 @@ class Trainer:
         self.procs.accelerator.wait_for_everyone()
         self.procs.accelerator.end_training()
 
-    def run(self) -> int:
-        """setup, the closed-form start, train, cleanup; a full disk stops the run with one line and exit code 4."""
-        from tqdm.auto import tqdm
+def next_group(windows, args: TrainArgs, procs, state: TrainerState, pad_id: int) -> tuple[list[dict], bool]:
+    """This process's next gradient_accumulation_steps micro-batches (fewer where the data ends), and whether it
+    ended; the state's data position follows the windows drawn."""
+    group, exhausted = [], False
+    while len(group) < args.gradient_accumulation_steps and not exhausted:
+        seqs = []
+        while len(seqs) < args.batch_size * procs.world:
+            nxt = next(windows, None)
+            if nxt is None:
+                exhausted = True
+                break
+            seqs.append(nxt[0])
+            state.position = list(nxt[1])
+        if seqs:
+            rank = procs.rank
+            group.append(micro_batch(seqs[rank * args.batch_size:(rank + 1) * args.batch_size],
+                                     pad_id, procs.device))
+    return group, exhausted
 
-        try:
-            self.setup()
-            start = self.closed_form_start()  # exact target: before step 0's eval
-            if start:
-                self.metrics.message(start)
-            code = self.train()
-            self.cleanup(code)
-            return code
-        except (OSError, DiskFull) as e:
-            if isinstance(e, OSError) and not is_disk_full(e):
-                raise
-            line = (f"error: {e}" if isinstance(e, DiskFull) else f"error: no space left on the device writing "
-                    f"{e.filename or self.plan.output_dir}: free space and resume from the last checkpoint")
-        tqdm.write(line, file=sys.stderr)
-        if self.metrics is not None:
-            with contextlib.suppress(OSError):  # the log file may be on the full disk too
-                self.metrics.log(line)
-            with contextlib.suppress(OSError):
-                self.metrics.close()
-        return EXIT_DISK_FULL
+
+def run(trainer: Trainer) -> int:
+    """setup (with the closed-form start), train, cleanup; a full disk stops the run with one line and exit code 4."""
+    from tqdm.auto import tqdm
+
+    try:
+        trainer.setup()
+        code = trainer.train()
+        trainer.cleanup(code)
+        return code
+    except (OSError, DiskFull) as e:
+        if isinstance(e, OSError) and not is_disk_full(e):
+            raise
+        line = (f"error: {e}" if isinstance(e, DiskFull) else f"error: no space left on the device writing "
+                f"{e.filename or trainer.plan.output_dir}: free space and resume from the last checkpoint")
+    tqdm.write(line, file=sys.stderr)
+    if trainer.metrics is not None:
+        with contextlib.suppress(OSError):  # the log file may be on the full disk too
+            trainer.metrics.log(line)
+        with contextlib.suppress(OSError):
+            trainer.metrics.close()
+    return EXIT_DISK_FULL
 
 
 def train(args: TrainArgs) -> int:
     """A whole run; its exit code (0; 3 after too many non-finite micro-batches; 4 on a full disk)."""
     plan = make_plan(args)  # every bad flag refused here, before any work
     with hold_output_dir(args, plan):  # one run per --output_dir, for the run's whole life
-        return Trainer(args, plan).run()
+        return run(Trainer(args, plan))
 
 
 @command(max_content_width=100)

@@ -30,10 +30,10 @@ def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
     run = trainer.Trainer(args, plan).setup()
     assert run.procs.world == 1 and run.procs.main and run.procs.reduce is None and run.total_steps == 3
     assert [layer.layer_idx for layer in npt.npt_layers(run.model)] == [0, 1]
-    state = run.state
-    assert state == TrainerState(run_id=state.run_id) and len(state.run_id) == 12
-    line = run.closed_form_start()  # the default exact target's start
-    assert line.startswith("closed-form start") and state.closed_form_start["tokens"] > 64
+    state = run.state  # setup ran the default exact target's start, before building the optimizer
+    assert state == TrainerState(run_id=state.run_id, closed_form_start=state.closed_form_start)
+    assert len(state.run_id) == 12
+    assert run.started.startswith("closed-form start") and state.closed_form_start["tokens"] > 64
     assert run.closed_form_start() is None  # done once, recorded in the state
     assert run.train() == 0 and state.step == 3 and state.tokens > 0
     run.cleanup(0)
@@ -43,23 +43,49 @@ def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.integration
-def test_exact_learning_rate_follows_the_start_unless_given(tiny_llama_dir, tmp_path):
-    """--learning_rate not given on the exact target: EXACT_LR_SCALE x the share the start misses, in the optimizer
-    and in the saved arguments (a resume continues at it); given, it is honoured."""
+def test_exact_learning_rate_follows_the_start_unless_given(tiny_llama_dir, tmp_path, monkeypatch):
+    """--learning_rate not given on the exact target: EXACT_LR_SCALE x the share the start misses, decided before
+    the optimizer exists (built once), in the optimizer, the saved arguments (a resume continues at it) and the
+    trackers' configuration; given, it is honoured."""
+    built, configs = [], []
+    monkeypatch.setattr(torch.optim, "AdamW", counting(torch.optim.AdamW, built))
+    monkeypatch.setattr(trainer.Metrics, "__init__", recording(trainer.Metrics.__init__, configs))
     fast = {k: v for k, v in dataclasses.asdict(tiny_args(tiny_llama_dir, tmp_path)).items() if k != "learning_rate"}
     for given, out in ((None, tmp_path / "auto"), (5e-5, tmp_path / "given")):
+        built.clear()
         args = TrainArgs(**{**fast, "output_dir": str(out), "adapter_rank": 8, "learning_rate": given})
-        run = trainer.Trainer(args, make_plan(args)).setup()
-        line = run.closed_form_start()
+        plan = make_plan(args)
+        assert args.learning_rate == given  # not given: nothing decided it yet (no placeholder)
+        run = trainer.Trainer(args, plan).setup()
         kept = run.state.closed_form_start["kept"]
         assert 0 < kept < 1
         expected = given or EXACT_LR_SCALE * (1 - kept)
-        assert args.learning_rate == pytest.approx(expected, rel=1e-12) and ("learning rate" in line) == (given is None)
-        assert [g["initial_lr"] for g in run.optimizer.param_groups] == [args.learning_rate]
+        assert args.learning_rate == pytest.approx(expected, rel=1e-12)
+        assert ("learning rate" in run.started) == (given is None)
+        assert len(built) == 1 and [g["initial_lr"] for g in run.optimizer.param_groups] == [args.learning_rate]
+        assert configs[-1]["learning_rate"] == args.learning_rate  # what TensorBoard / W&B record
         assert run.train() == 0
         run.cleanup(0)
+        assert len(built) == 1
         saved = json.loads((out / "checkpoint-final" / "trainer_state.json").read_text())
         assert saved["args"]["learning_rate"] == args.learning_rate
+
+
+def counting(cls, built: list):
+    """`cls` that appends each instance it builds to `built`."""
+    class Counted(cls):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append(self)
+    return Counted
+
+
+def recording(init, configs: list):
+    """Metrics.__init__ that records the configuration the trackers are given."""
+    def wrapped(self, *a, **k):
+        configs.append(a[5] if len(a) > 5 else k.get("config"))
+        init(self, *a, **k)
+    return wrapped
 
 
 @pytest.mark.integration
@@ -69,8 +95,7 @@ def test_init_gradient_batches_take_the_metric_from_the_first_batches(tiny_llama
     for k, out in ((None, tmp_path / "all"), (1, tmp_path / "one")):
         args = tiny_args(tiny_llama_dir, out, init_batches=3, init_gradient_batches=k)
         run = trainer.Trainer(args, make_plan(args)).setup()
-        line = run.closed_form_start()
-        start = run.state.closed_form_start
+        line, start = run.started, run.state.closed_form_start
         assert start["tokens"] == 3 * 2 * 32  # 3 batches of 2 full windows of 32 tokens
         assert start["gradient_tokens"] == (start["tokens"] if k is None else 2 * 32)
         assert ("gradients at 64 of them" in line) == (k == 1)
@@ -184,7 +209,10 @@ def test_every_target_resolves_its_own_defaults(monkeypatch, tiny_llama_dir, tmp
     make_plan(args)
     assert {k: getattr(args, k) for k in TARGET_DEFAULTS[target]} == TARGET_DEFAULTS[target]
     assert args.objective == ("kl" if target == "exact" else "layerwise")
-    assert args.saved()["learning_rate"] == args.learning_rate > 0  # trainer_state.json records the value
+    if target == "exact":  # decided by the closed-form start, after the plan (test_exact_learning_rate_...)
+        assert args.learning_rate is None
+    else:
+        assert args.saved()["learning_rate"] == args.learning_rate > 0  # trainer_state.json records the value
 
 
 IGNORED = [  # (flag words, target), where the flag does nothing
