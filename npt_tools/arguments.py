@@ -11,17 +11,16 @@ import npt
 from npt_tools.cli import fail, flag
 from npt_tools.closed_form import STARTS
 from npt_tools.models import ModelArgs
-from npt_tools.objective import LOSSES, OBJECTIVES
+from npt_tools.objective import DEFAULT_OBJECTIVE, LOSSES, OBJECTIVES
 
 EXACT_RANK = 384  # the exact target's default rank: the measured choice (README, "Which modulation target")
 EXACT_LR_SCALE = 3e-3  # exact, --learning_rate not given: this x the share the closed-form start misses (measured)
 EXACT_ADAPTERS_LR = 1e-5  # exact from --init_adapters (no closed-form start), --learning_rate not given
 # the defaults that depend on --modulation_target, in one place to retune: a flag not given takes its target's value;
 # None: decided by the run (exact: the closed-form start sets the learning rate, before the optimizer is built)
-TARGET_DEFAULTS = {
-    "exact": {"objective": "kl", "learning_rate": None},
-    **{target: {"objective": "layerwise", "learning_rate": 3e-3} for target in npt.TARGETS if target != "exact"},
-}
+TARGET_DEFAULTS = {target: {"objective": DEFAULT_OBJECTIVE[target],
+                           "learning_rate": None if target == "exact" else 3e-3}
+                   for target in sorted(npt.TARGETS, key=lambda target: target != "exact")}  # exact first: the default
 # the flags whose default is None only so that giving one shows (it may do nothing: DOES_NOTHING): their values
 UNSET_DEFAULTS = {"kernel": "auto", "loss": "update", "regularization_lambda": 0.01,
                   "down_rank": npt.NPTConfig.down_rank, "init_batches": 64, "init_gradient_batches": 32,

@@ -355,7 +355,7 @@ def test_kl_objective_trains_the_exact_adapters_toward_the_teacher(start):
     with torch.no_grad():
         s_logits = model(**batch).logits
     assert out.fit.item() == pytest.approx(kl64(s_logits, t_logits, batch["attention_mask"]).item(), rel=1e-4)
-    assert out.layer_fit.shape == (3,) and (out.layer_fit > 0).all()  # update errors on the student's trajectory
+    assert out.layer_fit is None and out.teacher is None  # the step computes the loss only: no per-layer captures
     params = npt.get_adapter_params(model)
     opt = torch.optim.Adam(params, lr=3e-3)
     before = out.fit.item()
@@ -364,3 +364,23 @@ def test_kl_objective_trains_the_exact_adapters_toward_the_teacher(start):
         equivalence_loss(model, batch, "kl", 0.0).loss.backward()
         opt.step()
     assert equivalence_loss(model, batch, "kl", 0.0).fit.item() < 0.5 * before
+
+
+def test_the_kl_step_captures_nothing_the_report_captures_the_teacher(monkeypatch):
+    """A kl training step runs two forwards that keep no per-layer state (the logits only); report=True (what
+    evaluate asks) captures the teacher's input, attention and output in the same teacher pass."""
+    import npt_tools.objective as objective
+
+    model = exact_model("llama", rank=2, init=False)
+    init_exact(model, random_batches())
+    batch = random_batches(1, seed=11)[0]
+    calls = []
+    real = objective.run_captured
+    monkeypatch.setattr(objective, "run_captured",
+                        lambda m, b, names, **k: calls.append(tuple(names)) or real(m, b, names, **k))
+    step = equivalence_loss(model, batch)  # the exact model's default objective: kl
+    assert calls == [(), ()] and step.logits is not None and step.teacher is None
+    calls.clear()
+    report = equivalence_loss(model, batch, report=True)
+    assert calls == [("input", "attn", "output"), ()] and sorted(report.teacher) == [0, 1, 2]
+    assert report.loss.item() == step.loss.item()
