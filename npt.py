@@ -17,6 +17,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,13 +30,14 @@ if "npt_kernels" not in sys.modules and (_KERNELS / "modulated_swiglu.py").is_fi
     sys.modules["npt_kernels"].__path__ = [str(_KERNELS)]
 from npt_kernels.modulated_swiglu import modulated_gate, modulated_swiglu, modulation_factor  # noqa: E402
 
-__all__ = ["NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "config_from_dict",
-           "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor", "modulated_gate",
-           "regularization", "masked_mean", "capture", "CAPTURE_NAMES", "run_captured", "norm_rms", "TARGETS",
-           "is_4bit", "save_adapters", "load_adapters", "consolidate"]
+__all__ = ["NPTConfig", "NPTAdapter", "NPTLayer", "convert_to_npt", "convert_llama_to_npt", "unconvert",
+           "config_from_dict", "get_adapter_params", "npt_layers", "npt_disabled", "set_kernel", "modulation_factor",
+           "modulated_gate", "regularization", "masked_mean", "capture", "CAPTURE_NAMES", "norm_rms", "TARGETS",
+           "DEFAULT_RANK", "is_4bit", "save_adapters", "load_adapters", "consolidate"]
 
 MODULATIONS = ("both", "additive", "multiplicative")
 TARGETS = ("gate", "down", "gate+down", "exact")
+DEFAULT_RANK = {"exact": 384}  # the exact target's measured choice (README); 16 for the others
 CONFIG_NAME = "npt_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -43,11 +45,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass
 class NPTConfig:
-    rank: int = 16
+    rank: int | None = None  # None: the target's default (DEFAULT_RANK), set when a model of known width converts
     modulation: str = "both"  # both | additive | multiplicative
     layers: str | list[int] = "all"  # all | upper_half | lower_half | "8-15" | "1,3,5" | [ints]
     add_scale: float = 0.1
-    modulation_target: str = "gate"  # gate | down | gate+down | exact
+    modulation_target: str = "exact"  # exact | gate | down | gate+down (files that name none are gate)
     down_rank: int = 4  # K of the per-token rank-K modulation of down_proj
 
     def __post_init__(self):
@@ -55,7 +57,7 @@ class NPTConfig:
             raise ValueError(f"modulation must be one of {', '.join(MODULATIONS)}, got {self.modulation!r}")
         if self.modulation_target not in TARGETS:
             raise ValueError(f"modulation_target must be one of {', '.join(TARGETS)}, got {self.modulation_target!r}")
-        for name in ("rank", "down_rank"):
+        for name in ("rank", "down_rank") if self.rank is not None else ("down_rank",):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -64,6 +66,11 @@ class NPTConfig:
         if not isinstance(self.layers, (str, list, tuple)) or (
                 not isinstance(self.layers, str) and not all(_is_int(i) for i in self.layers)):
             raise ValueError(f"layers must be a string or a list of integers, got {self.layers!r}")
+
+    def at_width(self, d_model: int) -> "NPTConfig":
+        """This config with its rank set for a model of width d_model (None: the target's DEFAULT_RANK, capped)."""
+        rank = self.rank or min(DEFAULT_RANK.get(self.modulation_target, 16), d_model)
+        return self if rank == self.rank else dataclasses.replace(self, rank=rank)
 
     @property
     def additive(self) -> bool:
@@ -132,7 +139,7 @@ class NPTConfig:
         if not isinstance(d, dict):
             raise ValueError(f"an NPT config must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{"modulation_target": "gate", **{k: v for k, v in d.items() if k in names}})
 
 
 def _is_int(x) -> bool:
@@ -355,25 +362,27 @@ def config_from_dict(d: dict, d_model: int, d_ffn: int) -> NPTConfig:
             raise ValueError(f"adapter config gives both {seed_key}={d[seed_key]!r} and {ours}={kwargs[ours]!r}: "
                              "give one of them")
         kwargs[ours] = value
-    config = NPTConfig(**kwargs)
-    config.consolidation_alpha = float(d.get("consolidation_alpha", 1.0))  # not a field: never saved or compared
-    return config
+    if d.get("consolidation_alpha", 1.0) != 1.0:  # no field: a stored value nothing read was a silent surprise
+        warnings.warn(f"consolidation_alpha {d['consolidation_alpha']!r} is not kept: pass alpha= to npt.consolidate",
+                      stacklevel=2)
+    return NPTConfig(**{"modulation_target": "gate", **kwargs})  # the seed's dict: the gate form
 
 
 def convert_to_npt(model: nn.Module, config: NPTConfig | dict | None = None) -> nn.Module:
-    """Wrap the selected decoder layers in NPTLayer, in place; freezes every base parameter. `config` may
-    also be the seed's adapter_config dict (config_from_dict)."""
+    """Wrap the selected decoder layers in NPTLayer, in place; freezes every base parameter. `config` (default
+    NPTConfig(): the exact target) may also be the seed's adapter_config dict (config_from_dict). The exact target
+    then needs its closed-form start: npt_tools.closed_form.init_exact (convert_exact does both)."""
     if npt_layers(model):
         raise ValueError("model is already converted to NPT")
     layers = decoder_layers(model)
     if isinstance(config, dict):
         gate = layers[0].mlp.gate_proj
         config = config_from_dict(config, gate.in_features, gate.out_features)
-    config = config or NPTConfig()
     act = getattr(getattr(model, "config", None), "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"NPT needs a SwiGLU MLP (hidden_act silu), this model uses {act!r}")
     d_model = layers[0].mlp.gate_proj.in_features
+    config = (config or NPTConfig()).at_width(d_model)
     if not 1 <= config.rank <= d_model:
         raise ValueError(f"rank must lie in 1..{d_model} (the model's d_model), got {config.rank}")
     indices = config.layer_indices(len(layers))
@@ -387,6 +396,20 @@ def convert_to_npt(model: nn.Module, config: NPTConfig | dict | None = None) -> 
 
 
 convert_llama_to_npt = convert_to_npt
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """The plain model back, in place: each NPT layer replaced by the decoder layer it wraps (its hooks moved back),
+    the adapters dropped. Conversion never changes a base weight (consolidate does), so the result is bitwise the
+    model converted; its parameters stay frozen."""
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, NPTLayer):
+            for hooks in _HOOK_DICTS:
+                setattr(layer.layer, hooks, getattr(layer, hooks))
+            layers[i] = layer.layer
+    model.__dict__.pop("npt_config", None)
+    return model
 
 
 def get_adapter_params(model: nn.Module) -> list[nn.Parameter]:
@@ -490,41 +513,6 @@ def _record_output(rec, keep, edit, layer_idx, name, module, args, out):
         rec[name] = tensor if edited is None else edited
     if edited is not None:
         return (edited, *out[1:]) if isinstance(out, (tuple, list)) else edited
-
-
-def run_captured(model: nn.Module, batch: dict, names=("input", "output"), teacher: bool = False,
-                 logits: bool = False):
-    """One forward capturing `names` of every NPT layer: (records, logits or None). teacher=True: the original layers
-    (npt_disabled), no gradients; without `logits` the forward stops after the last NPT layer."""
-    ctx = npt_disabled(model) if teacher else contextlib.nullcontext()
-    grad = torch.no_grad() if teacher else contextlib.nullcontext()
-    stop = contextlib.nullcontext() if logits else _stop_after_last_npt_layer(model)
-    with capture(model, names) as records, ctx, grad, stop:
-        try:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        except _StopForward:  # without logits, layers after the last NPT layer are never run
-            out = None
-    return records, (out.logits if logits else None)
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _raise_stop(module, args, output):
-    raise _StopForward
-
-
-@contextlib.contextmanager
-def _stop_after_last_npt_layer(model: nn.Module):
-    """Ends a forward once the last NPT layer has run (its captures, registered before, have fired)."""
-    layers = npt_layers(model)
-    handle = max(layers, key=lambda la: la.layer_idx).register_forward_hook(_raise_stop) if layers else None
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 # ----------------------------------------------------------------------------- save / load

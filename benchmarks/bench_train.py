@@ -3,6 +3,8 @@
 
     layerwise   one teacher forward (npt_disabled) + each NPT layer's MLP on the teacher's input
     end_to_end  one teacher forward + one student forward/backward through the whole model
+    kl          the exact target's step (the trainer's default): teacher and student forwards to the logits, the
+                next-token KL, backward through the whole student (--rank: the exact code's rank)
     seed        the seed trainer's way: a second full model copy as teacher, the student forward
                 run twice (the first result thrown away), backward through the whole student
 
@@ -13,6 +15,7 @@ on CUDA it is torch.cuda.max_memory_allocated.
     python benchmarks/bench_train.py                          # smollm2-135m, 256 tokens, CPU
     python benchmarks/bench_train.py --model llama8b-random --device cuda --dtype bf16 --seq_len 2048
     python benchmarks/bench_train.py --target down --variants layerwise,end_to_end   # the down target
+    python benchmarks/bench_train.py --variants kl --rank 384 --seq_len 512          # the exact target's kl step
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import time
 import click
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VARIANTS = ("layerwise", "end_to_end", "seed")
+VARIANTS = ("layerwise", "end_to_end", "seed", "kl")
 
 
 def _rss_mb() -> float:
@@ -68,7 +71,7 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
     base_mb = _current_rss_mb()
     model, vocab = build_model(model_name, dtype, device)
     teacher = copy.deepcopy(model) if variant == "seed" else None  # the seed loads the model twice
-    target = "gate" if variant == "seed" else target  # the seed's own form
+    target = {"seed": "gate", "kl": "exact"}.get(variant, target)  # the seed's own form; kl: the exact target
     npt.convert_to_npt(model, npt.NPTConfig(rank=rank, modulation_target=target))
     params = npt.get_adapter_params(model)
     opt = torch.optim.AdamW(params, lr=1e-4)

@@ -41,6 +41,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 import npt  # noqa: E402
 from npt_tools.inspection import tanh_factor  # noqa: E402  (the seed's 1 + tanh(m) factor, a demonstration)
 from npt_tools.models import EMBEDDED_MODEL, load_base_model
+from npt_tools.objective import run_captured
 from npt_tools.step import optimizer_step, weights_finite
 from layer_fit import windows  # noqa: E402
 
@@ -53,7 +54,8 @@ PRECISIONS = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "fp16": {"use_fp16"
 def build(precision: str, config: str, layers: str, seed: int):
     model, tokenizer = load_base_model(EMBEDDED_MODEL, **PRECISIONS[precision])
     torch.manual_seed(seed)
-    npt.convert_to_npt(model, npt.NPTConfig(rank=16, layers=layers, add_scale=1.0 if config == "original" else 0.1))
+    npt.convert_to_npt(model, npt.NPTConfig(modulation_target="gate",
+                                            rank=16, layers=layers, add_scale=1.0 if config == "original" else 0.1))
     if config == "original":  # the seed's first initialisation
         for layer in npt.npt_layers(model):
             layer.adapter.A_proj.reset_parameters()  # nn.Linear's Kaiming-uniform default
@@ -74,7 +76,7 @@ def original_step(model, optimizer, batch: dict, autocast, lam: float) -> str | 
     """The seed's first training step: plain MSE of the layers' outputs, its regularizer, no clipping, no
     skipping. What was not finite ("loss", "gradient"), or None."""
     with autocast():
-        teacher, _ = npt.run_captured(model, batch, ("input", "attn", "output"), teacher=True)
+        teacher, _ = run_captured(model, batch, ("input", "attn", "output"), teacher=True)
         fit, reg = [], []
         for layer in npt.npt_layers(model):
             t = teacher[layer.layer_idx]

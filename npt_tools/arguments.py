@@ -13,7 +13,7 @@ from npt_tools.closed_form import STARTS
 from npt_tools.models import ModelArgs
 from npt_tools.objective import DEFAULT_OBJECTIVE, LOSSES, OBJECTIVES
 
-EXACT_RANK = 384  # the exact target's default rank: the measured choice (README, "Which modulation target")
+EXACT_RANK = npt.DEFAULT_RANK["exact"]  # the exact target's default rank: the measured choice (README)
 EXACT_LR_SCALE = 3e-3  # exact, --learning_rate not given: this x the share the closed-form start misses (measured)
 EXACT_ADAPTERS_LR = 1e-5  # exact from --init_adapters (no closed-form start), --learning_rate not given
 # the defaults that depend on --modulation_target, in one place to retune: a flag not given takes its target's value;
@@ -203,11 +203,11 @@ class TrainArgs(ModelArgs):
 
     def npt_config(self, d_model: int) -> npt.NPTConfig:
         """The NPT layout the flags ask for on a model of width d_model (the rank's default depends on the target)."""
-        rank = self.adapter_rank or (min(EXACT_RANK, d_model) if self.modulation_target == "exact" else 16)
-        if not 1 <= rank <= d_model:
+        rank = self.adapter_rank
+        if rank is not None and not 1 <= rank <= d_model:
             fail(f"--adapter_rank {rank} is out of range: it must lie in 1..{d_model} (the model's d_model)")
         return npt.NPTConfig(rank=rank, modulation="additive" if self.safe_mode else "both", layers=self.npt_layers,
-                             modulation_target=self.modulation_target, down_rank=self.down_rank)
+                             modulation_target=self.modulation_target, down_rank=self.down_rank).at_width(d_model)
 
     def saved(self) -> dict:
         """The arguments as trainer_state.json records them."""

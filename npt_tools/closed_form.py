@@ -18,7 +18,8 @@ import zlib
 import torch
 import torch.nn as nn
 
-from npt import NPTLayer, capture, npt_disabled, npt_layers, run_captured
+from npt import NPTConfig, NPTLayer, capture, convert_to_npt, npt_disabled, npt_layers
+from npt_tools.objective import run_captured
 
 # start -> (its name in the trainer's line, what init_exact's returned share is a share of)
 STARTS = {"fisher": ("Fisher-weighted principal directions", "Fisher-weighted variance"),
@@ -115,6 +116,18 @@ def init_exact(model: nn.Module, batches=(), moments: dict | None = None, start:
                                  for layer in layers):
         raise ValueError("the fisher start needs gradient moments: attention_moments(attn, grad)")
     return {layer.layer_idx: _set_code(layer, start, *stats[layer.layer_idx]) for layer in layers}
+
+
+def convert_exact(model: nn.Module, batches, config: NPTConfig | None = None, start: str = "fisher", seed: int = 0,
+                  gradient_batches: int | None = None) -> dict[int, float]:
+    """Convert `model` to the exact target (config: NPTConfig(), the exact target at its default rank) and start it
+    in closed form from `batches`, in one call: an exact model is only usable once started. init_exact's shares."""
+    config = config or NPTConfig()
+    if not config.exact:
+        raise ValueError(f"convert_exact converts to the exact target, not {config.modulation_target!r}: use "
+                         "npt.convert_to_npt for the others")
+    convert_to_npt(model, config)
+    return init_exact(model, batches, start=start, seed=seed, gradient_batches=gradient_batches)
 
 
 def _check_start(start: str) -> None:

@@ -65,9 +65,10 @@ class Subject:
         return self.base[1]
 
     def npt_model(self, seed: int = 0, **config):
-        """A fresh NPT copy of the base model (adapters at their init)."""
+        """A fresh NPT copy of the base model (adapters at their init): the seed's gate form unless `config` names
+        another target."""
         torch.manual_seed(seed)
-        return npt.convert_to_npt(copy.deepcopy(self.base[0]), npt.NPTConfig(**config))
+        return npt.convert_to_npt(copy.deepcopy(self.base[0]), npt.NPTConfig(**{"modulation_target": "gate", **config}))
 
     def exact_model(self, rank: int | None = None, seed: int = 0):
         """A fresh exact-target NPT copy at `rank` (default: the trainer's, EXACT_RANK or d_model if smaller), its

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 import npt
 from npt_tools.cli import can_create_in, command, fail, flag, options
+from npt_tools.closed_form import init_exact
 from npt_tools.models import ModelArgs, load_model_config_or_fail, load_model_or_fail, precision_name
 from npt_tools.objective import normalized_mse
 
@@ -352,12 +353,15 @@ class InspectArgs(ModelArgs):
                                         "e.g. a checkpoint-<step> of pretrain_npt_safe.py.", metavar="DIR")
     npt_layers: str | None = flag(None, "Layers to convert when no --checkpoint: all, upper_half, lower_half, 8-15, "
                                         "1,3,5.  [default: all]")
-    adapter_rank: int | None = flag(None, "Adapter rank when no --checkpoint.  [default: 16]", type=int)
+    adapter_rank: int | None = flag(None, "Adapter rank when no --checkpoint.  [default: the target's: "
+                                          f"{npt.DEFAULT_RANK['exact']} for exact (d_model if smaller), 16 for the "
+                                          "others]", type=int)
     safe_mode: bool = flag(False, "Additive modulation only, when no --checkpoint.")
-    modulation_target: str | None = flag(None, "gate, down, gate+down or exact, when no --checkpoint.  [default: "
-                                               "gate]", type=click.Choice(npt.TARGETS))
-    down_rank: int | None = flag(None, "K of the down target, when no --checkpoint.  [default: 4]",
-                                 type=click.IntRange(min=1))
+    modulation_target: str | None = flag(None, "gate (the seed's form), down, gate+down or exact (started in closed "
+                                               "form from the texts), when no --checkpoint.  [default: "
+                                               f"{npt.NPTConfig.modulation_target}]", type=click.Choice(npt.TARGETS))
+    down_rank: int | None = flag(None, "K of the down target, when no --checkpoint.  [default: "
+                                       f"{npt.NPTConfig.down_rank}]", type=click.IntRange(min=1))
     text: tuple = flag((), "Text to run (repeatable).  [default: three built-in samples]", multiple=True)
     max_length: int = flag(256, "Tokens per text (longer ones are truncated).", type=click.IntRange(min=1))
     inject_nan: str | None = flag(None, f"Plant one NaN at that NPT layer and stage to show detection works; STAGE is "
@@ -395,11 +399,18 @@ def main(**flags):
             npt.convert_to_npt(model, config)
     except (OSError, ValueError) as e:
         fail(f"{'--checkpoint' if args.checkpoint else 'conversion'}: {e}")
+    texts = args.text or DEFAULT_TEXTS
+    if args.checkpoint is None and model.npt_config.exact:  # a fresh exact model is usable once started
+        try:
+            init_exact(model, [dict(tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
+                                              max_length=args.max_length))], seed=args.seed)
+        except ValueError as e:  # texts without a token
+            fail(f"--text: the closed-form start of the exact target: {e}")
 
     report = {"model": {"name": args.model_name, "precision": precision_name(args.use_quantization, args.use_fp16),
                         "checkpoint": args.checkpoint, "npt_config": model.npt_config.to_dict(),
                         "npt_layers": [layer.layer_idx for layer in npt.npt_layers(model)]}}
-    report.update(inspect_model(model, tokenizer, args.text or DEFAULT_TEXTS, inject, args.max_length))
+    report.update(inspect_model(model, tokenizer, texts, inject, args.max_length))
     click.echo(render(report))
     if args.json is not None:
         try:
@@ -431,10 +442,10 @@ def config_from_flags(checkpoint, npt_layers, adapter_rank, safe_mode, modulatio
             return npt.NPTConfig.from_dict(npt.read_adapter_config(checkpoint))
         except (OSError, ValueError, TypeError) as e:
             fail(f"--checkpoint: {e}")
-    try:
-        return npt.NPTConfig(rank=16 if adapter_rank is None else adapter_rank,
-                             modulation="additive" if safe_mode else "both", layers=npt_layers or "all",
-                             modulation_target=modulation_target or "gate", down_rank=down_rank or 4)
+    given = {"rank": adapter_rank, "modulation": "additive" if safe_mode else None, "layers": npt_layers,
+             "modulation_target": modulation_target, "down_rank": down_rank}
+    try:  # NPTConfig's defaults for the rest
+        return npt.NPTConfig(**{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         fail(f"{e}")
 

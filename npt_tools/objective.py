@@ -4,12 +4,49 @@ against the student's (kl); the per-layer losses it is made of (update_error, al
 measure, and normalized_mse); built on npt's capture."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 import torch.nn as nn
 
-from npt import masked_mean, npt_layers, regularization, run_captured
+from npt import capture, masked_mean, npt_disabled, npt_layers, regularization
+
+
+def run_captured(model: nn.Module, batch: dict, names=("input", "output"), teacher: bool = False,
+                 logits: bool = False):
+    """One forward capturing `names` of every NPT layer: (records, logits or None). teacher=True: the original layers
+    (npt_disabled), no gradients; without `logits` the forward stops after the last NPT layer."""
+    ctx = npt_disabled(model) if teacher else contextlib.nullcontext()
+    grad = torch.no_grad() if teacher else contextlib.nullcontext()
+    stop = contextlib.nullcontext() if logits else _stop_after_last_npt_layer(model)
+    with capture(model, names) as records, ctx, grad, stop:
+        try:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        except _StopForward:  # without logits, layers after the last NPT layer are never run
+            out = None
+    return records, (out.logits if logits else None)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _raise_stop(module, args, output):
+    raise _StopForward
+
+
+@contextlib.contextmanager
+def _stop_after_last_npt_layer(model: nn.Module):
+    """Ends a forward once the last NPT layer has run (its captures, registered before, have fired)."""
+    layers = npt_layers(model)
+    handle = max(layers, key=lambda la: la.layer_idx).register_forward_hook(_raise_stop) if layers else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """x / ||x|| per token in fp32; scaling by max|x| first keeps the norm from overflowing

@@ -12,7 +12,7 @@ import torch
 
 import npt
 from npt_tools.metrics import json_safe, read_rows
-from npt_tools.objective import DEFAULT_OBJECTIVE, equivalence_loss, layerwise_fit
+from npt_tools.objective import DEFAULT_OBJECTIVE, equivalence_loss, layerwise_fit, run_captured
 
 
 @torch.no_grad()
@@ -30,8 +30,8 @@ def evaluate(model, batches, objective: str | None = None, regularization_lambda
             out = equivalence_loss(model, b, objective, regularization_lambda, loss, report=True)
             per_layer = (out.layer_fit if (objective, loss) == ("layerwise", "update")  # else from its teacher pass
                          else layerwise_fit(model, out.teacher, b["attention_mask"]))
-            t_logits, s_logits = out.logits or (npt.run_captured(model, b, (), teacher=True, logits=True)[1],
-                                                npt.run_captured(model, b, (), logits=True)[1])
+            t_logits, s_logits = out.logits or (run_captured(model, b, (), teacher=True, logits=True)[1],
+                                                run_captured(model, b, (), logits=True)[1])
         mask = b["attention_mask"]
         n = int(mask.sum())
         tot["tokens"] += n

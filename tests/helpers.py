@@ -112,7 +112,8 @@ LAMBDA = 0.3
 
 def npt_model(base, modulation="both"):
     """A copy of `base` converted on LAYERS with random, non-zero adapters (every branch matters)."""
-    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4, modulation=modulation, layers=LAYERS))
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(modulation_target="gate",
+                                                                  rank=4, modulation=modulation, layers=LAYERS))
     torch.manual_seed(1)
     with torch.no_grad():
         for p in npt.get_adapter_params(model):

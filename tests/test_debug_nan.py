@@ -40,7 +40,7 @@ def run_in_process(capsys, *args) -> tuple[int, str, str]:
 
 def fresh_npt(embedded, **config):
     torch.manual_seed(0)
-    return npt.convert_to_npt(copy.deepcopy(embedded[0]), npt.NPTConfig(**config))
+    return npt.convert_to_npt(copy.deepcopy(embedded[0]), npt.NPTConfig(**{"modulation_target": "gate", **config}))
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +75,12 @@ def assert_first(report, layer, stage):
 # ----------------------------------------------------------------------------- (1) clean run
 def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
     out_json = tmp_path / "report.json"
-    proc = run_cli("--json", str(out_json))
+    proc = run_cli("--json", str(out_json), "--modulation_target", "gate")  # the seed's form
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert verdict(proc.stdout) == "first non-finite: none found (every stage of every NPT layer and the logits are finite)"
     rows = table_rows(proc.stdout)
-    off = ("delta_down", "a_hat", "norm_scale")  # the default gate target: the down and exact stages are off
+    off = ("delta_down", "a_hat", "norm_scale")  # the gate target: the down and exact stages are off
     assert set(rows) == {(i, s) for i in range(NUM_LAYERS) for s in STAGES if s not in off}
     for stage in off:
         assert len(re.findall(rf"^\s*\d+\s+{stage}\s+off$", proc.stdout, re.M)) == NUM_LAYERS
@@ -110,6 +110,16 @@ def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
     assert "loss check" in proc.stdout and "1 + tanh(m)" in proc.stdout and "0.5 + sigmoid(m)" in proc.stdout
 
 
+def test_default_is_npt_configs_exact_target_started_from_the_texts(capsys):
+    """No flags: NPTConfig()'s exact target (rank 384 on this d_model 576), started in closed form from the texts:
+    its stages on, the gate-modulation ones off, every value finite."""
+    code, out, err = run_in_process(capsys, "--npt_layers", "0-2", "--text", "The capital of France is Paris.")
+    assert code == 0, err
+    assert "rank: 384" in out and verdict(out).startswith("first non-finite: none found")
+    rows = table_rows(out)
+    assert {s for _, s in rows} == set(STAGES) - {"delta_add", "delta_mult", "delta_down"}
+
+
 # ----------------------------------------------------------------------------- (2) planted NaNs
 @pytest.mark.parametrize("layer", [0, 13, NUM_LAYERS - 1])
 def test_injected_nan_is_found_at_exactly_that_layer_and_stage(npt_model, embedded, layer):
@@ -126,7 +136,8 @@ def test_injected_nan_is_found_at_exactly_that_layer_and_stage(npt_model, embedd
 
 def test_injected_nan_subprocess_exit_1_and_json(tmp_path):
     out_json = tmp_path / "report.json"
-    proc = run_cli("--inject_nan", "7:delta_mult", "--json", str(out_json), "--text", "Hello there, NaN.")
+    proc = run_cli("--inject_nan", "7:delta_mult", "--json", str(out_json), "--text", "Hello there, NaN.",
+                   "--modulation_target", "gate")
     assert proc.returncode == 1, proc.stderr
     assert verdict(proc.stdout) == "first non-finite: layer 7 stage delta_mult"
     report = json.loads(out_json.read_text())
@@ -140,7 +151,7 @@ def test_injected_nan_subprocess_exit_1_and_json(tmp_path):
 def test_other_precisions(embedded, precision):
     model, tokenizer = load_base_model(use_fp16=precision == "fp16", use_quantization=precision == "4bit")
     torch.manual_seed(0)
-    npt.convert_to_npt(model, npt.NPTConfig(layers="0-5"))
+    npt.convert_to_npt(model, npt.NPTConfig(modulation_target="gate", layers="0-5"))
     assert inspection.inspect_model(model, tokenizer)["first_nonfinite"] is None
     report = inspection.inspect_model(model, tokenizer, inject=(4, "modulated_gate"))
     assert_first(report, 4, "modulated_gate")

@@ -32,7 +32,7 @@ def state(model, opt, sched):
 
 @pytest.mark.parametrize("case", ["lr 1e30", "max_grad_norm nan", "first step"])
 def test_step_that_blows_the_weights_up_is_undone(base, case):
-    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(modulation_target="gate", rank=4))
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     if case != "first step":  # optimizer state exists before the bad step
@@ -50,7 +50,7 @@ def test_step_that_blows_the_weights_up_is_undone(base, case):
 
 def test_undo_step_restores_adapters_optimizer_and_schedule(base):
     """A step found bad only afterwards (finite weights, non-finite forwards) can be undone exactly."""
-    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(modulation_target="gate", rank=4))
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / 10)  # warmup: the rate moves each step
     assert optimizer_step(model, opt, sched, [batch(1)]).stepped
@@ -65,7 +65,7 @@ def test_undo_step_restores_adapters_optimizer_and_schedule(base):
 
 
 def test_weights_finite_sees_nan_in_optimizer_state(base):
-    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(modulation_target="gate", rank=4))
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
     optimizer_step(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), [batch(1)])
     params = npt.get_adapter_params(model)
@@ -81,7 +81,7 @@ def test_zero_hidden_state_keeps_a_clean_batch_finite(base, loss, objective):
     zeroed = copy.deepcopy(base)
     with torch.no_grad():
         zeroed.get_input_embeddings().weight[5] = 0
-    model = npt.convert_to_npt(zeroed, npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(zeroed, npt.NPTConfig(modulation_target="gate", rank=4))
     b = batch(4)
     b["input_ids"][0, 3] = 5
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
@@ -107,12 +107,12 @@ def test_seed_adapter_config_dict_converts(base):
     """The seed's call: convert_llama_to_npt(model, {'r': ..., 'd_model': ..., 'd_ffn': ..., 'compute_dtype': ...})."""
     seed = {"r": 8, "modulation_type": "additive", "consolidation_alpha": 0.5, "d_model": 64, "d_ffn": 128,
             "compute_dtype": torch.float32}
-    model = npt.convert_llama_to_npt(copy.deepcopy(base), seed)
-    assert model.npt_config == npt.NPTConfig(rank=8, modulation="additive")
-    assert model.npt_config.consolidation_alpha == 0.5
+    with pytest.warns(UserWarning, match="consolidation_alpha 0.5 is not kept: pass alpha= to npt.consolidate"):
+        model = npt.convert_llama_to_npt(copy.deepcopy(base), seed)  # the seed's form: gate
+    assert model.npt_config == npt.NPTConfig(modulation_target="gate", rank=8, modulation="additive")
     assert npt.npt_layers(model)[0].adapter.A_proj.weight.shape == (8, 64)
     plain = npt.convert_to_npt(copy.deepcopy(base), {"r": 4})
-    assert plain.npt_config == npt.NPTConfig(rank=4)
+    assert plain.npt_config == npt.NPTConfig(modulation_target="gate", rank=4)
 
 
 @pytest.mark.parametrize("bad, message", [({"r": 8, "d_model": 576}, "d_model=576 but the model's d_model is 64"),
@@ -132,7 +132,7 @@ def test_seed_adapter_config_mismatch_is_a_clear_error(base, bad, message):
 # ----------------------------------------------------------------------------- values entering the weights
 def trained(base, **config):
     """A converted copy whose adapters have a non-zero modulation (B_mult starts at 0)."""
-    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4, **config))
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(**{"modulation_target": "gate", "rank": 4, **config}))
     torch.manual_seed(1)
     with torch.no_grad():
         for p in npt.get_adapter_params(model):
@@ -213,7 +213,7 @@ def test_consolidate_default_is_the_last_real_token_under_right_padding(base):
 def test_load_adapters_names_the_malformed_field(base, tmp_path, edit, field):
     import json
 
-    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(modulation_target="gate", rank=4))
     npt.save_adapters(model, tmp_path)
     config = json.loads((tmp_path / "npt_config.json").read_text())
     changed = edit(config)

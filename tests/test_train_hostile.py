@@ -101,7 +101,7 @@ def test_diverging_learning_rate_keeps_the_last_finite_adapters(tmp_path, tiny_l
     else:
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         torch.manual_seed(3)  # FAST's --seed: the trainer's adapter init
-        npt.convert_to_npt(model, npt.NPTConfig())
+        npt.convert_to_npt(model, npt.NPTConfig(modulation_target="gate"))
         init = {f"layers.{la.layer_idx}.{k}": v for la in npt.npt_layers(model) for k, v in la.adapter.state_dict().items()}
         assert final.keys() == init.keys() and all(torch.equal(final[k], init[k]) for k in init)
 

@@ -17,7 +17,7 @@ from helpers import ROOT
 from npt_tools.arguments import TrainArgs
 from npt_tools.checkpoints import TrainerState, save_checkpoint
 
-GATE = ["--modulation_target", "gate"]  # the layout the fixture's adapters were saved in (NPTConfig())
+GATE = ["--modulation_target", "gate"]  # the layout the fixture's adapters were saved in
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def inputs(tmp_path_factory, tiny_llama_dir):
     (d / "blank.jsonl").write_text('{"text": ""}\n{"text": "   "}\n')
     (d / "other_column.jsonl").write_text('{"content": "some text"}\n')
     (d / "a_file").write_text("not a directory")
-    model = npt.convert_to_npt(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), npt.NPTConfig())
+    model = npt.convert_to_npt(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                               npt.NPTConfig(modulation_target="gate"))
     opt = torch.optim.AdamW(npt.get_adapter_params(model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     (d / "run").mkdir()
