@@ -12,10 +12,10 @@ Each variant runs in its own process so that peak memory is its own. On CPU, mem
 peak resident set size above the process's footprint after `import torch` (models included);
 on CUDA it is torch.cuda.max_memory_allocated.
 
-    python benchmarks/bench_train.py                          # smollm2-135m, 256 tokens, CPU
-    python benchmarks/bench_train.py --model llama8b-random --device cuda --dtype bf16 --seq_len 2048
-    python benchmarks/bench_train.py --target down --variants layerwise,end_to_end   # the down target
-    python benchmarks/bench_train.py --variants kl --rank 384 --seq_len 512          # the exact target's kl step
+    python -m benchmarks.bench_train                          # smollm2-135m, 256 tokens, CPU
+    python -m benchmarks.bench_train --model llama8b-random --device cuda --dtype bf16 --seq_len 2048
+    python -m benchmarks.bench_train --target down --variants layerwise,end_to_end   # the down target
+    python -m benchmarks.bench_train --variants kl --rank 384 --seq_len 512          # the exact target's kl step
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import time
 
 import click
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # each variant's process runs from here
 VARIANTS = ("layerwise", "end_to_end", "seed", "kl")
 
 
@@ -121,9 +121,9 @@ def main(model_name, seq_len, steps, device, dtype_name, rank, variants, target,
         return
     rows = []
     for v in variants.split(","):
-        cmd = [sys.executable, __file__, "--model", model_name, "--seq_len", str(seq_len), "--steps", str(steps),
+        cmd = [sys.executable, "-m", "benchmarks.bench_train", "--model", model_name, "--seq_len", str(seq_len), "--steps", str(steps),
                "--device", device, "--dtype", dtype_name, "--rank", str(rank), "--target", target, "--_child", v]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             sys.exit(f"{v} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

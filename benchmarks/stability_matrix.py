@@ -18,8 +18,8 @@ steps whose loss or adapter gradient was not finite.
 Precisions: fp32; bf16 and fp16 (the base's weights in that dtype, adapters fp32); 4bit (NF4 base, fp32
 compute; original: + fp16 autocast).
 
-    python benchmarks/stability_matrix.py --lr 1e-1          # the lr where the original fails (RESULTS.md)
-    python benchmarks/stability_matrix.py --lr 3e-2 --configs original --precisions 4bit,fp16
+    python -m benchmarks.stability_matrix --lr 1e-1          # the lr where the original fails (RESULTS.md)
+    python -m benchmarks.stability_matrix --lr 3e-2 --configs original --precisions 4bit,fp16
 """
 from __future__ import annotations
 
@@ -36,14 +36,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
-import npt  # noqa: E402
-from npt_tools.inspection import tanh_factor  # noqa: E402  (the seed's 1 + tanh(m) factor, a demonstration)
+import npt
+from benchmarks.common import windows
+from npt_tools.inspection import tanh_factor  # the seed's 1 + tanh(m) factor, a demonstration
 from npt_tools.models import EMBEDDED_MODEL, load_base_model
 from npt_tools.objective import run_captured
 from npt_tools.step import optimizer_step, weights_finite
-from layer_fit import windows  # noqa: E402
 
 KERNEL = sys.modules["npt_kernels.modulated_swiglu"]  # where modulated_gate looks the factor up
 

@@ -26,6 +26,9 @@ UNSET_DEFAULTS = {"kernel": "auto", "loss": "update", "regularization_lambda": 0
                   "down_rank": npt.NPTConfig.down_rank, "init_batches": 64, "init_gradient_batches": 32,
                   "exact_start": "fisher"}
 # where a flag does nothing: (the flag it hangs on, its values where it does, why) for --help and the warning
+# flags accepted for compatibility that never do anything: (why) for --help and the warning
+ALWAYS_IDLE = {"share_embeddings": "the teacher is always the same model (npt_disabled), so embeddings are always "
+                                   "shared"}
 DOES_NOTHING = {
     "kernel": ("modulation_target", ("exact",), "the modulated-SwiGLU kernel is never called there"),
     "safe_mode": ("modulation_target", ("down", "exact"), "no gate modulation there"),
@@ -64,8 +67,8 @@ class TrainArgs(ModelArgs):
     adapter_rank: int | None = flag(None, "Rank r of the NPT adapters (1..d_model). [default: "
                                           f"{EXACT_RANK} for the exact "
                                           "target (d_model if smaller), 16 for the others]", type=click.IntRange(min=1))
-    share_embeddings: bool = flag(False, "Accepted for compatibility: the teacher is always the same model "
-                                         "(npt_disabled), so embeddings are always shared.")
+    share_embeddings: bool = flag(False, "Accepted for compatibility; does nothing: "
+                                         f"{ALWAYS_IDLE['share_embeddings']}.")
     safe_mode: bool = flag(False, _help("Additive gate modulation only (no multiplicative branch).", "safe_mode"))
     npt_layers: str = flag("all", "Layers to convert: all, upper_half, lower_half, a range like 8-15 or a list "
                                   "like 1,3,5 (0-based).")
@@ -194,7 +197,8 @@ class TrainArgs(ModelArgs):
             self.learning_rate = EXACT_ADAPTERS_LR
         return [f"--{name}{'' if getattr(self, name) is True else f' {getattr(self, name)}'} does nothing with --{on} "
                 f"{getattr(self, on)} ({why}): ignored" for name, (on, _, why) in DOES_NOTHING.items()
-                if name in self._given and self.idle(name)]
+                if name in self._given and self.idle(name)] + [
+            f"--{name} does nothing ({why}): ignored" for name, why in ALWAYS_IDLE.items() if name in self._given]
 
     def idle(self, name: str) -> bool:
         """Whether flag `name` does nothing under these (resolved) arguments: DOES_NOTHING."""

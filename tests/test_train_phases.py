@@ -251,6 +251,12 @@ def test_a_flag_set_where_it_matters_does_not_warn(monkeypatch, tiny_llama_dir, 
     assert plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, *words, "--modulation_target", target) == []
 
 
+def test_share_embeddings_warns_as_the_other_idle_flags_do(monkeypatch, tiny_llama_dir, tmp_path):
+    caught = plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, "--share_embeddings")
+    assert caught == ["--share_embeddings does nothing (the teacher is always the same model (npt_disabled), so "
+                      "embeddings are always shared): ignored"]
+
+
 def test_loss_warns_under_kl_whatever_the_target(monkeypatch, tiny_llama_dir, tmp_path):
     caught = plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, "--modulation_target", "gate", "--objective", "kl",
                            "--loss", "cosine")
