@@ -334,3 +334,21 @@ def test_kernel_triton_without_a_gpu_is_refused_only_where_the_kernel_runs(monke
         plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, "--kernel", "triton", "--modulation_target", "gate")
     caught = plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, "--kernel", "triton")  # exact: never called
     assert len(caught) == 1 and caught[0].startswith("--kernel triton does nothing"), caught
+
+
+def test_best_compares_only_values_of_its_own_kind():
+    """TrainerState.best is the best eval loss, or with --eval_steps 0 the best mean train loss (best_metric says
+    which): a resume that switches between them starts the comparison afresh instead of comparing the two."""
+    import types
+
+    saved = []
+    run = types.SimpleNamespace(window_losses=[1.0, 3.0], last_eval=None, save_checkpoint=saved.append,
+                                state=TrainerState(best=0.5, best_metric="eval_loss"))
+    trainer.Checkpoints._save_if_best(run)  # a train loss of 2.0 is not worse than an eval loss of 0.5: another kind
+    assert saved == ["checkpoint-best"] and (run.state.best, run.state.best_metric) == (2.0, "train_loss")
+    run.window_losses = [2.5]
+    trainer.Checkpoints._save_if_best(run)
+    assert saved == ["checkpoint-best"] and run.state.best == 2.0  # worse, of the same kind: kept
+    run.last_eval = {"eval_loss": 2.7}
+    trainer.Checkpoints._save_if_best(run)
+    assert saved == ["checkpoint-best"] * 2 and (run.state.best, run.state.best_metric) == (2.7, "eval_loss")
