@@ -288,3 +288,50 @@ def test_full_disk_while_saving_leaves_the_previous_checkpoint_intact(base, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best"]  # no half-written folder
     assert {f.name: f.read_bytes() for f in first.iterdir()} == saved
     npt.load_adapters(copy.deepcopy(base), first)
+
+
+def test_latest_and_the_full_disk_hint_see_checkpoint_best(base, tmp_path):
+    """After a full disk checkpoint-best may be all a run kept: `latest` resumes it and the message names it; a
+    run that kept none is told to start again."""
+    from npt_tools.checkpoints import TrainerState, latest_checkpoint, resume_hint, save_checkpoint
+
+    model = trained(base)
+    opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    assert "no checkpoint of this run was written" in resume_hint(tmp_path, "r1")
+    assert "--overwrite_output_dir" in resume_hint(tmp_path, "r1")
+    save_checkpoint(tmp_path, "checkpoint-1", model, opt, sched, TrainerState(step=1, run_id="r1"))
+    best = save_checkpoint(tmp_path, "checkpoint-best", model, opt, sched, TrainerState(step=2, run_id="r1"))
+    assert latest_checkpoint(tmp_path) == best
+    assert f"resume from {best} (step 2" in resume_hint(tmp_path, "r1")
+    assert "no checkpoint of this run" in resume_hint(tmp_path, "another run")
+    numbered = save_checkpoint(tmp_path, "checkpoint-2", model, opt, sched, TrainerState(step=2, run_id="r1"))
+    assert latest_checkpoint(tmp_path) == numbered  # a tie: the name that says the step
+
+
+def test_sigterm_unwinds_a_command_as_ctrl_c_does():
+    """The handler the scripts install: SIGTERM raises where the code is, its `finally` runs, one line, exit 1."""
+    import os
+    import signal
+    import time
+
+    from click.testing import CliRunner
+
+    from npt_tools.cli import command
+
+    cleaned = []
+
+    @command()
+    def terminated():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            cleaned.append("not interrupted")
+        finally:
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(terminated, [], catch_exceptions=False)
+    assert result.exit_code == 1 and cleaned == [True]
+    assert [line for line in result.stderr.splitlines() if line.strip()] == ["error: aborted (SIGTERM)"]
+    assert signal.getsignal(signal.SIGTERM) is before  # restored after the command
