@@ -2,11 +2,14 @@
 folders; the model and precision flags every script takes; loading with bad input reported as one line."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -90,16 +93,20 @@ def _convert_embedded(cache: Path) -> None:
         tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{EMBEDDED_MODEL}-"))
     except OSError as e:
         raise CacheError(_cache_problem(cache.parent, e)) from None
+    # transformers' bars (the GGUF reader's cannot be turned off) on a terminal only, as the scripts' own
+    bars = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+        with bars:
+            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
         del model.config.quantization_config  # de-quantized: a plain float checkpoint
         model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
         try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            with bars:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
         except Exception as e:
             if isinstance(e, OSError) or is_disk_full(e):
                 raise CacheError(_cache_problem(cache.parent, e)) from None

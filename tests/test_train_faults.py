@@ -4,8 +4,6 @@ named and resumed), error lines a log reader finds with grep '^error:', SIGTERM 
 start, a resume that changes the start's flags."""
 import json
 import os
-import pty
-import select
 import signal
 import subprocess
 import sys
@@ -13,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import FAST, ROOT, SCRIPT, assert_bitwise, ok, run
+from helpers import FAST, ROOT, SCRIPT, assert_bitwise, ok, run, run_in_terminal
 
 pytestmark = pytest.mark.integration  # trainings as subprocesses
 
@@ -56,30 +54,10 @@ def test_a_full_disk_keeps_checkpoint_best_and_latest_resumes_it_to_the_same_ada
     assert_bitwise(out / "checkpoint-final", lone / "checkpoint-final")
 
 
-def terminal_run(args, timeout=300) -> tuple[int, list[str]]:
-    """The trainer under a pseudo-terminal (its progress bars drawn); (exit code, the lines as the terminal shows
-    them: each the text after its last carriage return)."""
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.chdir(ROOT)
-        os.execve(sys.executable, [sys.executable, SCRIPT, *map(str, args)], {**os.environ, "PYTHONWARNINGS": "ignore"})
-    out, deadline = b"", time.time() + timeout
-    while time.time() < deadline:
-        if select.select([fd], [], [], 1)[0]:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            out += chunk
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    return os.waitstatus_to_exitcode(status), [line.split("\r")[-1] for line in out.decode().splitlines()]
-
-
 def test_a_full_disk_in_a_terminal_prints_the_error_on_its_own_line(tiny_llama_dir, tmpfs):
-    code, lines = terminal_run(["--model_name", tiny_llama_dir, "--output_dir", tmpfs("400k") / "out", *SAVES])
+    code, shown = run_in_terminal(["--model_name", tiny_llama_dir, "--output_dir", tmpfs("400k") / "out", *SAVES],
+                                  env={"PYTHONWARNINGS": "ignore"})
+    lines = [line.split("\r")[-1] for line in shown.splitlines()]  # as the terminal shows them: after the last CR
     errors = [line for line in lines if "error:" in line]
     assert code == 4 and len(errors) == 1 and errors[0].startswith("error: no space left"), lines[-5:]
 

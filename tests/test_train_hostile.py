@@ -3,8 +3,6 @@ runs, a diverging run keeps its last finite adapters, a second run in the same -
 a cut-off metrics.jsonl line does not stop a resume, debug_nan --json to an unwritable path is exit 2."""
 import json
 import os
-import pty
-import select
 import shutil
 import subprocess
 import sys
@@ -18,30 +16,7 @@ from transformers import AutoModelForCausalLM
 import debug_nan
 import npt
 import test_fixed_npt
-from helpers import FAST, GATE, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
-
-
-def run_in_terminal(args, typed: bytes, env: dict, timeout=120) -> tuple[int, str]:
-    """The trainer under a pseudo-terminal (so transformers could prompt), `typed` waiting in its input;
-    (exit code, what the terminal showed, the typed echo included)."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the trainer, its stdin/stdout/stderr the terminal
-        os.chdir(ROOT)
-        os.execve(sys.executable, [sys.executable, SCRIPT, *map(str, args)], {**os.environ, **env})
-    out, deadline = b"", time.time() + timeout
-    os.write(fd, typed)
-    while time.time() < deadline:
-        if select.select([fd], [], [], 1)[0]:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            out += chunk
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+from helpers import FAST, GATE, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run, run_in_terminal
 
 
 def remote_code_model(tmp_path, tiny_llama_dir):
