@@ -72,7 +72,7 @@ class OneLineCommand(click.Command):
             say(f"error: {' '.join(msg.split())}")
             sys.exit(2)
         finally:
-            if main_thread:
+            if main_thread and previous is not None:  # None: a handler not set from Python, left as it is
                 signal.signal(signal.SIGTERM, previous)
 
 

@@ -75,7 +75,7 @@ class CacheError(OSError):
 def _cache_problem(folder: Path, e: BaseException) -> str:
     why = ("no space left on the device" if is_disk_full(e) else
            getattr(e, "strerror", None) or first_line(e))
-    return (f"cannot write the embedded model's converted copy (about 0.55 GB) in {folder}: {why}; free space there "
+    return (f"cannot write the embedded model's converted copy (about 0.52 GB) in {folder}: {why}; free space there "
             "or set NPT_CACHE to a writable folder with room")
 
 
