@@ -79,7 +79,8 @@ def check_room_or_fail(args: TrainArgs, output_dir: Path, config, npt_config: np
     """The output disk must hold one checkpoint (else one line, exit 2, before any work); a warning where it cannot
     hold every checkpoint the run keeps at once (it then stops with exit 4 when full, keeping the newest)."""
     with torch.device("meta"):  # the adapters' shapes, no memory
-        adapter = npt.NPTAdapter(config.hidden_size, config.intermediate_size, npt_config)
+        adapter = npt.NPTAdapter(config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
+                                 npt_config)
     need = checkpoint_bytes(layers * sum(p.numel() for p in adapter.parameters()))
     probe = output_dir
     while not probe.exists():
