@@ -40,12 +40,10 @@ def _raise_stop(module, args, output):
 def _stop_after_last_npt_layer(model: nn.Module):
     """Ends a forward once the last NPT layer has run (its captures, registered before, have fired)."""
     layers = npt_layers(model)
-    handle = max(layers, key=lambda la: la.layer_idx).register_forward_hook(_raise_stop) if layers else None
-    try:
+    with contextlib.ExitStack() as stack:
+        if layers:
+            stack.callback(max(layers, key=lambda la: la.layer_idx).register_forward_hook(_raise_stop).remove)
         yield
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

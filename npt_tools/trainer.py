@@ -26,9 +26,9 @@ import torch
 import npt
 from npt_tools.arguments import EXACT_LR_SCALE, TrainArgs, exact_learning_rate
 from npt_tools.checkpoints import (CKPT_RE, EXIT_DISK_FULL, DiskFull, TrainerState, checkpoint_run, is_disk_full,
-                                   prune_checkpoints, remove_checkpoint, restore_checkpoint, save_checkpoint,
-                                   tidy_output_dir)
-from npt_tools.cli import command, fail, first_line, options
+                                   prune_checkpoints, remove_checkpoint, restore_checkpoint, resume_hint,
+                                   save_checkpoint, tidy_output_dir)
+from npt_tools.cli import command, fail, first_line, options, progress, say
 from npt_tools.closed_form import STARTS, init_exact, teacher_moments
 from npt_tools.data import collate, load_data
 from npt_tools.metrics import Metrics, trackers
@@ -96,12 +96,9 @@ def closed_form_start(model, batches: list[dict], args: TrainArgs, procs) -> tup
     """The exact target's start (init_exact) from this process's `batches`: each process gathers the attention
     moments of its share; their sums are reduced over processes, so every process sets the same adapters, whatever
     the number of processes. (what it was computed from, for the state; each NPT layer's share kept)."""
-    from tqdm.auto import tqdm
-
     with procs.autocast():
-        stats = teacher_moments(model, tqdm(batches, desc="closed-form start", disable=not procs.main,
-                                            dynamic_ncols=True, leave=False), args.exact_start, args.seed,
-                                args.init_gradient_batches)
+        stats = teacher_moments(model, progress(batches, procs.main, desc="closed-form start", leave=False),
+                                args.exact_start, args.seed, args.init_gradient_batches)
     if procs.reduce is not None:
         order = sorted(stats)
         sums = iter(sum_over_processes(procs.reduce, [t for i in order for t in stats[i]], torch.float64))
@@ -263,12 +260,9 @@ class Trainer(Checkpoints):
     def train(self) -> int:
         """Optimizer steps until the last one or the end of the data: 0, or 3 after --max_consecutive_nan
         non-finite micro-batches in a row (with the last good adapters saved)."""
-        from tqdm.auto import tqdm
-
         args, st = self.args, self.state
         windows = self.data.stream.windows(tuple(st.position))
-        self.bar = tqdm(total=self.total_steps, initial=st.step, disable=not self.procs.main, desc="npt",
-                        dynamic_ncols=True)
+        self.bar = progress(None, self.procs.main, total=self.total_steps, initial=st.step, desc="npt")
         if args.eval_steps and st.step == 0:
             self.evaluate()
             self._save_if_best()  # the start is a candidate too: a run never hands back worse than it began
@@ -397,8 +391,6 @@ def next_group(windows, args: TrainArgs, procs, state: TrainerState, pad_id: int
 
 def run(trainer: Trainer) -> int:
     """setup (with the closed-form start), train, cleanup; a full disk stops the run with one line and exit code 4."""
-    from tqdm.auto import tqdm
-
     try:
         trainer.setup()
         code = trainer.train()
@@ -408,8 +400,8 @@ def run(trainer: Trainer) -> int:
         if isinstance(e, OSError) and not is_disk_full(e):
             raise
         line = (f"error: {e}" if isinstance(e, DiskFull) else f"error: no space left on the device writing "
-                f"{e.filename or trainer.plan.output_dir}: free space and resume from the last checkpoint")
-    tqdm.write(line, file=sys.stderr)
+                f"{e.filename or trainer.plan.output_dir}: {resume_hint(trainer.plan.output_dir, trainer.plan.run_id)}")
+    say(line)
     if trainer.metrics is not None:
         with contextlib.suppress(OSError):  # the log file may be on the full disk too
             trainer.metrics.log(line)
