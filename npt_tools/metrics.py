@@ -54,8 +54,7 @@ def trackers(output_dir: Path, run_name: str, tensorboard: bool, wandb: bool) ->
 class Metrics:
     """metrics.jsonl, the log file, the accelerator's trackers, the loss-curve PNG; only the main process writes."""
 
-    def __init__(self, output_dir: Path, accelerator, log_file, resume_step: int | None, layers: list[int],
-                 config: dict | None = None):
+    def __init__(self, output_dir: Path, accelerator, log_file, resume_step: int | None, layers: list[int]):
         self.dir, self.accelerator, self.layers = output_dir, accelerator, layers
         self.main = accelerator.is_main_process
         self.path = output_dir / "metrics.jsonl"
@@ -65,8 +64,11 @@ class Metrics:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         elif self.main and self.path.exists():
             self.path.unlink()
-        # the trackers were built with their names (see `trackers`); their hyperparameters take no None values
-        accelerator.init_trackers("npt", config={k: v for k, v in (config or {}).items() if v is not None} or None)
+
+    def start_trackers(self, config: dict) -> None:
+        """The trackers (built with their names: `trackers`) start, given the run's configuration as used (the
+        learning rate the closed-form start set included); their hyperparameters take no None values."""
+        self.accelerator.init_trackers("npt", config={k: v for k, v in config.items() if v is not None})
 
     def message(self, text: str):
         if not self.main:

@@ -185,9 +185,9 @@ class Trainer(Checkpoints):
         self.t0, self.tokens_since = 0.0, 0  # the current tokens/s window
 
     def setup(self) -> "Trainer":
-        """Data (checked before the model loads), processes, the model, the state to resume, the closed-form start
-        (the exact target's; it decides the learning rate when not given), the optimizer and scheduler (built once),
-        the output dir, the metrics."""
+        """Data (checked before the model loads), processes, the model, the state to resume (with its optimizer),
+        the output dir, the metrics, the closed-form start (the exact target's; it decides the learning rate when
+        not given), then the optimizer and scheduler of a new run (built once) and the trackers' configuration."""
         args, plan = self.args, self.plan
         self.data = load_data(args)
         run_name = args.run_name or plan.output_dir.name
@@ -196,16 +196,16 @@ class Trainer(Checkpoints):
         self.total_steps = count_steps(args, self.data.windows_per_epoch, procs.world)
         self.model = build_model(args, plan, procs.device, procs.world)
         self.state = plan.resume.state if plan.resume is not None else TrainerState(run_id=plan.run_id)
-        self.started = self.closed_form_start()  # decides the learning rate when not given: before the optimizer
-        self.optimizer, self.scheduler = build_optimizer(args, npt.get_adapter_params(self.model), self.total_steps)
-        self._restore()
+        self.optimizer = None
+        if plan.resume is not None:  # the checkpoint's rate: its optimizer and scheduler, built once
+            self.optimizer, self.scheduler = build_optimizer(args, npt.get_adapter_params(self.model), self.total_steps)
+            self._restore()
         if procs.main:
             plan.output_dir.mkdir(parents=True, exist_ok=True)
             tidy_output_dir(plan.output_dir, self.state.run_id)
         procs.accelerator.wait_for_everyone()
         self.metrics = Metrics(plan.output_dir, procs.accelerator, args.log_file,
-                               self.state.step if plan.resume is not None else None, plan.layer_indices,
-                               args.saved())  # the run's configuration as used: the learning rate is decided
+                               self.state.step if plan.resume is not None else None, plan.layer_indices)
         per_step = args.batch_size * procs.world * args.gradient_accumulation_steps
         self.metrics.message(
             f"NPT pre-training: {args.model_name}, {len(plan.layer_indices)} NPT layers, rank {plan.npt_config.rank}, "
@@ -213,8 +213,12 @@ class Trainer(Checkpoints):
             f"{'' if args.idle('loss') else f', {args.loss} loss'}, {self.total_steps} "
             f"steps of {per_step} x {args.max_length} tokens, {procs.world} process(es)"
             + (f", resumed at step {self.state.step} from {plan.resume.path}" if plan.resume is not None else ""))
+        self.started = self.closed_form_start()  # decides the learning rate when not given: before the optimizer
         if self.started:
             self.metrics.message(self.started)
+        if self.optimizer is None:
+            self.optimizer, self.scheduler = build_optimizer(args, npt.get_adapter_params(self.model), self.total_steps)
+        self.metrics.start_trackers(args.saved())  # the run's configuration as used: the learning rate is decided
         windows = self.data.eval_windows
         self.eval_batches = [micro_batch(windows[i:i + args.batch_size], self.data.pad_id, procs.device)
                              for i in range(0, len(windows), args.batch_size)]

@@ -49,7 +49,7 @@ def test_exact_learning_rate_follows_the_start_unless_given(tiny_llama_dir, tmp_
     trackers' configuration; given, it is honoured."""
     built, configs = [], []
     monkeypatch.setattr(torch.optim, "AdamW", counting(torch.optim.AdamW, built))
-    monkeypatch.setattr(trainer.Metrics, "__init__", recording(trainer.Metrics.__init__, configs))
+    monkeypatch.setattr(trainer.Metrics, "start_trackers", recording(trainer.Metrics.start_trackers, configs))
     fast = {k: v for k, v in dataclasses.asdict(tiny_args(tiny_llama_dir, tmp_path)).items() if k != "learning_rate"}
     for given, out in ((None, tmp_path / "auto"), (5e-5, tmp_path / "given")):
         built.clear()
@@ -80,11 +80,11 @@ def counting(cls, built: list):
     return Counted
 
 
-def recording(init, configs: list):
-    """Metrics.__init__ that records the configuration the trackers are given."""
-    def wrapped(self, *a, **k):
-        configs.append(a[5] if len(a) > 5 else k.get("config"))
-        init(self, *a, **k)
+def recording(start, configs: list):
+    """Metrics.start_trackers that records the configuration the trackers are given."""
+    def wrapped(self, config):
+        configs.append(config)
+        start(self, config)
     return wrapped
 
 
