@@ -1,0 +1,144 @@
+"""Running at Llama-3.1-8B / 70B size (issue 29): the closed-form start's moments summed in place (the same start as
+the per-batch sums of attention_moments), gradient checkpointing (the same loss and gradients), the memory plan's
+fit, and benchmarks/device_check.sh without a GPU."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import npt
+from npt_tools.closed_form import (_batch_attention, accumulate_moments, add_moments, attention_moments, init_exact,
+                                   reduce_moments, teacher_moments)
+from npt_tools.models import gradient_checkpointing
+from npt_tools.objective import equivalence_loss
+from helpers import tiny_model
+
+ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def batches(n=3, vocab=128, length=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, vocab, (2, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0  # left padding: never counted
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def summed_per_batch(model, data, start, gradient_batches=None) -> dict:
+    """The reference: each batch's attention_moments (a new tensor per batch and layer) summed by add_moments, as
+    the start summed them before the in-place sums."""
+    stats, fisher = {}, start == "fisher"
+    for k, batch in enumerate(data):
+        seed = 0 if fisher and (gradient_batches is None or k < gradient_batches) else None
+        stats = add_moments(stats, {i: attention_moments(a, g, with_grad=fisher)
+                                    for i, a, g in _batch_attention(model, batch, seed)})
+    return stats
+
+
+def exact(model, rank):
+    return npt.convert_to_npt(model, npt.NPTConfig(rank=rank, modulation_target="exact"))
+
+
+def assert_same_start(model, data, start, gradient_batches=None, rtol=1e-12):
+    """Moments float64-close to the per-batch sums; the adapters init_exact sets from them close too."""
+    inplace = teacher_moments(model, data, start, gradient_batches=gradient_batches)
+    reference = summed_per_batch(model, data, start, gradient_batches)
+    assert sorted(inplace) == sorted(reference)
+    for i in reference:
+        for x, y in zip(inplace[i], reference[i]):
+            assert x.dtype == torch.float64 and torch.allclose(x, y, rtol=rtol, atol=rtol * float(y.abs().max()))
+    init_exact(model, moments=reference, start=start)
+    before = copy.deepcopy(npt._adapter_state(model))
+    init_exact(model, data, start=start, gradient_batches=gradient_batches)
+    for name, value in npt._adapter_state(model).items():
+        assert torch.allclose(value, before[name], rtol=1e-6, atol=1e-7), name
+
+
+@pytest.mark.parametrize("start", ["fisher", "pca"])
+def test_in_place_moments_give_the_same_start(start):
+    model = exact(tiny_model("llama", layers=3), rank=6)
+    assert_same_start(model, batches(4), start, gradient_batches=2 if start == "fisher" else None)
+
+
+def test_moments_kept_on_another_device_and_reduced_per_tensor():
+    """device= keeps the sums there (here float64 on 'cpu' as for a CUDA model whose moments do not fit); a
+    mismatch of with/without gradients is refused; reduce_moments sums each tensor (here: doubles them)."""
+    model = exact(tiny_model("qwen2", layers=2), rank=4)
+    data = batches(2, seed=3)
+    stats = teacher_moments(model, data, "fisher", device="cpu")
+    assert all(t.device.type == "cpu" and t.dtype == torch.float64 for v in stats.values() for t in v)
+    doubled = reduce_moments(stats, lambda t: 2 * t)
+    assert all(torch.equal(a * 2, b) for i in stats for a, b in zip(stats[i], doubled[i]))
+    with pytest.raises(ValueError, match="with gradients to moments without"):
+        accumulate_moments(stats, 0, torch.randn(3, stats[0][1].shape[0]))
+
+
+@pytest.mark.integration
+def test_in_place_start_on_the_embedded_model_matches_the_per_batch_sums():
+    from npt_tools.models import load_base_model
+
+    model, _ = load_base_model("smollm2-135m")
+    model = exact(model, rank=64)
+    assert_same_start(model, batches(2, vocab=40000, length=32, seed=5), "fisher")
+
+
+def loss_and_grads(model, batch, objective):
+    """(loss, adapter gradients); the layers' regularizer terms after the backward are the forward's own."""
+    params = npt.get_adapter_params(model)
+    loss = equivalence_loss(model, batch, objective).loss
+    terms = [layer.last_reg for layer in npt.npt_layers(model)]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    assert all(layer.last_reg is term for layer, term in zip(npt.npt_layers(model), terms))
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("target,objective", [("exact", "kl"), ("gate", "end_to_end"), ("gate+down", "kl")])
+def test_gradient_checkpointing_keeps_loss_and_gradients(target, objective):
+    """The same loss and adapter gradients with each NPT layer recomputed in the backward; far fewer bytes kept for
+    the backward; the forward's regularizer term is not replaced by the recompute's; off again, the layers are as
+    before."""
+    torch.manual_seed(0)
+    model = npt.convert_to_npt(tiny_model("llama", layers=3, hidden=64, ffn=192), npt.NPTConfig(rank=8,
+                                                                                               modulation_target=target))
+    for p in npt.get_adapter_params(model):  # away from the identity start: every adapter gets a gradient
+        p.data.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(1, 128, (2, 32))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    kept = {}
+
+    def measured(on):
+        gradient_checkpointing(model, on)
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            out = loss_and_grads(model, batch, objective)
+        kept[on] = sum(sizes)
+        return out
+
+    (loss, grads), (loss_c, grads_c) = measured(False), measured(True)
+    assert torch.allclose(loss, loss_c, rtol=1e-6, atol=0)
+    for g, g_c in zip(grads, grads_c):
+        assert (g is None) == (g_c is None)
+        if g is not None:
+            assert torch.allclose(g, g_c, rtol=1e-5, atol=1e-7 * float(g.abs().max()))
+    assert kept[True] < kept[False] / 3
+    gradient_checkpointing(model, False)
+    assert all("forward" not in la.__dict__ for la in npt.npt_layers(model))
+
+
+def test_gradient_checkpointing_keeps_the_fisher_start():
+    """The fisher start's teacher backward recomputed per layer: the same moments (its tap on the attention output
+    runs again in the recompute)."""
+    model = exact(tiny_model("mistral", layers=3), rank=4)
+    data = batches(2, seed=7)
+    plain = teacher_moments(model, data, "fisher")
+    checkpointed = teacher_moments(gradient_checkpointing(model), data, "fisher")
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=0) for i in plain for a, b in zip(plain[i], checkpointed[i]))
