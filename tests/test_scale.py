@@ -142,3 +142,39 @@ def test_gradient_checkpointing_keeps_the_fisher_start():
     plain = teacher_moments(model, data, "fisher")
     checkpointed = teacher_moments(gradient_checkpointing(model), data, "fisher")
     assert all(torch.allclose(a, b, rtol=1e-10, atol=0) for i in plain for a, b in zip(plain[i], checkpointed[i]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/device_check.sh runs it)")
+def test_start_on_cuda_matches_the_cpu_one():
+    """On a GPU: the moments kept on the GPU or on the host give the same start, solved on the GPU, as the CPU's."""
+    model = exact(tiny_model("llama", layers=3), rank=6)
+    data = batches(3)
+    init_exact(model, data)
+    expected = {la.layer_idx: la.adapter.B.weight.double() @ la.adapter.A_proj.weight.double()
+                for la in npt.npt_layers(model)}
+    model.cuda()
+    on_gpu = [{k: v.cuda() for k, v in b.items()} for b in data]
+    for where in ("cuda", "cpu"):
+        init_exact(model, moments=teacher_moments(model, on_gpu, "fisher", device=where))
+        for la in npt.npt_layers(model):
+            got = (la.adapter.B.weight.double() @ la.adapter.A_proj.weight.double()).cpu()
+            assert torch.allclose(got, expected[la.layer_idx], rtol=1e-3, atol=1e-4), where
+
+
+@pytest.mark.integration
+def test_device_check_without_gpu(tmp_path):
+    """benchmarks/device_check.sh on a machine without a GPU: exit 0, its CPU parts run, each GPU part skipped and
+    saying so in the table it writes."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "no CUDA GPU" in table.splitlines()[0]
+    for part in ("gpu_tests", "kernel_bench", "train_8b_bf16", "train_8b_nf4", "start_8b"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {part} |"))
+        assert "skipped: no CUDA GPU" in row
+    for part in ("environment", "memory_plan"):
+        assert f"| {part} | ok |" in table
+        assert (tmp_path / "out" / f"{part}.log").stat().st_size > 0
+    assert "torch" in (tmp_path / "out" / "environment.log").read_text()
