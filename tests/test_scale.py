@@ -178,3 +178,48 @@ def test_device_check_without_gpu(tmp_path):
         assert f"| {part} | ok |" in table
         assert (tmp_path / "out" / f"{part}.log").stat().st_size > 0
     assert "torch" in (tmp_path / "out" / "environment.log").read_text()
+
+
+def test_trainer_runs_the_same_with_gradient_checkpointing(tiny_llama_dir, tmp_path, monkeypatch):
+    """--gradient_checkpointing through the trainer (exact target, kl: the closed-form start's teacher backward and
+    the student passes recomputed): the same losses and gradient norms, step by step, as without."""
+    import json
+
+    import torch.utils.checkpoint
+
+    import pretrain_npt_safe as trainer
+    from npt_tools.arguments import TrainArgs
+
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    logged, recomputed = {}, {}
+    for on in (False, True):
+        out = tmp_path / f"run-{on}"
+        args = TrainArgs(model_name=str(tiny_llama_dir), output_dir=str(out), max_steps=3, max_length=32, batch_size=2,
+                         gradient_accumulation_steps=1, warmup_steps=0, log_steps=1, eval_steps=0, save_steps=0,
+                         seed=3, init_batches=2, init_gradient_batches=1, gradient_checkpointing=on)
+        assert trainer.train(args) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        logged[on] = [(r["loss"], r["grad_norm"]) for r in rows if "grad_norm" in r]
+        recomputed[on], calls[:] = len(calls), []
+    assert recomputed == {False: 0, True: recomputed[True]} and recomputed[True] >= 2 * (1 + 3)  # start + 3 steps
+    assert len(logged[True]) == len(logged[False]) == 3
+    for plain, checkpointed in zip(logged[False], logged[True]):
+        assert plain == pytest.approx(checkpointed, rel=1e-5)
+
+
+def test_gradient_checkpointing_warns_where_nothing_backpropagates(tiny_llama_dir, tmp_path):
+    import warnings
+
+    from npt_tools.arguments import TrainArgs
+    from npt_tools.plan import make_plan
+
+    for target, expected in (("gate", 1), ("exact", 0)):  # layerwise (gate's default): no backward through layers
+        args = TrainArgs(model_name=str(tiny_llama_dir), output_dir=str(tmp_path / target), modulation_target=target,
+                         gradient_checkpointing=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_plan(args)
+        lines = [str(w.message) for w in caught]
+        assert len(lines) == expected, lines
+        assert all(line.startswith("--gradient_checkpointing does nothing with --objective layerwise (") for line in lines)
