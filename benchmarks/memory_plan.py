@@ -5,8 +5,8 @@ layers, short sequences and random weights (npt_tools.scale), extrapolated in th
 `measure` runs each configuration in its own process: the model (random_llama, converted to the exact target at the
 trainer's default rank 384), then the peak resident memory (Linux VmHWM, reset after the model is built and between
 phases) of each phase, above the built model:
-  start  the fisher start's teacher pass over one batch with its backward (the first --init_gradient_batches), the
-         moments summed in place on the CPU (counted: moments_mb)
+  start  the fisher start's teacher pass with its backward (as for the first --init_gradient_batches) over a second
+         batch, the moments summed in place on the CPU since the first (counted: moments_mb)
   step   then two trainer steps (npt_tools.step.optimizer_step, kl objective, AdamW): activations, logits, the
          backward, gradients, optimizer state, the step's snapshot for undo
   solve  (one run) the start, then init_exact's per-layer float64 solve of its moments
@@ -54,10 +54,13 @@ def grid() -> list[dict]:
     for layers in (1, 2, 3):
         add("start", "nf4", True, layers, 128, "llama-3.1-70b", SMALL_VOCAB)
     for checkpointing in (False, True):
-        for layers, seq in (*fit_runs, (4, 128)):
+        for layers, seq in fit_runs:
             add("run", "nf4", checkpointing, layers, seq)
-    add("run", "bf16", True, 4, 128)
+    add("run", "nf4", False, 4, 128)
     add("solve", "bf16", False, 1, 128)
+    for checkpointing in (False, True):  # bf16: the fit from 2 and 4 layers, checked at 1 and 8
+        for seq in (128, 256):
+            add("run", "bf16", checkpointing, 4, seq)
     return out
 
 
@@ -118,8 +121,15 @@ def run_phase(c: dict) -> dict:
     out = {**c, "model_mb": mem.now()}
     t0 = mem.reset()
     if c["phase"] != "step":
-        where = "cpu" if device == "cpu" else moments_device(model)
-        stats = teacher_moments(model, [batch], "fisher", device=where)
+        where, clock = "cpu" if device == "cpu" else moments_device(model), [t0]
+
+        def two_batches():  # the second batch is measured: the moments are there from the first one on
+            yield batch
+            clock[0] = mem.reset()
+            yield batch
+
+        stats = teacher_moments(model, two_batches(), "fisher", device=where)
+        t0 = clock[0]
         out["moments_device"] = str(where)
         out["moments_mb"] = sum(t.numel() * t.element_size() for v in stats.values() for t in v) / 2 ** 20
         out["start_seconds"], out["start_peak_mb"] = mem.seconds(t0), mem.peak() - out["model_mb"]
@@ -184,13 +194,24 @@ H100_FLOPS = {"bf16": 989e12, "nf4": 67e12}  # dense peak: bf16 tensor cores; nf
 UTILISATION = 0.4  # the share of that peak the time column assumes (an assumption, not a measurement)
 
 
+FIT_LAYERS = (2, 4)  # the layer counts the fit is made from, where measured
+
+
 def fit(rows: dict, phase: str, precision: str, checkpointing: bool, shape: str = "llama-3.1-8b"):
-    """(a, b) as functions of the tokens T: peak(L, T) = a(T) + b(T) L above the built model, MiB; from the 1- and
-    2-layer runs at 128 and 256 tokens, linear in T between and beyond them."""
+    """(a, b, measured) with a, b functions of the tokens T: peak(L, T) = a(T) + b(T) L above the built model, MiB;
+    from the FIT_LAYERS runs at 128 and 256 tokens where measured (else the 1- and 2-layer ones), linear in T. With checkpointing, what a layer keeps grows with
+    T by its checkpointed input alone (T x d in the compute dtype), less than this measurement's noise (tens of MiB):
+    b's growth is that, from tensor sizes, around the mean of the two measured b (a's, the logits and one layer's
+    recompute, stays measured)."""
     p = {(r["layers"], r["seq"]): r[f"{phase}_peak_mb"] for r in rows.values() if f"{phase}_peak_mb" in r
          and (r["precision"], r["checkpointing"], r["shape"]) == (precision, checkpointing, shape)}
-    b = {t: p[2, t] - p[1, t] for t in (128, 256)}
-    a = {t: p[1, t] - b[t] for t in (128, 256)}
+    lo, hi = FIT_LAYERS if all((n, t) in p for n in FIT_LAYERS for t in (128, 256)) else (1, 2)
+    b = {t: (p[hi, t] - p[lo, t]) / (hi - lo) for t in (128, 256)}
+    if checkpointing:
+        kept = SHAPES[shape].d_model * (4 if precision == "nf4" else 2) / 2 ** 20  # MiB per token and layer
+        mean = (b[128] + b[256]) / 2
+        b = {128: mean - 64 * kept, 256: mean + 64 * kept}
+    a = {t: p[lo, t] - lo * b[t] for t in (128, 256)}
 
     def line(v):
         return lambda t: v[128] + (v[256] - v[128]) * (t - 128) / 128
@@ -201,14 +222,15 @@ def fit(rows: dict, phase: str, precision: str, checkpointing: bool, shape: str 
 def checks(rows: dict) -> list[tuple]:
     """(what, measured MiB, predicted MiB, error) of every run the fit did not use."""
     out = []
-    for phase, precision in (("step", "bf16"), ("step", "nf4"), ("start", "nf4")):
+    for phase, precision in (("start", "bf16"), ("step", "bf16"), ("start", "nf4"), ("step", "nf4")):
         for gc in (False, True):
             try:
                 a, b, p = fit(rows, phase, precision, gc)
             except KeyError:  # not measured (yet)
                 continue
             for (layers, t), peak in sorted(p.items()):
-                if (layers, t) not in ((1, 128), (2, 128), (1, 256), (2, 256)):
+                used = FIT_LAYERS if all((n, s) in p for n in FIT_LAYERS for s in (128, 256)) else (1, 2)
+                if layers not in used or t not in (128, 256):
                     predicted = a(t) + b(t) * layers
                     out.append((f"{phase} {precision}{' gc' if gc else ''}, {layers} layers, {t} tokens", peak,
                                 predicted, predicted / peak - 1))
@@ -225,36 +247,55 @@ def step_flops(shape, tokens: int, checkpointing: bool) -> float:
     return forward * (4 if checkpointing else 3)
 
 
+def start_flops(shape, tokens: int, checkpointing: bool, batches: int = 64, gradient_batches: int = 32) -> float:
+    """FLOPs of the closed-form start's passes at the trainer's defaults (--init_batches 64, the metric from the first
+    32), one window of `tokens` each: a forward with logits and the backward to the activations (a second forward with
+    checkpointing) for each gradient batch, a forward that stops after the last layer for the others. The per-layer
+    float64 solves are not in it (device_check.sh times them)."""
+    layers = shape.layers * (2 * tokens * shape.layer_params + 2 * tokens ** 2 * shape.d_model)
+    logits = 2 * tokens * shape.vocab * shape.d_model
+    return gradient_batches * (layers + logits) * (3 if checkpointing else 2) + (batches - gradient_batches) * layers
+
+
 def plan_row(rows: dict, name: str, precision: str, tokens: int, gc: bool) -> dict:
-    """The whole run's GPU memory (GB) at full size, from the fit (module docstring), and its modelled step time."""
+    """The whole run's GPU memory (GB, live tensors) at full size from the fit, and its modelled step time. Terms:
+    weights and adapters from tensor sizes; the step's and the start's memory above them from the 8B-shaped fit
+    (a(T) + b(T) L); at 70B the per-layer part twice 8B's (d and F are twice 8B's; the start's measured at 70B's shape
+    where the rehearsal ran), the intercept (logits over the same vocabulary) 8B's; the moments on the GPU where
+    closed_form.moments_device puts them, else on the CPU with one d x d float64 product at a time on the GPU."""
     shape, gb, mib = SHAPES[name], 1e9, 2 ** 20
-    big = name == "llama-3.1-70b"
-    scale = 2 if big else 1  # 70B's layer: d and F twice 8B's (its rehearsal below checks the start's slope)
+    scale = 2 if name == "llama-3.1-70b" else 1
     weights = weight_bytes(shape, precision) / gb
     adapters = shape.layers * adapter_params(shape, RANK) * 4 / gb
     a, b, _ = fit(rows, "step", precision, gc)
     step = (a(tokens) + scale * b(tokens) * shape.layers) * mib / gb
     a_s, b_s, _ = fit(rows, "start", precision, gc)
-    moments = 2 * 8 * shape.d_model ** 2 * shape.layers / gb  # fisher: C and M, float64, per layer
+    layer_moments = 2 * 8 * shape.d_model ** 2  # fisher: C and M, float64, bytes per layer
+    moments = layer_moments * shape.layers / gb
     on_gpu = moments <= 0.25 * GPU_GB  # closed_form.moments_device's rule
-    if big:  # the 70B-shaped rehearsal's own slope, its moments (kept on the CPU there) taken out
-        slope = rehearsal_slope(rows, gc) * b_s(tokens) / b_s(128)
-    else:
-        slope = b_s(tokens) - (0 if on_gpu else 2 * 8 * shape.d_model ** 2 / mib)
-    start = (a_s(tokens) + slope * shape.layers) * mib / gb + (0 if on_gpu else 8 * shape.d_model ** 2 / gb)
-    seconds = step_flops(shape, tokens, gc) / (H100_FLOPS[precision] * UTILISATION)
+    pass_slope = b_s(tokens) - 2 * 8 * 4096 ** 2 / mib  # the 8B-shaped slope without its moments (on the CPU there)
+    if scale == 2:  # the rehearsal (4-bit, checkpointing, 128 tokens) grown with T as fit() grows a checkpointed b
+        measured = rehearsal_slope(rows) if precision == "nf4" and gc else None
+        pass_slope = (scale * pass_slope if measured is None
+                      else measured + (tokens - 128) * shape.d_model * 4 / mib)
+    start = (a_s(tokens) + pass_slope * shape.layers) * mib / gb + (moments if on_gpu else layer_moments / 2 / gb)
+    rate = H100_FLOPS[precision] * UTILISATION
+    seconds, start_seconds = step_flops(shape, tokens, gc) / rate, start_flops(shape, tokens, gc) / rate
     peak = weights + adapters + max(step, start)
-    return {"model": name, "precision": precision, "tokens": tokens, "gc": gc, "weights": weights,
-            "adapters": adapters, "start": start, "step": step, "peak": peak, "fits": peak <= HEADROOM * GPU_GB,
-            "moments": moments, "moments_where": "GPU" if on_gpu else "CPU", "seconds": seconds,
-            "checkpoint": 3 * adapters}
+    return {"weights": weights, "adapters": adapters, "start": start, "step": step, "peak": peak,
+            "fits": peak <= HEADROOM * GPU_GB, "moments": moments, "moments_where": "GPU" if on_gpu else "CPU",
+            "seconds": seconds, "start_seconds": start_seconds, "checkpoint": 3 * adapters,
+            "pass_slope_gb": pass_slope * mib / gb}
 
 
-def rehearsal_slope(rows: dict, gc: bool) -> float:
-    """MiB per layer of the start at 70B's layer shape (nf4, 128 tokens), from its 1- and 2-layer runs, less the
-    moments (on the CPU there, on the CPU at 70B)."""
-    p = {r["layers"]: r for r in rows.values() if r["shape"] == "llama-3.1-70b" and r["checkpointing"] == gc}
-    return p[2]["start_peak_mb"] - p[1]["start_peak_mb"] - (p[2]["moments_mb"] - p[1]["moments_mb"])
+def rehearsal_slope(rows: dict) -> float | None:
+    """MiB per layer of the start's pass at 70B's layer shape (4-bit, checkpointing, 128 tokens): the least-squares
+    slope over its runs, their moments (on the CPU there, as at 70B) taken out; None where fewer than 2 ran."""
+    p = {r["layers"]: r["start_peak_mb"] - r["moments_mb"] for r in rows.values() if r["shape"] == "llama-3.1-70b"}
+    if len(p) < 2:
+        return None
+    mean_l, mean_p = sum(p) / len(p), sum(p.values()) / len(p)
+    return sum((n - mean_l) * (v - mean_p) for n, v in p.items()) / sum((n - mean_l) ** 2 for n in p)
 
 
 @main.command()
@@ -267,12 +308,22 @@ def table():
         print(f"| {what} | {measured:.0f} | {predicted:.0f} | {100 * err:+.1f}% |")
     reh = sorted((r for r in rows.values() if r["shape"] == "llama-3.1-70b"), key=lambda r: r["layers"])
     if reh:
-        print("\n| 70B-shaped start (nf4, gc, 128 tokens) | peak MiB above the model | of it moments (CPU) |")
-        print("| --- | --- | --- |")
+        print("\n| 70B-shaped start (nf4, gc, 128 tokens) | peak MiB above the model | of it moments (CPU) | the rest |")
+        print("| --- | --- | --- | --- |")
         for r in reh:
-            print(f"| {r['layers']} layer(s) | {r['start_peak_mb']:.0f} | {r['moments_mb']:.0f} |")
-    print("\n| model | weights | T | ckpt | weights GB | adapters GB | start GB | step GB | peak GB | fits 80 GB | "
-          "moments GB (where) | step s (model) |\n" + "| --- " * 12 + "|")
+            print(f"| {r['layers']} layer(s) | {r['start_peak_mb']:.0f} | {r['moments_mb']:.0f} | "
+                  f"{r['start_peak_mb'] - r['moments_mb']:.0f} |")
+        print(f"\nleast-squares slope of the rest: {rehearsal_slope(rows):.0f} MiB per layer")
+    try:
+        r = plan_row(rows, "llama-3.1-70b", "nf4", 2048, True)
+        print(f"\n70B start, 4-bit, checkpointing, 2048 tokens: {r['pass_slope_gb']:.3f} GB per layer on the GPU x 80 = "
+              f"{80 * r['pass_slope_gb']:.1f} GB, + the 4-bit model {r['weights']:.1f} GB + adapters "
+              f"{r['adapters']:.1f} GB + logits and the rest {r['start'] - 80 * r['pass_slope_gb']:.1f} GB = "
+              f"{r['weights'] + r['adapters'] + r['start']:.1f} GB of {GPU_GB}; moments {r['moments']:.0f} GB on the CPU")
+    except KeyError:
+        pass
+    print("\n| model | weights | T | gc | weights GB | adapters GB | start GB | step GB | peak GB | fits 80 GB | "
+          "moments GB (where) | checkpoint GB | start s (model) | step s (model) |\n" + "| --- " * 14 + "|")
     for name in ("llama-3.1-8b", "llama-3.1-70b"):
         for precision in ("bf16", "nf4"):
             for tokens in (2048, 4096):
@@ -284,7 +335,7 @@ def table():
                     print(f"| {name} | {precision} | {tokens} | {'on' if gc else 'off'} | {r['weights']:.1f} | "
                           f"{r['adapters']:.2f} | {r['start']:.1f} | {r['step']:.1f} | {r['peak']:.1f} | "
                           f"{'yes' if r['fits'] else 'no'} | {r['moments']:.1f} ({r['moments_where']}) | "
-                          f"{r['seconds']:.2f} |")
+                          f"{r['checkpoint']:.1f} | {r['start_seconds']:.0f} | {r['seconds']:.2f} |")
 
 
 @main.command()
