@@ -112,7 +112,8 @@ def run_variant(variant: str, model_name: str, seq_len: int, steps: int, device:
 @click.option("--target", type=click.Choice(["gate", "down", "gate+down", "exact"]), default="gate", show_default=True,
               help="The NPT modulation target (the seed variant always measures its own gate form).")
 @click.option("--checkpointing", type=click.Choice(["off", "on", "both"]), default="off", show_default=True,
-              help="Gradient checkpointing of the NPT layers (npt_tools.models.gradient_checkpointing); both: a row each.")
+              help="Gradient checkpointing of the NPT layers (npt_tools.models.gradient_checkpointing); both: a row "
+                   "each.")
 @click.option("--json", "json_path", default=None, help="Also write the rows to this JSON file.")
 @click.option("--_child", hidden=True, default=None)
 def main(model_name, seq_len, steps, device, dtype_name, rank, variants, target, checkpointing, json_path, _child):

@@ -199,16 +199,21 @@ FIT_LAYERS = (2, 4)  # the layer counts the fit is made from, where measured
 
 def fit(rows: dict, phase: str, precision: str, checkpointing: bool, shape: str = "llama-3.1-8b"):
     """(a, b, measured) with a, b functions of the tokens T: peak(L, T) = a(T) + b(T) L above the built model, MiB;
-    from the FIT_LAYERS runs at 128 and 256 tokens where measured (else the 1- and 2-layer ones), linear in T. With checkpointing, what a layer keeps grows with
-    T by its checkpointed input alone (T x d in the compute dtype), less than this measurement's noise (tens of MiB):
-    b's growth is that, from tensor sizes, around the mean of the two measured b (a's, the logits and one layer's
-    recompute, stays measured)."""
+    from the FIT_LAYERS runs at 128 and 256 tokens where measured (else the 1- and 2-layer ones), linear in T. Where
+    b's growth with T is below this measurement's noise it comes from tensor sizes, around the mean of the two
+    measured b: with checkpointing a layer keeps its input alone (T x d in the compute dtype); in 4-bit without it,
+    bf16's growth twice over (fp32 compute: the same tensors at twice the bytes; a dequantized fp32 weight of 235 MB
+    comes and goes at every matmul there). a (the logits, one layer's recompute) stays measured."""
     p = {(r["layers"], r["seq"]): r[f"{phase}_peak_mb"] for r in rows.values() if f"{phase}_peak_mb" in r
          and (r["precision"], r["checkpointing"], r["shape"]) == (precision, checkpointing, shape)}
     lo, hi = FIT_LAYERS if all((n, t) in p for n in FIT_LAYERS for t in (128, 256)) else (1, 2)
     b = {t: (p[hi, t] - p[lo, t]) / (hi - lo) for t in (128, 256)}
-    if checkpointing:
-        kept = SHAPES[shape].d_model * (4 if precision == "nf4" else 2) / 2 ** 20  # MiB per token and layer
+    if checkpointing or precision == "nf4":
+        if checkpointing:
+            kept = SHAPES[shape].d_model * (4 if precision == "nf4" else 2) / 2 ** 20  # MiB per token and layer
+        else:  # 4-bit computes in fp32: bf16's tensors at twice the bytes
+            bf16 = fit(rows, phase, "bf16", False, shape)[1]
+            kept = 2 * (bf16(256) - bf16(128)) / 128
         mean = (b[128] + b[256]) / 2
         b = {128: mean - 64 * kept, 256: mean + 64 * kept}
     a = {t: p[lo, t] - lo * b[t] for t in (128, 256)}
@@ -308,7 +313,8 @@ def table():
         print(f"| {what} | {measured:.0f} | {predicted:.0f} | {100 * err:+.1f}% |")
     reh = sorted((r for r in rows.values() if r["shape"] == "llama-3.1-70b"), key=lambda r: r["layers"])
     if reh:
-        print("\n| 70B-shaped start (nf4, gc, 128 tokens) | peak MiB above the model | of it moments (CPU) | the rest |")
+        print("\n| 70B-shaped start (nf4, gc, 128 tokens) | peak MiB above the model | of it moments (CPU) | "
+              "the rest |")
         print("| --- | --- | --- | --- |")
         for r in reh:
             print(f"| {r['layers']} layer(s) | {r['start_peak_mb']:.0f} | {r['moments_mb']:.0f} | "
@@ -316,10 +322,12 @@ def table():
         print(f"\nleast-squares slope of the rest: {rehearsal_slope(rows):.0f} MiB per layer")
     try:
         r = plan_row(rows, "llama-3.1-70b", "nf4", 2048, True)
-        print(f"\n70B start, 4-bit, checkpointing, 2048 tokens: {r['pass_slope_gb']:.3f} GB per layer on the GPU x 80 = "
+        print(f"\n70B start, 4-bit, checkpointing, 2048 tokens: {r['pass_slope_gb']:.3f} GB per layer on the GPU "
+              f"x 80 = "
               f"{80 * r['pass_slope_gb']:.1f} GB, + the 4-bit model {r['weights']:.1f} GB + adapters "
               f"{r['adapters']:.1f} GB + logits and the rest {r['start'] - 80 * r['pass_slope_gb']:.1f} GB = "
-              f"{r['weights'] + r['adapters'] + r['start']:.1f} GB of {GPU_GB}; moments {r['moments']:.0f} GB on the CPU")
+              f"{r['weights'] + r['adapters'] + r['start']:.1f} GB of {GPU_GB}; moments {r['moments']:.0f} GB on the "
+              "CPU")
     except KeyError:
         pass
     print("\n| model | weights | T | gc | weights GB | adapters GB | start GB | step GB | peak GB | fits 80 GB | "
@@ -339,7 +347,7 @@ def table():
 
 
 @main.command()
-@click.option("--shape", type=click.Choice(["llama-3.1-8b", "llama-3.1-70b"]), default="llama-3.1-8b", show_default=True)
+@click.option("--shape", type=click.Choice(list(SHAPES)), default="llama-3.1-8b", show_default=True)
 @click.option("--phase", type=click.Choice(["step", "start", "solve"]), default="solve", show_default=True)
 @click.option("--precision", type=click.Choice(["bf16", "nf4"]), default="bf16", show_default=True)
 @click.option("--layers", default=4, show_default=True, type=click.IntRange(min=1))

@@ -65,8 +65,7 @@ def accumulate_moments(stats: dict, layer_idx: int, attn: torch.Tensor, grad: to
     g = None if grad is None else grad.detach().reshape(-1, grad.shape[-1]).double()  # (N, D)
     if layer_idx not in stats:
         dim, where = a.shape[-1], torch.device(device) if device is not None else a.device
-        zeros = [torch.zeros((), dtype=torch.float64, device=where), torch.zeros(dim, dtype=torch.float64, device=where),
-                 torch.zeros(dim, dim, dtype=torch.float64, device=where)]
+        zeros = [torch.zeros(shape, dtype=torch.float64, device=where) for shape in ((), (dim,), (dim, dim))]
         stats[layer_idx] = (*zeros, *(torch.zeros_like(z) for z in zeros[::2])) if with_grad else tuple(zeros)
     acc = stats[layer_idx]
     if (len(acc) == 5) != (with_grad or g is not None):

@@ -106,8 +106,8 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(target, objective):
     the backward; the forward's regularizer term is not replaced by the recompute's; off again, the layers are as
     before."""
     torch.manual_seed(0)
-    model = npt.convert_to_npt(tiny_model("llama", layers=3, hidden=64, ffn=192), npt.NPTConfig(rank=8,
-                                                                                               modulation_target=target))
+    config = npt.NPTConfig(rank=8, modulation_target=target)
+    model = npt.convert_to_npt(tiny_model("llama", layers=3, hidden=64, ffn=192), config)
     for p in npt.get_adapter_params(model):  # away from the identity start: every adapter gets a gradient
         p.data.add_(0.05 * torch.randn_like(p))
     ids = torch.randint(1, 128, (2, 32))
@@ -222,4 +222,5 @@ def test_gradient_checkpointing_warns_where_nothing_backpropagates(tiny_llama_di
             make_plan(args)
         lines = [str(w.message) for w in caught]
         assert len(lines) == expected, lines
-        assert all(line.startswith("--gradient_checkpointing does nothing with --objective layerwise (") for line in lines)
+        expected_start = "--gradient_checkpointing does nothing with --objective layerwise ("
+        assert all(line.startswith(expected_start) for line in lines)
