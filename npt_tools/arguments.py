@@ -38,6 +38,7 @@ DOES_NOTHING = {
     "init_batches": ("modulation_target", ("gate", "down", "gate+down"), "only exact starts in closed form"),
     "init_gradient_batches": ("modulation_target", ("gate", "down", "gate+down"), "only exact starts in closed form"),
     "exact_start": ("modulation_target", ("gate", "down", "gate+down"), "only exact starts in closed form"),
+    "gradient_checkpointing": ("objective", ("layerwise",), "no backward runs through the model there"),
 }
 
 
@@ -102,6 +103,10 @@ class TrainArgs(ModelArgs):
                                                "principal directions) or pca (the principal directions of the "
                                                "attention output).", "exact_start"),
                                    type=click.Choice(list(STARTS)))
+    gradient_checkpointing: bool = flag(False, _help(
+        "Recompute each NPT layer's activations in the backward instead of keeping them (the student passes, and the "
+        "fisher start's teacher backward): less memory for about one more forward (benchmarks/RESULTS.md).",
+        "gradient_checkpointing"))
     dataset_name: str = flag("builtin", "builtin (pydoc_data.topics), a hub dataset, or a local "
                                         ".txt/.jsonl/.json/.parquet file.")
     dataset_split: str = flag("train", "Split of a hub dataset.")

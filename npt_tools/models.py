@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import io
 import logging
@@ -241,4 +242,41 @@ def load_tokenizer_or_fail(model_name: str, trust_remote_code: bool = False):
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
+
+CACHE_KWARGS = ("cache", "past_key_values", "layer_past")  # the decoder layer's KV-cache argument, by version
+
+
+def gradient_checkpointing(model: torch.nn.Module, enable: bool = True) -> torch.nn.Module:
+    """Each NPT layer's activations recomputed in the backward instead of kept (torch.utils.checkpoint, non-reentrant:
+    the frozen base needs no input that requires grad), wherever gradients are on: the student passes of end_to_end
+    and kl, and the fisher start's teacher backward. Only each layer's input stays between forward and backward.
+    Runs in eval mode too (transformers' own checkpoints only in training mode; the trainer runs in eval: no dropout).
+    Module hooks stay outside the recompute, so a forward hook on the layer fires once."""
+    import npt
+
+    for layer in npt.npt_layers(model):
+        if enable:
+            layer.forward = functools.partial(_checkpointed_forward, layer, type(layer).forward)
+        else:
+            layer.__dict__.pop("forward", None)
+    return model
+
+
+def _checkpointed_forward(layer, forward, hidden_states, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in CACHE_KWARGS):
+        return forward(layer, hidden_states, *args, **kwargs)  # no backward, or a cache the recompute would refill
+    first = []
+
+    def run(h):
+        try:
+            return forward(layer, h, *args, **kwargs)
+        finally:  # also when torch stops a recompute early, once it has what the backward needs
+            if first:  # the recompute in the backward: the forward's term stays (the recomputed one's graph would
+                layer.last_reg = first[0]  # hold the layer's activations until the next forward)
+            else:
+                first.append(layer.last_reg)
+
+    return checkpoint(run, hidden_states, use_reentrant=False)
 

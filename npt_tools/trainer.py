@@ -29,15 +29,15 @@ from npt_tools.checkpoints import (CKPT_RE, EXIT_DISK_FULL, DiskFull, TrainerSta
                                    prune_checkpoints, remove_checkpoint, restore_checkpoint, resume_hint,
                                    save_checkpoint, tidy_output_dir)
 from npt_tools.cli import command, fail, first_line, options, progress, say
-from npt_tools.closed_form import STARTS, init_exact, teacher_moments
+from npt_tools.closed_form import STARTS, init_exact, moments_device, reduce_moments, teacher_moments
 from npt_tools.data import collate, load_data
 from npt_tools.metrics import Metrics, trackers
-from npt_tools.models import load_model_or_fail
+from npt_tools.models import gradient_checkpointing, load_model_or_fail
 from npt_tools.objective import equivalence_loss
 from npt_tools.plan import Plan, hold_output_dir, make_plan
 from npt_tools.processes import start_processes
 from npt_tools.report import describe_target, evaluate, write_equivalence
-from npt_tools.step import nan_embeddings, optimizer_step, sum_over_processes, undo_step
+from npt_tools.step import nan_embeddings, optimizer_step, undo_step
 
 
 def count_steps(args: TrainArgs, windows_per_epoch: int | None, world: int) -> int:
@@ -68,6 +68,7 @@ def build_model(args: TrainArgs, plan: Plan, device: torch.device, world: int):
         except (OSError, ValueError) as e:
             fail(f"--init_adapters: {first_line(e)}")
     npt.set_kernel(model, args.kernel)
+    gradient_checkpointing(model, args.gradient_checkpointing and not args.idle("gradient_checkpointing"))
     model.eval()  # no dropout: teacher and student must be deterministic
     params = npt.get_adapter_params(model)
     if world > 1:  # every rank starts from rank 0's adapters (DDP's broadcast)
@@ -98,11 +99,10 @@ def closed_form_start(model, batches: list[dict], args: TrainArgs, procs) -> tup
     the number of processes. (what it was computed from, for the state; each NPT layer's share kept)."""
     with procs.autocast():
         stats = teacher_moments(model, progress(batches, procs.main, desc="closed-form start", leave=False),
-                                args.exact_start, args.seed, args.init_gradient_batches)
+                                args.exact_start, args.seed, args.init_gradient_batches,
+                                moments_device(model, args.exact_start))
     if procs.reduce is not None:
-        order = sorted(stats)
-        sums = iter(sum_over_processes(procs.reduce, [t for i in order for t in stats[i]], torch.float64))
-        stats = {i: tuple(next(sums) for _ in stats[i]) for i in order}
+        stats = reduce_moments(stats, procs.reduce)
     kept = init_exact(model, moments=stats, start=args.exact_start)
     first = next(iter(stats.values()))
     tokens = int(first[0])
