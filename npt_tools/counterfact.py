@@ -175,6 +175,31 @@ def target_scores(model, tokenizer, prompts: list[str], targets: list[str],
     return nll, top1
 
 
+@torch.no_grad()
+def candidate_scores(model, tokenizer, prompt: str, candidates: list[str]) -> torch.Tensor:
+    """(C,) target_scores' mean negative log-probability of each candidate after one prompt, the prompt run once
+    and its key/value cache shared by every candidate (a relation's objects ranked cheaply)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    p_ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)  # (1, P)
+    cands = [tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"] for c in candidates]
+    cache = DynamicCache()
+    first = torch.log_softmax(model(input_ids=p_ids, cache=cache, use_cache=True).logits[0, -1].float(), -1)
+    nll = torch.stack([-first[c[0]] for c in cands])  # the first token of each candidate, (C,)
+    longer = [i for i, c in enumerate(cands) if len(c) > 1]
+    if longer:
+        cache.batch_repeat_interleave(len(longer))
+        rest = collate([cands[i][:-1] for i in longer], _pad_id(tokenizer))  # each candidate's tokens but its last
+        mask = torch.cat([torch.ones(len(longer), p_ids.shape[1], dtype=torch.long), rest["attention_mask"]], 1)
+        logp = torch.log_softmax(model(input_ids=rest["input_ids"].to(device), attention_mask=mask.to(device),
+                                       cache=cache, use_cache=True).logits.float(), -1)  # (C', T-1, V)
+        for row, i in enumerate(longer):
+            tail = torch.tensor(cands[i][1:], device=device)
+            nll[i] = (nll[i] - logp[row, torch.arange(len(tail), device=device), tail].sum()) / len(cands[i])
+    return nll.cpu()
+
+
 def harmonic_mean(*xs: float) -> float:
     """The harmonic mean (0 when any value is 0): CounterFact's score S of ES, PS and NS."""
     return 0.0 if min(xs) <= 0 else len(xs) / sum(1 / x for x in xs)
