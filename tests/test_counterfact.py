@@ -214,8 +214,9 @@ def test_load_records_missing_file(tmp_path):
 
 
 def test_candidate_scores_equal_target_scores(model, tok):
-    """The cached ranking of a relation's objects gives target_scores' values (single- and multi-token ones)."""
+    """The cached ranking of a relation's objects after a padded batch of prompts gives target_scores' values
+    (single- and multi-token candidates)."""
     cands = ["Paris", "Rio de Janeiro", "the United Kingdom of Great Britain", "Rome", "New York"]
-    for prompt in PROMPTS[:2]:
-        got = candidate_scores(model, tok, prompt, cands)
-        assert torch.allclose(got, target_scores(model, tok, [prompt] * len(cands), cands)[0], rtol=1e-5, atol=1e-6)
+    got = candidate_scores(model, tok, PROMPTS, cands, batch_size=3)  # prompts of 2 to 11 tokens: padded
+    ref = target_scores(model, tok, [p for p in PROMPTS for _ in cands], cands * len(PROMPTS))[0]
+    assert torch.allclose(got, ref.view(len(PROMPTS), len(cands)), rtol=1e-5, atol=1e-5)
