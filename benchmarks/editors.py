@@ -31,7 +31,7 @@ def finetune_parameters(model: nn.Module, params: str = "mlp", layers: list[int]
             if any(n.startswith(f"model.layers.{i}.mlp.") for i in chosen) and n.endswith(".weight")}
 
 
-def finetune_edit(model: nn.Module, tokenizer, context: str, steps: int = 10, lr: float = 5e-4, params: str = "mlp",
+def finetune_edit(model: nn.Module, tokenizer, context: str, steps: int = 10, lr: float = 3e-5, params: str = "mlp",
                   layers: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Adam for `steps` steps at learning rate `lr` on the next-token loss of every token of `context`, changing
     finetune_parameters(model, params, layers); returns {name: new - old} (fp32) and restores the model (weights

@@ -4,7 +4,7 @@ country of Spain."), score the edited model on the record (CounterFact's ES, PS,
 builtin text (next-token KL and perplexity ratio against the unedited model), then put the weights back. Prints
 one markdown row (the means and the time per edit) and appends the numbers to --json_file.
 
-    python benchmarks/finetune_sweep.py --steps 10 --lr 5e-4 --params mlp
+    python benchmarks/finetune_sweep.py --steps 10 --lr 3e-5 --params mlp
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def parse_layers(text: str) -> list[int] | None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--steps", type=int, default=10, show_default=True, help="Adam steps per edit.")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Adam's learning rate.")
+@click.option("--lr", type=float, default=3e-5, show_default=True, help="Adam's learning rate.")
 @click.option("--params", type=click.Choice(FINETUNE_PARAMS), default="mlp", show_default=True,
               help="mlp: the MLP weights of --layers; all: every weight.")
 @click.option("--layers", default="all", show_default=True, help="With --params mlp: 'all', a range '8-15' or '3,5'.")
