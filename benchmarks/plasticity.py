@@ -164,7 +164,8 @@ def _mean(xs) -> float:
 @click.command()
 @click.option("--model_name", default=EMBEDDED_MODEL, show_default=True)
 @click.option("--facts", default="benchmarks/facts/counterfacts.json", show_default=True)
-@click.option("--records", default=200, show_default=True, help="The first N records (0: all).")
+@click.option("--records", default=200, show_default=True,
+              help="N records drawn at random (seed 0) in a fixed order, the same for every method (0: all, in order).")
 @click.option("--methods", default=",".join(METHODS), show_default=True)
 @click.option("--single/--no_single", default=True, show_default=True, help="Single edits (edit, score, undo).")
 @click.option("--points", default="1,10,100", show_default=True, help="Sequential points ('' : none).")
@@ -181,7 +182,7 @@ def main(model_name, facts, records, methods, single, points, eval_records, drif
     if unknown:
         raise click.UsageError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
     recs = load_records(facts)
-    recs = recs[:records] if records else recs
+    recs = random.Random(0).sample(recs, records) if 0 < records < len(recs) else recs
     points = sorted({int(p) for p in points.split(",") if p})
     model, tokenizer = load_base_model(model_name)
     drift = HeldOutDrift(model, tokenizer)

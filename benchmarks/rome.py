@@ -54,8 +54,8 @@ def optimise_value(model, tokenizer, fact: P.Fact, q: P.Queries, layer: int, ste
     rewrite, pred, t_ids = _with_target(tokenizer, q, fact.target_new)
     essence = P.encode(tokenizer, [f"{fact.subject} is a"], [len(fact.subject)])
     keys, _, _ = P.run(model, q, key_layers=[layer], logits=False)
-    v0 = keys[layer] @ P.decoder_mlp(model, layer).down_proj.weight.float().t()  # (B, D)
-    v_norm = v0.mean(0).norm()
+    v0 = keys[layer] @ P.decoder_mlp(model, layer).down_proj.weight.detach().float().t()  # (B, D): W k*
+    v_norm = v0.mean(0).norm().detach()
     with torch.no_grad():
         essence_ref = _last_logits(model, essence).log_softmax(-1)
     delta = torch.zeros_like(v_norm.expand(v0.shape[1])).requires_grad_(True)

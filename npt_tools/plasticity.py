@@ -39,7 +39,7 @@ class EditOptions:
     covariance_weight: float = 1e4  # lambda: how strongly other inputs' keys are preserved
     prefixes: int = 5  # random text prefixes behind which the prompt is also written (besides none)
     prefix_tokens: int = 10
-    margin: float = 3.0  # nats by which the edited prompt must prefer the new object to the old one
+    margin: float = 0.0  # nats by which the edited prompt must prefer the new object to the old one
     top_margin: float = 1.0  # nats by which the new object must lead every other next token
     max_scale: float = 4.0  # bound: the residual change at most this times the residual's norm
     covariance_tokens: int = 32768
