@@ -13,4 +13,5 @@ npt_tools <- the scripts; inside the package each module imports only those list
     plan           the checks that read files (model config, checkpoint, adapters) before any work; the run lock
     processes      accelerate processes, precision and the sum over processes
     report         held-out evaluation and the equivalence report
+    plasticity     consolidation: a context written into the MLP weights (key-value edits, forward passes only)
 """
