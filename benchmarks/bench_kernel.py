@@ -16,7 +16,7 @@ backward 5 N F, backward without input grads 3 N F) as a fraction of the device-
 copy bandwidth measured in the same run, and the bytes saved for backward per layer
 (tensors packed by autograd, via torch.autograd.graph.saved_tensors_hooks).
 
-    python benchmarks/bench_kernel.py [--dtype bf16] [--shapes 8192x14336x16,8192x1536x16] [--targets gate,down]
+    python -m benchmarks.bench_kernel [--dtype bf16] [--shapes 8192x14336x16,8192x1536x16] [--targets gate,down]
 
 Needs a CUDA GPU: on a machine without one it prints a one-line message and exits 2.
 """
@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: `import npt` (-> npt_kernels)
 
 DEFAULT_SHAPES = "8192x14336x16,8192x14336x64,8192x1536x16"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

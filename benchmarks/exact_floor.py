@@ -10,25 +10,21 @@ is measured, all 30 layers converted, on layer_fit.py's 16 held-out windows:
 - single layers: the measured KL with one layer converted at a time, summed over layers;
 - all layers: the measured KL with every layer converted, and its perplexity ratio and top-1 agreement.
 
-    python benchmarks/exact_floor.py --rank 64 --rank 128
+    python -m benchmarks.exact_floor --rank 64 --rank 128
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import npt  # noqa: E402
-from npt_tools.closed_form import init_exact  # noqa: E402
-from npt_tools.models import EMBEDDED_MODEL, load_base_model  # noqa: E402
-from npt_tools.objective import next_token_kl  # noqa: E402
-from exact_start import moments, unconvert  # noqa: E402
-from layer_fit import HELD_OUT, agreement, windows  # noqa: E402
+import npt
+from benchmarks.common import HELD_OUT, agreement, moments, windows
+from npt_tools.closed_form import init_exact
+from npt_tools.models import EMBEDDED_MODEL, load_base_model
+from npt_tools.objective import next_token_kl
 
 
 def model_kl(stats: dict, model) -> float:
@@ -67,7 +63,7 @@ def main(ranks, single):
     print("| rank | floor (model, in sample) | model, held-out | single layers, summed | all layers | ppl ratio | "
           "top-1 agreement |\n| --- | --- | --- | --- | --- | --- | --- |")
     for rank in ranks:
-        unconvert(model)
+        npt.unconvert(model)
         npt.convert_to_npt(model, npt.NPTConfig(rank=rank, modulation_target="exact"))
         init_exact(model, moments=stats)
         row = {"rank": rank, "floor": model_kl(stats, model), "held_out_model": model_kl(held_stats, model),

@@ -8,27 +8,23 @@ once (--moments FILE caches them); for each rank and learning rate the converted
 a step, clipping at 0.5, --warmup steps of linear warmup then linear decay) on fresh windows, and is scored every
 --every steps on 8 held-out windows: KL(teacher || student), perplexity ratio and top-1 agreement.
 
-    python benchmarks/exact_lr.py --run 64:1e-3 --run 64:3e-3 --run 128:3e-4 --moments /tmp/moments.pt
+    python -m benchmarks.exact_lr --run 64:1e-3 --run 64:3e-3 --run 128:3e-4 --moments /tmp/moments.pt
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import npt  # noqa: E402
-from npt_tools.closed_form import STARTS, init_exact  # noqa: E402
-from npt_tools.models import EMBEDDED_MODEL, load_base_model  # noqa: E402
-from npt_tools.objective import next_token_kl  # noqa: E402
-from npt_tools.step import optimizer_step  # noqa: E402
-from exact_start import moments, unconvert  # noqa: E402
-from layer_fit import HELD_OUT, agreement, windows  # noqa: E402
+import npt
+from benchmarks.common import HELD_OUT, agreement, moments, windows
+from npt_tools.closed_form import STARTS, init_exact
+from npt_tools.models import EMBEDDED_MODEL, load_base_model
+from npt_tools.objective import next_token_kl
+from npt_tools.step import optimizer_step
 
 
 def score(model, held: torch.Tensor) -> dict:
@@ -44,7 +40,7 @@ def score(model, held: torch.Tensor) -> dict:
 
 def run(model, stats, rank, lr, start, steps, warmup, every, train, held) -> list[dict]:
     if hasattr(model, "npt_config"):  # converted at another rank before
-        unconvert(model)
+        npt.unconvert(model)
     torch.manual_seed(0)
     npt.convert_to_npt(model, npt.NPTConfig(rank=rank, modulation_target="exact"))
     init_exact(model, moments=stats, start=start)

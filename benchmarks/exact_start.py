@@ -8,49 +8,22 @@ and start init_exact sets the code and the converted model is scored on held-out
 (layer_fit.py's: perplexity and top-1 agreement against the teacher's, and each layer's update error on its own
 trajectory) and on windows of an off-domain text (--off_domain, default the GPL-3 licence text).
 
-    python benchmarks/exact_start.py --layers all --rank 16 --rank 64 --rank 128 --rank 256
-    python benchmarks/exact_start.py --rank 64 --rank 128 --start fisher --windows 448 --gradient_windows 64
+    python -m benchmarks.exact_start --layers all --rank 16 --rank 64 --rank 128 --rank 256
+    python -m benchmarks.exact_start --rank 64 --rank 128 --start fisher --windows 448 --gradient_windows 64
 """
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import npt  # noqa: E402
-from npt_tools.closed_form import STARTS, init_exact, teacher_moments  # noqa: E402
-from npt_tools.models import EMBEDDED_MODEL, load_base_model  # noqa: E402
-from npt_tools.objective import equivalence_loss  # noqa: E402
-from layer_fit import HELD_OUT, agreement, windows  # noqa: E402
-
-
-def moments(model, ids: torch.Tensor, batch: int = 8, gradient_windows: int | None = None, seed: int = 0) -> dict:
-    """{layer_idx: attention and gradient moments} of the teacher over the windows `ids` (the gradients' over the
-    first `gradient_windows`, rounded up to whole batches; None: all; y drawn with `seed`)."""
-    return teacher_moments(model, ({"input_ids": c, "attention_mask": torch.ones_like(c)} for c in ids.split(batch)),
-                           seed=seed,
-                           gradient_batches=None if gradient_windows is None else -(-gradient_windows // batch))
-
-
-def unconvert(model) -> None:
-    """The plain model again: each NPT layer replaced by the decoder layer it wraps (to convert at another rank)."""
-    for i, layer in enumerate(model.model.layers):
-        if isinstance(layer, npt.NPTLayer):
-            model.model.layers[i] = layer.layer
-    del model.npt_config
-
-
-def text_windows(tokenizer, path: str, length: int = 128, count: int = HELD_OUT) -> torch.Tensor:
-    """Packed windows of a text file: held-out text from another domain than the training corpus."""
-    ids = tokenizer(open(path, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
-    n = min(count, len(ids) // length)
-    return torch.tensor(ids[:n * length]).view(n, length)  # (n, length)
+import npt
+from benchmarks.common import HELD_OUT, agreement, moments, text_windows, windows
+from npt_tools.closed_form import STARTS, init_exact
+from npt_tools.models import EMBEDDED_MODEL, load_base_model
+from npt_tools.objective import equivalence_loss
 
 
 @click.command()
@@ -90,7 +63,7 @@ def main(layers, ranks, starts, n_windows, gradient_windows, off_domain, json_fi
                 row.update({f"off_domain_{k}": v for k, v in agreement(model, other).items()})
             rows.append(row)
             print(json.dumps(row), flush=True)
-        unconvert(model)  # back to the plain model for the next rank
+        npt.unconvert(model)  # back to the plain model for the next rank
     if json_file:
         with open(json_file, "w") as f:
             json.dump(rows, f, indent=1)

@@ -9,38 +9,23 @@ linear decay, clipping at 0.5: what `pretrain_npt_safe.py --objective layerwise`
 teacher pass per step) and reports, on 16 held-out windows, the update error per layer at start and
 end, and the converted model's perplexity and top-1 agreement against the teacher's.
 
-    python benchmarks/layer_fit.py --layers 15 --target gate --target down --lam 0 --lam 1e-2
-    python benchmarks/layer_fit.py --layers 15 --target exact --rank 16 --rank 64   # closed-form start, then trained
+    python -m benchmarks.layer_fit --layers 15 --target gate --target down --lam 0 --lam 1e-2
+    python -m benchmarks.layer_fit --layers 15 --target exact --rank 16 --rank 64   # closed-form start, then trained
 """
 from __future__ import annotations
 
 import itertools
 import json
-import math
-import os
-import sys
 import time
 
 import click
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import npt  # noqa: E402
+import npt
+from benchmarks.common import HELD_OUT, agreement, windows
 from npt_tools.closed_form import attention_moments, init_exact
 from npt_tools.models import EMBEDDED_MODEL, load_base_model
 from npt_tools.objective import update_error
-
-HELD_OUT = 16
-
-
-def windows(tokenizer, length: int, count: int) -> torch.Tensor:
-    from pydoc_data.topics import topics
-
-    ids = tokenizer("\n\n".join(topics[k] for k in sorted(topics)), add_special_tokens=False)["input_ids"]
-    n = min(count, len(ids) // length)
-    return torch.tensor(ids[:n * length]).view(n, length)  # (n, length)
-
 
 @torch.no_grad()
 def capture(model, indices: list[int], ids: torch.Tensor, batch: int = 8) -> dict[int, dict[str, torch.Tensor]]:
@@ -78,20 +63,6 @@ def layer_errors(model, data, rows=None) -> torch.Tensor:
                       for k in ("h", "attn", "y"))
         errs.append(update_error(layer.modulated_mlp(h, attn), y, h))
     return torch.stack(errs)
-
-
-@torch.no_grad()
-def agreement(model, ids) -> dict:
-    """Teacher and student perplexity and top-1 agreement on held-out windows."""
-    logits = {}
-    for who in ("teacher", "student"):
-        ctx = npt.npt_disabled(model) if who == "teacher" else torch.no_grad()
-        with ctx:
-            logits[who] = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-    targets = ids[:, 1:].reshape(-1)
-    ppl = {w: math.exp(F.cross_entropy(v.reshape(-1, v.shape[-1]), targets).item()) for w, v in logits.items()}
-    agree = (logits["teacher"].argmax(-1) == logits["student"].argmax(-1)).float().mean().item()
-    return {"teacher_ppl": ppl["teacher"], "student_ppl": ppl["student"], "agreement": agree}
 
 
 def fit(config: npt.NPTConfig, data, held, held_ids, steps, lr, lam, batch, seed=0) -> dict:

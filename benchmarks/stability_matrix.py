@@ -18,8 +18,8 @@ steps whose loss or adapter gradient was not finite.
 Precisions: fp32; bf16 and fp16 (the base's weights in that dtype, adapters fp32); 4bit (NF4 base, fp32
 compute; original: + fp16 autocast).
 
-    python benchmarks/stability_matrix.py --lr 1e-1          # the lr where the original fails (RESULTS.md)
-    python benchmarks/stability_matrix.py --lr 3e-2 --configs original --precisions 4bit,fp16
+    python -m benchmarks.stability_matrix --lr 1e-1          # the lr where the original fails (RESULTS.md)
+    python -m benchmarks.stability_matrix --lr 3e-2 --configs original --precisions 4bit,fp16
 """
 from __future__ import annotations
 
@@ -36,13 +36,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
-import debug_nan  # noqa: E402  (the seed's 1 + tanh(m) factor lives there, as a demonstration)
-import npt  # noqa: E402
+import npt
+from benchmarks.common import windows
+from npt_tools.inspection import tanh_factor  # the seed's 1 + tanh(m) factor, a demonstration
 from npt_tools.models import EMBEDDED_MODEL, load_base_model
+from npt_tools.objective import run_captured
 from npt_tools.step import optimizer_step, weights_finite
-from layer_fit import windows  # noqa: E402
 
 KERNEL = sys.modules["npt_kernels.modulated_swiglu"]  # where modulated_gate looks the factor up
 
@@ -53,7 +52,8 @@ PRECISIONS = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "fp16": {"use_fp16"
 def build(precision: str, config: str, layers: str, seed: int):
     model, tokenizer = load_base_model(EMBEDDED_MODEL, **PRECISIONS[precision])
     torch.manual_seed(seed)
-    npt.convert_to_npt(model, npt.NPTConfig(rank=16, layers=layers, add_scale=1.0 if config == "original" else 0.1))
+    npt.convert_to_npt(model, npt.NPTConfig(modulation_target="gate",
+                                            rank=16, layers=layers, add_scale=1.0 if config == "original" else 0.1))
     if config == "original":  # the seed's first initialisation
         for layer in npt.npt_layers(model):
             layer.adapter.A_proj.reset_parameters()  # nn.Linear's Kaiming-uniform default
@@ -74,7 +74,7 @@ def original_step(model, optimizer, batch: dict, autocast, lam: float) -> str | 
     """The seed's first training step: plain MSE of the layers' outputs, its regularizer, no clipping, no
     skipping. What was not finite ("loss", "gradient"), or None."""
     with autocast():
-        teacher, _ = npt.run_captured(model, batch, ("input", "attn", "output"), teacher=True)
+        teacher, _ = run_captured(model, batch, ("input", "attn", "output"), teacher=True)
         fit, reg = [], []
         for layer in npt.npt_layers(model):
             t = teacher[layer.layer_idx]
@@ -97,7 +97,7 @@ def run_cell(config: str, precision: str, seed: int, args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     fp16_autocast = config == "original" and precision == "4bit"
     autocast = ((lambda: torch.autocast("cpu", dtype=torch.float16)) if fp16_autocast else contextlib.nullcontext)
-    factor = (mock.patch.object(KERNEL, "modulation_factor", debug_nan.tanh_factor)
+    factor = (mock.patch.object(KERNEL, "modulation_factor", tanh_factor)
               if config == "original" else contextlib.nullcontext())
     bad, t0 = collections.Counter(), time.time()
     with factor:

@@ -1,5 +1,6 @@
-"""What the three NPT scripts are made of, one module per concern. Imports point one way: kernels <- npt <-
-npt_tools <- the scripts; inside the package each module imports only those listed above it:
+"""What the three NPT scripts are made of, one module per concern; each script only runs its command (`main`) from
+here. Imports point one way: kernels <- npt <- npt_tools <- the scripts; inside the package each module imports only
+those listed above it:
 
     cli            one-line user errors, click commands and options built from argument dataclasses
     models         loading base models (the embedded one too), their flags, and their user errors
@@ -13,5 +14,8 @@ npt_tools <- the scripts; inside the package each module imports only those list
     plan           the checks that read files (model config, checkpoint, adapters) before any work; the run lock
     processes      accelerate processes, precision and the sum over processes
     report         held-out evaluation and the equivalence report
+    trainer        the training recipe (Trainer: setup, closed-form start, train, save, cleanup); the trainer's command
+    fix_checks     the checks of the NaN fixes; test_fixed_npt's command
+    inspection     forward-pass inspection (where NaN / Inf first appear); debug_nan's command
     plasticity     consolidation: a context written into the MLP weights (key-value edits, forward passes only)
 """

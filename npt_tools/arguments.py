@@ -11,20 +11,24 @@ import npt
 from npt_tools.cli import fail, flag
 from npt_tools.closed_form import STARTS
 from npt_tools.models import ModelArgs
-from npt_tools.objective import LOSSES, OBJECTIVES
+from npt_tools.objective import DEFAULT_OBJECTIVE, LOSSES, OBJECTIVES
 
-EXACT_RANK = 384  # the exact target's default rank: the measured choice (README, "Which modulation target")
+EXACT_RANK = npt.DEFAULT_RANK["exact"]  # the exact target's default rank: the measured choice (README)
 EXACT_LR_SCALE = 3e-3  # exact, --learning_rate not given: this x the share the closed-form start misses (measured)
-# the defaults that depend on --modulation_target, in one place to retune: a flag not given takes its target's value
-TARGET_DEFAULTS = {
-    "exact": {"objective": "kl", "learning_rate": 1e-5},
-    **{target: {"objective": "layerwise", "learning_rate": 3e-3} for target in npt.TARGETS if target != "exact"},
-}
+EXACT_ADAPTERS_LR = 1e-5  # exact from --init_adapters (no closed-form start), --learning_rate not given
+# the defaults that depend on --modulation_target, in one place to retune: a flag not given takes its target's value;
+# None: decided by the run (exact: the closed-form start sets the learning rate, before the optimizer is built)
+TARGET_DEFAULTS = {target: {"objective": DEFAULT_OBJECTIVE[target],
+                           "learning_rate": None if target == "exact" else 3e-3}
+                   for target in sorted(npt.TARGETS, key=lambda target: target != "exact")}  # exact first: the default
 # the flags whose default is None only so that giving one shows (it may do nothing: DOES_NOTHING): their values
 UNSET_DEFAULTS = {"kernel": "auto", "loss": "update", "regularization_lambda": 0.01,
                   "down_rank": npt.NPTConfig.down_rank, "init_batches": 64, "init_gradient_batches": 32,
                   "exact_start": "fisher"}
 # where a flag does nothing: (the flag it hangs on, its values where it does, why) for --help and the warning
+# flags accepted for compatibility that never do anything: (why) for --help and the warning
+ALWAYS_IDLE = {"share_embeddings": "the teacher is always the same model (npt_disabled), so embeddings are always "
+                                   "shared"}
 DOES_NOTHING = {
     "kernel": ("modulation_target", ("exact",), "the modulated-SwiGLU kernel is never called there"),
     "safe_mode": ("modulation_target", ("down", "exact"), "no gate modulation there"),
@@ -34,7 +38,12 @@ DOES_NOTHING = {
     "init_batches": ("modulation_target", ("gate", "down", "gate+down"), "only exact starts in closed form"),
     "init_gradient_batches": ("modulation_target", ("gate", "down", "gate+down"), "only exact starts in closed form"),
     "exact_start": ("modulation_target", ("gate", "down", "gate+down"), "only exact starts in closed form"),
+    "gradient_checkpointing": ("objective", ("layerwise",), "no backward runs through the model there"),
 }
+
+
+DECIDED_BY_RUN = {("exact", "learning_rate"): f"{EXACT_LR_SCALE:g} x the share of the attention the closed-form start "
+                                              f"misses ({EXACT_ADAPTERS_LR:g} with --init_adapters)"}
 
 
 def _help(text: str, name: str) -> str:
@@ -47,7 +56,7 @@ def _help(text: str, name: str) -> str:
     if name in TARGET_DEFAULTS["exact"]:
         by_value = {}
         for target, values in TARGET_DEFAULTS.items():
-            by_value.setdefault(values[name], []).append(target)
+            by_value.setdefault(DECIDED_BY_RUN.get((target, name), values[name]), []).append(target)
         per = "; ".join(f"{value} for {', '.join(targets)}" for value, targets in by_value.items())
         return f"{text}  [default per --modulation_target: {per}]"
     return text
@@ -59,8 +68,8 @@ class TrainArgs(ModelArgs):
     adapter_rank: int | None = flag(None, "Rank r of the NPT adapters (1..d_model). [default: "
                                           f"{EXACT_RANK} for the exact "
                                           "target (d_model if smaller), 16 for the others]", type=click.IntRange(min=1))
-    share_embeddings: bool = flag(False, "Accepted for compatibility: the teacher is always the same model "
-                                         "(npt_disabled), so embeddings are always shared.")
+    share_embeddings: bool = flag(False, "Accepted for compatibility; does nothing: "
+                                         f"{ALWAYS_IDLE['share_embeddings']}.")
     safe_mode: bool = flag(False, _help("Additive gate modulation only (no multiplicative branch).", "safe_mode"))
     npt_layers: str = flag("all", "Layers to convert: all, upper_half, lower_half, a range like 8-15 or a list "
                                   "like 1,3,5 (0-based).")
@@ -94,6 +103,10 @@ class TrainArgs(ModelArgs):
                                                "principal directions) or pca (the principal directions of the "
                                                "attention output).", "exact_start"),
                                    type=click.Choice(list(STARTS)))
+    gradient_checkpointing: bool = flag(False, _help(
+        "Recompute each NPT layer's activations in the backward instead of keeping them (the student passes, and the "
+        "fisher start's teacher backward): less memory for about one more forward (benchmarks/RESULTS.md).",
+        "gradient_checkpointing"))
     dataset_name: str = flag("builtin", "builtin (pydoc_data.topics), a hub dataset, or a local "
                                         ".txt/.jsonl/.json/.parquet file.")
     dataset_split: str = flag("train", "Split of a hub dataset.")
@@ -185,13 +198,12 @@ class TrainArgs(ModelArgs):
         for name, value in {**UNSET_DEFAULTS, **TARGET_DEFAULTS[self.modulation_target], **(resumed or {})}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.learning_rate is None and self.init_adapters is not None:  # no closed-form start to decide it
+            self.learning_rate = EXACT_ADAPTERS_LR
         return [f"--{name}{'' if getattr(self, name) is True else f' {getattr(self, name)}'} does nothing with --{on} "
                 f"{getattr(self, on)} ({why}): ignored" for name, (on, _, why) in DOES_NOTHING.items()
-                if name in self._given and self.idle(name)]
-
-    def was_given(self, name: str) -> bool:
-        """Whether the user set flag `name` (resolve records it before it fills in any value)."""
-        return self._given is not None and name in self._given
+                if name in self._given and self.idle(name)] + [
+            f"--{name} does nothing ({why}): ignored" for name, why in ALWAYS_IDLE.items() if name in self._given]
 
     def idle(self, name: str) -> bool:
         """Whether flag `name` does nothing under these (resolved) arguments: DOES_NOTHING."""
@@ -200,11 +212,11 @@ class TrainArgs(ModelArgs):
 
     def npt_config(self, d_model: int) -> npt.NPTConfig:
         """The NPT layout the flags ask for on a model of width d_model (the rank's default depends on the target)."""
-        rank = self.adapter_rank or (min(EXACT_RANK, d_model) if self.modulation_target == "exact" else 16)
-        if not 1 <= rank <= d_model:
+        rank = self.adapter_rank
+        if rank is not None and not 1 <= rank <= d_model:
             fail(f"--adapter_rank {rank} is out of range: it must lie in 1..{d_model} (the model's d_model)")
         return npt.NPTConfig(rank=rank, modulation="additive" if self.safe_mode else "both", layers=self.npt_layers,
-                             modulation_target=self.modulation_target, down_rank=self.down_rank)
+                             modulation_target=self.modulation_target, down_rank=self.down_rank).at_width(d_model)
 
     def saved(self) -> dict:
         """The arguments as trainer_state.json records them."""
@@ -217,6 +229,10 @@ LAYOUT_FLAGS = "--adapter_rank/--safe_mode/--npt_layers/--modulation_target/--do
 RESUME_FIXED = ("model_name", "use_quantization", "use_fp16", "mixed_precision", "dataset_name", "dataset_split",
                 "text_column", "streaming", "num_samples", "max_length", "batch_size", "gradient_accumulation_steps",
                 "learning_rate", "weight_decay", "optimizer_type", "scheduler_type", "warmup_steps", "max_grad_norm", "regularization_lambda", "objective", "loss", "seed")
+
+
+# the closed-form start's flags: a resume after the start takes the run's values (changed ones are refused)
+START_FIXED = ("exact_start", "init_batches", "init_gradient_batches")
 
 
 def flag_takes(name: str, value) -> bool:

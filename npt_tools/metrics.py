@@ -7,11 +7,12 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from npt_tools.cli import say
 
 
 def json_safe(x):
@@ -38,15 +39,15 @@ def read_rows(metrics: Path) -> list[dict]:
     return rows
 
 
-def trackers(output_dir: Path, run_name: str, tensorboard: bool, wandb: bool, config: dict) -> list:
+def trackers(output_dir: Path, run_name: str, tensorboard: bool, wandb: bool) -> list:
     """accelerate's trackers for --use_tensorboard (OUTPUT_DIR/tensorboard/RUN_NAME) and --use_wandb (project
-    $WANDB_PROJECT or npt, this run's name and arguments), for the Accelerator's `log_with`."""
+    $WANDB_PROJECT or npt, this run's name), for the Accelerator's `log_with`; Metrics gives them the run's
+    configuration once it is decided."""
     from accelerate.tracking import TensorBoardTracker, WandBTracker
 
     out = [TensorBoardTracker(run_name, output_dir / "tensorboard")] if tensorboard else []
     if wandb:
-        out.append(WandBTracker(os.environ.get("WANDB_PROJECT", "npt"), name=run_name, config=config,
-                                dir=str(output_dir)))
+        out.append(WandBTracker(os.environ.get("WANDB_PROJECT", "npt"), name=run_name, dir=str(output_dir)))
     return out
 
 
@@ -56,21 +57,23 @@ class Metrics:
     def __init__(self, output_dir: Path, accelerator, log_file, resume_step: int | None, layers: list[int]):
         self.dir, self.accelerator, self.layers = output_dir, accelerator, layers
         self.main = accelerator.is_main_process
-        self.metrics = output_dir / "metrics.jsonl"
+        self.path = output_dir / "metrics.jsonl"
         self.log_file = Path(log_file) if log_file else None
-        if self.main and resume_step is not None and self.metrics.exists():  # drop rows the resumed run writes again
-            keep = [r for r in read_rows(self.metrics) if r.get("step", 0) <= resume_step]
-            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        elif self.main and self.metrics.exists():
-            self.metrics.unlink()
-        accelerator.init_trackers("npt")  # the trackers were built with their names (see `trackers`)
+        if self.main and resume_step is not None and self.path.exists():  # drop rows the resumed run writes again
+            keep = [r for r in read_rows(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        elif self.main and self.path.exists():
+            self.path.unlink()
+
+    def start_trackers(self, config: dict) -> None:
+        """The trackers (built with their names: `trackers`) start, given the run's configuration as used (the
+        learning rate the closed-form start set included); their hyperparameters take no None values."""
+        self.accelerator.init_trackers("npt", config={k: v for k, v in config.items() if v is not None})
 
     def message(self, text: str):
         if not self.main:
             return
-        from tqdm.auto import tqdm
-
-        tqdm.write(text, file=sys.stderr)
+        say(text)
         self.log(text)
 
     def log(self, text: str):
@@ -86,7 +89,7 @@ class Metrics:
             return
         row = json_safe(row)
         line = json.dumps(row)
-        with open(self.metrics, "a") as f:
+        with open(self.path, "a") as f:
             f.write(line + "\n")
         self.log(line)
         scalars = {("eval/" if k.startswith("eval_") else "train/") + k: v for k, v in row.items()
@@ -97,14 +100,14 @@ class Metrics:
             self.accelerator.log(scalars, step=row["step"])
 
     def plot(self):
-        if not self.main or not self.metrics.exists():
+        if not self.main or not self.path.exists():
             return
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = read_rows(self.metrics)
+        rows = read_rows(self.path)
         train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "eval_loss" not in r]
         evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
         layer_evals = [r for r in rows if r.get("eval_layer_update_error")]

@@ -4,12 +4,47 @@ against the student's (kl); the per-layer losses it is made of (update_error, al
 measure, and normalized_mse); built on npt's capture."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 import torch.nn as nn
 
-from npt import masked_mean, npt_layers, regularization, run_captured
+from npt import capture, masked_mean, npt_disabled, npt_layers, regularization
+
+
+def run_captured(model: nn.Module, batch: dict, names=("input", "output"), teacher: bool = False,
+                 logits: bool = False):
+    """One forward capturing `names` of every NPT layer: (records, logits or None). teacher=True: the original layers
+    (npt_disabled), no gradients; without `logits` the forward stops after the last NPT layer."""
+    ctx = npt_disabled(model) if teacher else contextlib.nullcontext()
+    grad = torch.no_grad() if teacher else contextlib.nullcontext()
+    stop = contextlib.nullcontext() if logits else _stop_after_last_npt_layer(model)
+    with capture(model, names) as records, ctx, grad, stop:
+        try:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        except _StopForward:  # without logits, layers after the last NPT layer are never run
+            out = None
+    return records, (out.logits if logits else None)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _raise_stop(module, args, output):
+    raise _StopForward
+
+
+@contextlib.contextmanager
+def _stop_after_last_npt_layer(model: nn.Module):
+    """Ends a forward once the last NPT layer has run (its captures, registered before, have fired)."""
+    layers = npt_layers(model)
+    with contextlib.ExitStack() as stack:
+        if layers:
+            stack.callback(max(layers, key=lambda la: la.layer_idx).register_forward_hook(_raise_stop).remove)
+        yield
+
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """x / ||x|| per token in fp32; scaling by max|x| first keeps the norm from overflowing
@@ -65,12 +100,16 @@ LOSSES = ("update", "cosine")  # update_error (the layer's update) | normalized_
 class EquivalenceLoss:
     """The equivalence loss of one batch and its parts."""
     loss: torch.Tensor  # fit + regularization_lambda * reg: what backward runs on
-    fit: torch.Tensor  # mean over NPT layers of layer_error
+    fit: torch.Tensor  # mean over NPT layers of layer_error (kl: next_token_kl)
     reg: torch.Tensor  # regularization(model, attention_mask)
-    layer_fit: torch.Tensor  # (L,) layer_error per NPT layer, detached (kl: on the student's own trajectory)
+    layer_fit: torch.Tensor | None  # (L,) layer_error per NPT layer, detached; kl: None (the loss has no such part)
     tokens: int  # real (non-padding) tokens
     logits: tuple | None = None  # kl: (teacher, student) next-token logits, detached, for the caller's metrics
-    teacher: dict | None = None  # the teacher's captured input, attn, output per NPT layer (no grad): layerwise_fit
+    teacher: dict | None = None  # the teacher's captured input, attn, output per NPT layer (no grad): layerwise_fit;
+    # kl and end_to_end: only with report=True
+
+
+DEFAULT_OBJECTIVE = {"exact": "kl", "gate": "layerwise", "down": "layerwise", "gate+down": "layerwise"}  # per target
 
 
 def layer_error(student: torch.Tensor, teacher: dict[str, torch.Tensor], mask: torch.Tensor,
@@ -85,33 +124,42 @@ def layer_error(student: torch.Tensor, teacher: dict[str, torch.Tensor], mask: t
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
 
 
-def equivalence_loss(model: nn.Module, batch: dict, objective: str = "layerwise",
-                     regularization_lambda: float = 0.01, loss: str = "update") -> EquivalenceLoss:
+def equivalence_loss(model: nn.Module, batch: dict, objective: str | None = None,
+                     regularization_lambda: float = 0.01, loss: str = "update",
+                     report: bool = False) -> EquivalenceLoss:
     """Equivalence loss of one batch (input_ids, attention_mask): the fit + regularization_lambda * regularization.
 
+    objective None: the model's target's (DEFAULT_OBJECTIVE: kl for exact, layerwise for the others).
     layerwise: one teacher pass (npt_disabled, no_grad) captures each NPT layer's input h, attention
     output and output y; each NPT layer's modulated MLP then runs on (h, attn) and is compared to y
     (no gradient crosses layers). end_to_end: the student runs its own trajectory. For both, the fit is the
     mean layer_error over NPT layers and real tokens. kl: the student runs its own trajectory and the fit is
-    next_token_kl, the teacher's next-token distribution against the student's (`loss` unused).
+    next_token_kl, the teacher's next-token distribution against the student's (`loss` unused); only the logits
+    are computed. report=True: the teacher pass also captures what the equivalence report needs (`teacher`).
     """
+    objective = objective or DEFAULT_OBJECTIVE[model.npt_config.modulation_target]
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     mask = batch["attention_mask"]
-    kl = objective == "kl"
-    if objective == "layerwise":
-        teacher, _ = run_captured(model, batch, ("input", "attn", "output"), teacher=True)
+    names = ("input", "attn", "output") if report or objective == "layerwise" else ()
+    if objective == "kl":
+        teacher, t_logits = run_captured(model, batch, names, teacher=True, logits=True)
+        _, s_logits = run_captured(model, batch, (), logits=True)
+        fit, layer_fit = next_token_kl(s_logits, t_logits, mask), None
+    elif objective == "layerwise":
+        teacher, _ = run_captured(model, batch, names, teacher=True)
         layer_fit = layerwise_fit(model, teacher, mask, loss)
     else:
-        teacher, t_logits = run_captured(model, batch, ("input", "attn", "output"), teacher=True, logits=kl)
-        records, s_logits = run_captured(model, batch, ("output",), logits=kl)
+        teacher, _ = run_captured(model, batch, names or ("input", "output"), teacher=True)
+        records, _ = run_captured(model, batch, ("output",))
         layer_fit = torch.stack([layer_error(records[layer.layer_idx]["output"], teacher[layer.layer_idx], mask,
-                                             "update" if kl else loss) for layer in npt_layers(model)])  # (L,)
-    fit = next_token_kl(s_logits, t_logits, mask) if kl else layer_fit.mean()
+                                             loss) for layer in npt_layers(model)])  # (L,)
+    fit = fit if layer_fit is None else layer_fit.mean()
     reg = regularization(model, mask)
-    return EquivalenceLoss(loss=fit + regularization_lambda * reg, fit=fit, reg=reg, layer_fit=layer_fit.detach(),
-                           tokens=int(mask.sum()), logits=(t_logits, s_logits.detach()) if kl else None,
-                           teacher=teacher)
+    return EquivalenceLoss(loss=fit + regularization_lambda * reg, fit=fit, reg=reg,
+                           layer_fit=None if layer_fit is None else layer_fit.detach(), tokens=int(mask.sum()),
+                           logits=(t_logits, s_logits.detach()) if objective == "kl" else None,
+                           teacher=teacher if names else None)
 
 
 def layerwise_fit(model: nn.Module, teacher: dict, mask: torch.Tensor, loss: str = "update") -> torch.Tensor:

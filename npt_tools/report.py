@@ -12,24 +12,26 @@ import torch
 
 import npt
 from npt_tools.metrics import json_safe, read_rows
-from npt_tools.objective import equivalence_loss, layerwise_fit
+from npt_tools.objective import DEFAULT_OBJECTIVE, equivalence_loss, layerwise_fit, run_captured
 
 
 @torch.no_grad()
-def evaluate(model, batches, objective: str = "layerwise", regularization_lambda: float = 0.01,
+def evaluate(model, batches, objective: str | None = None, regularization_lambda: float = 0.01,
              autocast=contextlib.nullcontext, loss: str = "update") -> dict:
-    """Held-out metrics (token-weighted over batches): the training loss; the update error of each NPT
-    layer on the teacher's input (update_error: 1 = the layer's update not reproduced, 0 = exact) and
-    its mean over layers; teacher and student perplexity; top-1 next-token agreement."""
+    """Held-out metrics (token-weighted over batches): the training loss (objective None: the model's target's, as
+    equivalence_loss); the update error of each NPT layer on the teacher's input (update_error: 1 = the layer's
+    update not reproduced, 0 = exact) and its mean over layers; teacher and student perplexity; top-1 next-token
+    agreement. The per-layer captures and the logits are computed here, not by the training step."""
+    objective = objective or DEFAULT_OBJECTIVE[model.npt_config.modulation_target]
     tot = {"tokens": 0, "loss": 0.0, "t_nll": 0.0, "s_nll": 0.0, "agree": 0.0, "pred": 0}
     layer_sum = None
     for b in batches:
         with autocast():
-            out = equivalence_loss(model, b, objective, regularization_lambda, loss)
+            out = equivalence_loss(model, b, objective, regularization_lambda, loss, report=True)
             per_layer = (out.layer_fit if (objective, loss) == ("layerwise", "update")  # else from its teacher pass
                          else layerwise_fit(model, out.teacher, b["attention_mask"]))
-            t_logits, s_logits = out.logits or (npt.run_captured(model, b, (), teacher=True, logits=True)[1],
-                                                npt.run_captured(model, b, (), logits=True)[1])
+            t_logits, s_logits = out.logits or (run_captured(model, b, (), teacher=True, logits=True)[1],
+                                                run_captured(model, b, (), logits=True)[1])
         mask = b["attention_mask"]
         n = int(mask.sum())
         tot["tokens"] += n

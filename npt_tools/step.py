@@ -1,7 +1,7 @@
 """One safe optimizer step over micro-batches: a micro-batch whose loss or gradient is not finite is skipped
 without touching weights, optimizer or scheduler (the safe training of docs/NPT_FIX_SUMMARY.md); a step can be
 undone; sums over processes.
-The trainer and test_fixed_npt.py's checks run on it."""
+The trainer and the fix checks (npt_tools.fix_checks) run on it."""
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +34,7 @@ class StepResult:
 
 
 def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[dict], max_grad_norm: float = 0.5,
-                   objective: str = "layerwise", regularization_lambda: float = 0.01,
+                   objective: str | None = None, regularization_lambda: float = 0.01,
                    autocast=contextlib.nullcontext, reduce=None, loss: str = "update") -> StepResult:
     """One optimizer step over `micro_batches` (dicts with input_ids, attention_mask).
 
@@ -42,7 +42,8 @@ def optimizer_step(model: nn.Module, optimizer, scheduler, micro_batches: list[d
     tokens. Each micro-batch's gradient is computed on its own (autograd.grad) and added only if its
     loss and gradient are finite; a skipped micro-batch changes nothing. If every micro-batch is
     skipped, weights, optimizer and scheduler stay exactly as they were.
-    `reduce(tensor)` sums a tensor over processes (DDP); None in a single process.
+    `reduce(tensor)` sums a tensor over processes (DDP); None in a single process. `objective` None: the model's
+    target's (equivalence_loss).
     """
     params = [p for p in get_adapter_params(model) if p.requires_grad]
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import debug_nan
 import npt
+from npt_tools import inspection
 from npt_tools.closed_form import init_exact
+from npt_tools.inspection import STAGES
 from npt_tools.models import load_base_model
-from debug_nan import STAGES
 from npt_tools.cli import UserError
 
 pytestmark = pytest.mark.integration  # the embedded model, debug_nan.py as a process
@@ -33,14 +33,14 @@ def run_cli(*args, timeout=120):
 def run_in_process(capsys, *args) -> tuple[int, str, str]:
     """debug_nan's CLI in this process (no model reload per subprocess): (exit code, stdout, stderr)."""
     with pytest.raises(SystemExit) as exit_info:
-        debug_nan.main.main(args=list(args), prog_name="debug_nan.py")
+        inspection.main.main(args=list(args), prog_name="debug_nan.py")
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
 
 
 def fresh_npt(embedded, **config):
     torch.manual_seed(0)
-    return npt.convert_to_npt(copy.deepcopy(embedded[0]), npt.NPTConfig(**config))
+    return npt.convert_to_npt(copy.deepcopy(embedded[0]), npt.NPTConfig(**{"modulation_target": "gate", **config}))
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +75,12 @@ def assert_first(report, layer, stage):
 # ----------------------------------------------------------------------------- (1) clean run
 def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
     out_json = tmp_path / "report.json"
-    proc = run_cli("--json", str(out_json))
+    proc = run_cli("--json", str(out_json), "--modulation_target", "gate")  # the seed's form
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert verdict(proc.stdout) == "first non-finite: none found (every stage of every NPT layer and the logits are finite)"
     rows = table_rows(proc.stdout)
-    off = ("delta_down", "a_hat", "norm_scale")  # the default gate target: the down and exact stages are off
+    off = ("delta_down", "a_hat", "norm_scale")  # the gate target: the down and exact stages are off
     assert set(rows) == {(i, s) for i in range(NUM_LAYERS) for s in STAGES if s not in off}
     for stage in off:
         assert len(re.findall(rf"^\s*\d+\s+{stage}\s+off$", proc.stdout, re.M)) == NUM_LAYERS
@@ -110,23 +110,34 @@ def test_clean_run_prints_table_exits_0_and_json_agrees(tmp_path):
     assert "loss check" in proc.stdout and "1 + tanh(m)" in proc.stdout and "0.5 + sigmoid(m)" in proc.stdout
 
 
+def test_default_is_npt_configs_exact_target_started_from_the_texts(capsys):
+    """No flags: NPTConfig()'s exact target (rank 384 on this d_model 576), started in closed form from the texts:
+    its stages on, the gate-modulation ones off, every value finite."""
+    code, out, err = run_in_process(capsys, "--npt_layers", "0-2", "--text", "The capital of France is Paris.")
+    assert code == 0, err
+    assert "rank: 384" in out and verdict(out).startswith("first non-finite: none found")
+    rows = table_rows(out)
+    assert {s for _, s in rows} == set(STAGES) - {"delta_add", "delta_mult", "delta_down"}
+
+
 # ----------------------------------------------------------------------------- (2) planted NaNs
 @pytest.mark.parametrize("layer", [0, 13, NUM_LAYERS - 1])
 def test_injected_nan_is_found_at_exactly_that_layer_and_stage(npt_model, embedded, layer):
     tokenizer = embedded[1]
     for stage in (s for s in STAGES if s not in ("delta_down", "a_hat", "norm_scale")):  # off for the gate target
-        report = debug_nan.inspect_model(npt_model, tokenizer, inject=(layer, stage))
+        report = inspection.inspect_model(npt_model, tokenizer, inject=(layer, stage))
         assert_first(report, layer, stage)
         # the NaN is real, not cosmetic: it flows on into the layer's output
         out = report["layers"][layer]["stages"]["layer_out"]
         assert out["nan"] > 0, stage
     # hooks removed and planted weights restored: a clean run afterwards finds nothing
-    assert debug_nan.inspect_model(npt_model, tokenizer)["first_nonfinite"] is None
+    assert inspection.inspect_model(npt_model, tokenizer)["first_nonfinite"] is None
 
 
 def test_injected_nan_subprocess_exit_1_and_json(tmp_path):
     out_json = tmp_path / "report.json"
-    proc = run_cli("--inject_nan", "7:delta_mult", "--json", str(out_json), "--text", "Hello there, NaN.")
+    proc = run_cli("--inject_nan", "7:delta_mult", "--json", str(out_json), "--text", "Hello there, NaN.",
+                   "--modulation_target", "gate")
     assert proc.returncode == 1, proc.stderr
     assert verdict(proc.stdout) == "first non-finite: layer 7 stage delta_mult"
     report = json.loads(out_json.read_text())
@@ -140,9 +151,9 @@ def test_injected_nan_subprocess_exit_1_and_json(tmp_path):
 def test_other_precisions(embedded, precision):
     model, tokenizer = load_base_model(use_fp16=precision == "fp16", use_quantization=precision == "4bit")
     torch.manual_seed(0)
-    npt.convert_to_npt(model, npt.NPTConfig(layers="0-5"))
-    assert debug_nan.inspect_model(model, tokenizer)["first_nonfinite"] is None
-    report = debug_nan.inspect_model(model, tokenizer, inject=(4, "modulated_gate"))
+    npt.convert_to_npt(model, npt.NPTConfig(modulation_target="gate", layers="0-5"))
+    assert inspection.inspect_model(model, tokenizer)["first_nonfinite"] is None
+    report = inspection.inspect_model(model, tokenizer, inject=(4, "modulated_gate"))
     assert_first(report, 4, "modulated_gate")
     assert [e["layer"] for e in report["layers"]] == list(range(6))
 
@@ -150,23 +161,23 @@ def test_other_precisions(embedded, precision):
 @pytest.mark.parametrize("target", ["down", "gate+down"])
 def test_down_target_stages(embedded, target):
     model = fresh_npt(embedded, layers="10-12", modulation_target=target)
-    clean = debug_nan.inspect_model(model, embedded[1])
+    clean = inspection.inspect_model(model, embedded[1])
     assert clean["first_nonfinite"] is None
     assert all(e["stages"]["delta_down"]["numel"] > 0 for e in clean["layers"])
     assert all((e["stages"]["delta_add"] is None) == (target == "down") for e in clean["layers"])
     for stage in ("delta_down", "mlp_out", "low_rank"):
-        report = debug_nan.inspect_model(model, embedded[1], inject=(11, stage))
+        report = inspection.inspect_model(model, embedded[1], inject=(11, stage))
         assert_first(report, 11, stage)
         assert report["layers"][1]["stages"]["layer_out"]["nan"] > 0, stage
     with pytest.raises(UserError, match="delta_down is off"):
-        debug_nan.inspect_model(fresh_npt(embedded, layers="10"), embedded[1], inject=(10, "delta_down"))
+        inspection.inspect_model(fresh_npt(embedded, layers="10"), embedded[1], inject=(10, "delta_down"))
 
 
 def test_exact_target_stages(embedded):
     model = fresh_npt(embedded, layers="10-12", modulation_target="exact", rank=16)
     ids = embedded[1](["The attention output, seen through a rank-16 code."] * 2, return_tensors="pt")
     init_exact(model, [dict(ids)])
-    clean = debug_nan.inspect_model(model, embedded[1])
+    clean = inspection.inspect_model(model, embedded[1])
     assert clean["first_nonfinite"] is None
     for e in clean["layers"]:
         assert all(e["stages"][s] is None for s in ("delta_add", "delta_mult", "delta_down"))
@@ -174,22 +185,22 @@ def test_exact_target_stages(embedded):
         scale = e["stages"]["norm_scale"]  # s = rms(h) / rms(h + a_hat): the attention changes the norm a little
         assert 0.2 < scale["min"] <= scale["max"] < 5 and scale["min"] != scale["max"]
     for stage in ("low_rank", "a_hat"):
-        report = debug_nan.inspect_model(model, embedded[1], inject=(11, stage))
+        report = inspection.inspect_model(model, embedded[1], inject=(11, stage))
         assert_first(report, 11, stage)
         assert report["layers"][1]["stages"]["norm_scale"]["nan"] > 0 and report["layers"][1]["stages"]["layer_out"]["nan"] > 0
     with pytest.raises(UserError, match="norm_scale is derived"):
-        debug_nan.inspect_model(model, embedded[1], inject=(11, "norm_scale"))
+        inspection.inspect_model(model, embedded[1], inject=(11, "norm_scale"))
     with pytest.raises(UserError, match="a_hat is off"):
-        debug_nan.inspect_model(fresh_npt(embedded, layers="10"), embedded[1], inject=(10, "a_hat"))
+        inspection.inspect_model(fresh_npt(embedded, layers="10"), embedded[1], inject=(10, "a_hat"))
 
 
 def test_partial_conversion_and_safe_mode(embedded):
     model = fresh_npt(embedded, modulation="additive", layers="upper_half")
-    report = debug_nan.inspect_model(model, embedded[1], inject=(20, "delta_add"))
+    report = inspection.inspect_model(model, embedded[1], inject=(20, "delta_add"))
     assert [e["layer"] for e in report["layers"]] == list(range(15, 30))
     assert all(e["stages"]["delta_mult"] is None for e in report["layers"])  # branch off, shown as "off"
     assert_first(report, 20, "delta_add")
-    assert " off" in debug_nan.render(report)
+    assert " off" in inspection.render(report)
 
 
 # ----------------------------------------------------------------------------- (3) poisoned checkpoints
@@ -209,7 +220,7 @@ def poisoned_checkpoint(model, path: Path, layer: int, tensor: str) -> Path:
 def test_poisoned_checkpoint_names_first_affected_stage(npt_model, embedded, tmp_path, tensor):
     ckpt = poisoned_checkpoint(npt_model, tmp_path / "ckpt", 11, tensor)
     model = npt.load_adapters(copy.deepcopy(embedded[0]), ckpt)
-    assert_first(debug_nan.inspect_model(model, embedded[1]), 11, POISON[tensor])
+    assert_first(inspection.inspect_model(model, embedded[1]), 11, POISON[tensor])
 
 
 def test_poisoned_checkpoint_cli_4bit(npt_model, tmp_path):
@@ -270,7 +281,7 @@ def test_stats_match_an_independent_forward(npt_model, embedded):
     """layer_out / input_norm stats agree with output_hidden_states and a hand-made RMSNorm, real tokens only."""
     tokenizer = embedded[1]
     texts = ["A short one.", "A somewhat longer text, so that the first one is padded."]
-    report = debug_nan.inspect_model(npt_model, tokenizer, texts)
+    report = inspection.inspect_model(npt_model, tokenizer, texts)
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     real = enc["attention_mask"].bool()
     with torch.no_grad():
@@ -288,3 +299,44 @@ def test_stats_match_an_independent_forward(npt_model, embedded):
         x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.double()
         assert stats["input_norm"]["max"] == pytest.approx(x.max().item(), rel=1e-4)
         assert stats["input_norm"]["mean_abs"] == pytest.approx(x.abs().mean().item(), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- --max_length and the model's positions
+def measured_run(args: list, timeout=120) -> tuple[subprocess.CompletedProcess, float, int]:
+    """debug_nan.py as a process: (the result, seconds, its peak resident memory in bytes, from a fresh parent
+    whose only child it is)."""
+    probe = ("import resource, subprocess, sys, time; t = time.time(); "
+             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "sys.stdout.write(p.stdout); sys.stderr.write(p.stderr); "
+             "print(time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
+             "sys.exit(p.returncode)")
+    proc = subprocess.run([sys.executable, "-c", probe, sys.executable, str(ROOT / "debug_nan.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+    seconds, peak = proc.stdout.splitlines()[-1].split()
+    return proc, float(seconds), int(peak)
+
+
+@pytest.mark.parametrize("max_length", [100000, 2000, 513])
+def test_max_length_past_the_models_positions_is_one_line_within_seconds(tiny_llama_dir, max_length):
+    """Before: 100000 with a long text grew to 22.6 GB and was OOM-killed; 2000 ran past the 512 positions silently."""
+    proc, seconds, peak = measured_run(["--model_name", str(tiny_llama_dir), "--max_length", str(max_length),
+                                        "--text", "the lazy dog " * 9000])  # ~27000 tokens
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0] == (f"error: --max_length {max_length} exceeds the model's 512 positions (max_position_embeddings):"
+                        " use --max_length 512 or less")
+    assert seconds < 60 and peak < 1e9, (seconds, peak)
+
+
+def test_the_default_max_length_stays_within_a_short_models_positions(tmp_path, tiny_llama_dir):
+    """A model of 16 positions: the default (256) becomes 16, and a long --text is cut there."""
+    import shutil
+
+    model = tmp_path / "short"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    report = tmp_path / "report.json"
+    proc = run_cli("--model_name", str(model), "--text", "the lazy dog " * 100, "--json", str(report))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(report.read_text())["num_tokens"] == 16

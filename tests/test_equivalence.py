@@ -141,7 +141,7 @@ def test_gate_target_forward_unchanged_bitwise():
     """The seed's gate form is exactly h + down_proj(silu(g) * up) of the kernels' reference: no extra term."""
     from npt_kernels.modulated_swiglu import modulated_swiglu_reference
 
-    model = npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(tiny_model(), npt.NPTConfig(modulation_target="gate", rank=4))
     randomize_adapters(model)
     records, handles = capture_layer_io(model)
     with torch.no_grad():
@@ -201,7 +201,7 @@ def test_config_files_without_the_new_fields_load_as_gate():
     with pytest.raises(ValueError, match="modulation_target"):
         npt.NPTConfig(modulation_target="up")
     with pytest.raises(ValueError, match="down_rank"):
-        npt.NPTConfig(down_rank=0)
+        npt.NPTConfig(modulation_target="gate", down_rank=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import npt
-from npt_tools.closed_form import add_moments, attention_moments, draw_next_tokens, init_exact, teacher_moments
+from npt_tools.closed_form import (add_moments, attention_moments, convert_exact, draw_next_tokens, init_exact,
+                                   teacher_moments)
 from npt_tools.objective import equivalence_loss, next_token_kl
 from helpers import ARCHS, capture_layer_io, rel_err, rms_norm64, tiny_model
 
@@ -258,7 +259,7 @@ def test_fisher_start_minimises_the_error_in_its_metric():
 
 def test_init_exact_refuses_other_targets_and_empty_batches():
     with pytest.raises(ValueError, match="exact"):
-        init_exact(npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=4)), random_batches(1))
+        init_exact(npt.convert_to_npt(tiny_model(), npt.NPTConfig(modulation_target="gate", rank=4)), random_batches(1))
     empty = {"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.zeros(1, 4, dtype=torch.long)}
     with pytest.raises(ValueError, match="real token"):
         init_exact(exact_model(init=False), [empty])
@@ -304,7 +305,7 @@ def test_exact_adapters_save_load_and_teacher_bitwise(tmp_path):
         assert torch.equal(model(**batch).logits, fresh(**batch).logits)
         with npt.npt_disabled(model):
             assert torch.equal(model(**batch).logits, tiny_model("qwen2")(**batch).logits)
-    gate = npt.convert_to_npt(tiny_model("qwen2"), npt.NPTConfig(rank=4, layers="1-2"))
+    gate = npt.convert_to_npt(tiny_model("qwen2"), npt.NPTConfig(modulation_target="gate", rank=4, layers="1-2"))
     with pytest.raises(ValueError, match="modulation_target"):
         npt.load_adapters(gate, tmp_path)
 
@@ -355,7 +356,7 @@ def test_kl_objective_trains_the_exact_adapters_toward_the_teacher(start):
     with torch.no_grad():
         s_logits = model(**batch).logits
     assert out.fit.item() == pytest.approx(kl64(s_logits, t_logits, batch["attention_mask"]).item(), rel=1e-4)
-    assert out.layer_fit.shape == (3,) and (out.layer_fit > 0).all()  # update errors on the student's trajectory
+    assert out.layer_fit is None and out.teacher is None  # the step computes the loss only: no per-layer captures
     params = npt.get_adapter_params(model)
     opt = torch.optim.Adam(params, lr=3e-3)
     before = out.fit.item()
@@ -364,3 +365,80 @@ def test_kl_objective_trains_the_exact_adapters_toward_the_teacher(start):
         equivalence_loss(model, batch, "kl", 0.0).loss.backward()
         opt.step()
     assert equivalence_loss(model, batch, "kl", 0.0).fit.item() < 0.5 * before
+
+
+def test_the_kl_step_captures_nothing_the_report_captures_the_teacher(monkeypatch):
+    """A kl training step runs two forwards that keep no per-layer state (the logits only); report=True (what
+    evaluate asks) captures the teacher's input, attention and output in the same teacher pass."""
+    import npt_tools.objective as objective
+
+    model = exact_model("llama", rank=2, init=False)
+    init_exact(model, random_batches())
+    batch = random_batches(1, seed=11)[0]
+    calls = []
+    real = objective.run_captured
+    monkeypatch.setattr(objective, "run_captured",
+                        lambda m, b, names, **k: calls.append(tuple(names)) or real(m, b, names, **k))
+    step = equivalence_loss(model, batch)  # the exact model's default objective: kl
+    assert calls == [(), ()] and step.logits is not None and step.teacher is None
+    calls.clear()
+    report = equivalence_loss(model, batch, report=True)
+    assert calls == [("input", "attn", "output"), ()] and sorted(report.teacher) == [0, 1, 2]
+    assert report.loss.item() == step.loss.item()
+
+
+def test_the_library_defaults_are_the_clis():
+    """NPTConfig() is the exact target at the trainer's default rank (capped at d_model); its objective is kl,
+    in equivalence_loss as in the CLI; saved configs that name no target are the seed's gate form."""
+    from npt_tools.arguments import TrainArgs
+    from npt_tools.objective import DEFAULT_OBJECTIVE
+
+    config = npt.NPTConfig()
+    assert config.modulation_target == "exact" and config.rank is None
+    assert npt.convert_to_npt(tiny_model(), config).npt_config == npt.NPTConfig(rank=64)  # d_model 64 < 384
+    assert npt.NPTConfig().at_width(576).rank == 384 and npt.NPTConfig(modulation_target="gate").at_width(576).rank == 16
+    args = TrainArgs()
+    args.resolve()
+    assert args.npt_config(576) == npt.NPTConfig().at_width(576)
+    assert args.objective == DEFAULT_OBJECTIVE[config.modulation_target] == "kl"
+    assert npt.NPTConfig.from_dict({"rank": 4}) == npt.NPTConfig(rank=4, modulation_target="gate")
+
+
+def test_convert_exact_is_the_teacher_at_full_rank():
+    """One call converts to the exact target and starts it in closed form: at rank d_model the student's logits are
+    the teacher's to fp32 precision; a non-exact config is refused."""
+    model = tiny_model()
+    kept = convert_exact(model, random_batches(), npt.NPTConfig(rank=64))
+    assert sorted(kept) == [0, 1, 2] and model.npt_config.exact
+    batch = random_batches(1, seed=5)[0]
+    with torch.no_grad():
+        student = model(**batch).logits
+        with npt.npt_disabled(model):
+            teacher = model(**batch).logits
+    assert (student - teacher).abs().max() <= 1e-4 * teacher.abs().max()
+    with pytest.raises(ValueError, match="convert_exact converts to the exact target"):
+        convert_exact(tiny_model(), random_batches(), npt.NPTConfig(modulation_target="gate"))
+
+
+@pytest.mark.parametrize("target", ["exact", "gate"])
+def test_unconvert_gives_back_the_plain_model_bitwise(target):
+    """npt.unconvert: the same layer classes, the same parameters bitwise, the same logits bitwise, the hooks that
+    were on the layers before conversion, no adapters."""
+    base = tiny_model()
+    plain = copy.deepcopy(base)
+    fired = []
+    base.model.layers[1].register_forward_hook(lambda *a: fired.append(1))
+    model = npt.convert_to_npt(base, npt.NPTConfig(rank=8, modulation_target=target))
+    if target == "exact":
+        init_exact(model, random_batches())
+    batch = random_batches(1, seed=5)[0]
+    with torch.no_grad():
+        model(**batch)  # a converted forward first: nothing of it may stay behind
+    fired.clear()
+    assert npt.unconvert(model) is model and not npt.npt_layers(model) and not hasattr(model, "npt_config")
+    assert [type(m) for m in model.model.layers] == [type(m) for m in plain.model.layers]
+    ours, theirs = model.state_dict(), plain.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, plain(**batch).logits)
+    assert fired == [1]

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 import npt
 from npt_tools.arguments import EXACT_RANK
+from npt_tools import fix_checks as checks
 from npt_tools.closed_form import init_exact
+from npt_tools.inspection import tanh_factor
 from npt_tools.objective import equivalence_loss
 from npt_tools.step import StepResult
-import test_fixed_npt as checks
-from debug_nan import tanh_factor
 
 pytestmark = pytest.mark.integration  # the embedded model, the script as a process
 ROOT = Path(__file__).resolve().parents[1]

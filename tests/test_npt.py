@@ -7,7 +7,7 @@ import torch
 
 import npt
 from npt_tools.models import load_base_model
-from npt_tools.objective import normalized_mse
+from npt_tools.objective import normalized_mse, run_captured
 from helpers import ARCHS, capture_layer_io, padded_npt_forward, randomize_adapters, rel_err, rms_norm64, tiny_model
 
 ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
@@ -37,7 +37,8 @@ def reference_layer64(layer, h, attn, add_scale):
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("modulation", ["both", "additive", "multiplicative"])
 def test_layer_outputs_match_float64_reference(arch, modulation):
-    model, records, mask = padded_npt_forward(arch, npt.NPTConfig(rank=8, modulation=modulation, layers="0,2"))
+    model, records, mask = padded_npt_forward(arch, npt.NPTConfig(modulation_target="gate",
+                                                                  rank=8, modulation=modulation, layers="0,2"))
     regs = []
     for layer in npt.npt_layers(model):
         rec = records[layer.layer_idx]
@@ -50,7 +51,7 @@ def test_layer_outputs_match_float64_reference(arch, modulation):
 
 def test_npt_disabled_is_bitwise_the_base_model():
     base = tiny_model("llama")
-    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(modulation_target="gate", rank=4))
     randomize_adapters(model)
     ids = torch.randint(1, 128, (2, 11))
     with torch.no_grad():
@@ -63,7 +64,8 @@ def test_npt_disabled_is_bitwise_the_base_model():
 
 
 def test_init_scales_and_identity_factor():
-    model = npt.convert_to_npt(tiny_model("llama", layers=2, hidden=512, ffn=2048), npt.NPTConfig(rank=64))
+    model = npt.convert_to_npt(tiny_model("llama", layers=2, hidden=512, ffn=2048),
+                               npt.NPTConfig(modulation_target="gate", rank=64))
     ad = npt.npt_layers(model)[0].adapter
     assert abs(ad.A_proj.weight.std().item() - 0.02) < 0.001
     assert abs(ad.B_add.weight.std().item() - 0.001) < 0.0001
@@ -82,7 +84,7 @@ def test_factor_range():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_only_adapters_train_and_they_are_fp32(dtype):
     model = tiny_model("qwen2").to(dtype)
-    npt.convert_to_npt(model, npt.NPTConfig(rank=4, layers="upper_half"))
+    npt.convert_to_npt(model, npt.NPTConfig(modulation_target="gate", rank=4, layers="upper_half"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     adapter = {n for n, p in model.named_parameters() if ".adapter." in n}
     assert trainable == adapter and len(adapter) == 2 * 3  # layers 1, 2 (upper half of 3) x A, B_add, B_mult
@@ -99,7 +101,7 @@ def test_four_bit_base_keeps_fp32_adapters(tmp_path, embedded):
     tiny_model("llama", hidden=128, ffn=256).save_pretrained(tmp_path)
     embedded[1].save_pretrained(tmp_path)
     model, _ = load_base_model(str(tmp_path), use_quantization=True)
-    npt.convert_to_npt(model, npt.NPTConfig(rank=4))
+    npt.convert_to_npt(model, npt.NPTConfig(modulation_target="gate", rank=4))
     assert type(model.model.layers[0].layer.mlp.gate_proj).__name__ == "Linear4bit"
     assert {p.dtype for p in npt.get_adapter_params(model)} == {torch.float32}
     assert all(p.requires_grad == (".adapter." in n) for n, p in model.named_parameters())
@@ -115,7 +117,7 @@ def _load_4bit(path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_generate_same_tokens_with_and_without_cache(arch):
-    model = npt.convert_to_npt(tiny_model(arch), npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(tiny_model(arch), npt.NPTConfig(modulation_target="gate", rank=4))
     randomize_adapters(model, std=0.5)
     ids = torch.randint(1, 128, (2, 6))
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
@@ -125,7 +127,7 @@ def test_generate_same_tokens_with_and_without_cache(arch):
 
 
 def test_save_load_round_trip(tmp_path):
-    model = npt.convert_to_npt(tiny_model("mistral"), npt.NPTConfig(rank=6, layers="1-2"))
+    model = npt.convert_to_npt(tiny_model("mistral"), npt.NPTConfig(modulation_target="gate", rank=6, layers="1-2"))
     randomize_adapters(model)
     npt.save_adapters(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model.safetensors", "npt_config.json"]
@@ -140,14 +142,16 @@ def test_save_load_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("other, message", [
-    (lambda: npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=4, layers="1-2")), "rank"),
-    (lambda: npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=6, layers="0-1")), "layers"),
-    (lambda: npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=6, layers="1-2", modulation="additive")), "modulation"),
+    (lambda: npt.convert_to_npt(tiny_model(), npt.NPTConfig(modulation_target="gate", rank=4, layers="1-2")), "rank"),
+    (lambda: npt.convert_to_npt(tiny_model(), npt.NPTConfig(modulation_target="gate", rank=6, layers="0-1")), "layers"),
+    (lambda: npt.convert_to_npt(tiny_model(), npt.NPTConfig(modulation_target="gate", rank=6, layers="1-2",
+                                                            modulation="additive")), "modulation"),
     (lambda: tiny_model(layers=5), "layers"),
     (lambda: tiny_model(hidden=32, ffn=96), "shape"),
 ])
 def test_load_into_mismatched_model_names_the_mismatch(tmp_path, other, message):
-    npt.save_adapters(npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=6, layers="1-2")), tmp_path)
+    npt.save_adapters(npt.convert_to_npt(tiny_model(), npt.NPTConfig(modulation_target="gate",
+                                                                     rank=6, layers="1-2")), tmp_path)
     with pytest.raises(ValueError, match=message):
         npt.load_adapters(other(), tmp_path)
 
@@ -155,31 +159,31 @@ def test_load_into_mismatched_model_names_the_mismatch(tmp_path, other, message)
 def test_load_corrupt_or_missing_adapters(tmp_path):
     with pytest.raises(FileNotFoundError, match="npt_config.json"):
         npt.load_adapters(tiny_model(), tmp_path)
-    npt.save_adapters(npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=4)), tmp_path)
+    npt.save_adapters(npt.convert_to_npt(tiny_model(), npt.NPTConfig(modulation_target="gate", rank=4)), tmp_path)
     (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="corrupt"):
         npt.load_adapters(tiny_model(), tmp_path)
 
 
 def test_config_layers_and_json():
-    cfg = npt.NPTConfig(rank=3, modulation="additive", layers=[5, 1])
+    cfg = npt.NPTConfig(modulation_target="gate", rank=3, modulation="additive", layers=[5, 1])
     assert npt.NPTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.layer_indices(6) == [1, 5]
-    assert npt.NPTConfig(layers="upper_half").layer_indices(30) == list(range(15, 30))
-    assert npt.NPTConfig(layers="lower_half").layer_indices(30) == list(range(15))
-    assert npt.NPTConfig(layers="8-15").layer_indices(30) == list(range(8, 16))
-    assert npt.NPTConfig(layers="1,3,5").layer_indices(30) == [1, 3, 5]
+    assert npt.NPTConfig(modulation_target="gate", layers="upper_half").layer_indices(30) == list(range(15, 30))
+    assert npt.NPTConfig(modulation_target="gate", layers="lower_half").layer_indices(30) == list(range(15))
+    assert npt.NPTConfig(modulation_target="gate", layers="8-15").layer_indices(30) == list(range(8, 16))
+    assert npt.NPTConfig(modulation_target="gate", layers="1,3,5").layer_indices(30) == [1, 3, 5]
     for bad in ("30", "3-40", "x", "5-2"):
         with pytest.raises(ValueError, match="layer"):
-            npt.NPTConfig(layers=bad).layer_indices(30)
+            npt.NPTConfig(modulation_target="gate", layers=bad).layer_indices(30)
     with pytest.raises(ValueError, match="modulation"):
-        npt.NPTConfig(modulation="tanh")
+        npt.NPTConfig(modulation_target="gate", modulation="tanh")
     with pytest.raises(ValueError, match="rank"):
-        npt.convert_to_npt(tiny_model(hidden=64), npt.NPTConfig(rank=65))
+        npt.convert_to_npt(tiny_model(hidden=64), npt.NPTConfig(modulation_target="gate", rank=65))
 
 
 def test_consolidate_absorbs_the_modulation():
-    model = npt.convert_to_npt(tiny_model("llama"), npt.NPTConfig(rank=8))
+    model = npt.convert_to_npt(tiny_model("llama"), npt.NPTConfig(modulation_target="gate", rank=8))
     randomize_adapters(model)
     ids = torch.randint(1, 128, (1, 8))
     before = {layer.layer_idx: layer.layer.mlp.gate_proj.weight.clone() for layer in npt.npt_layers(model)}
@@ -212,17 +216,17 @@ def test_consolidate_absorbs_the_modulation():
 
 def test_consolidate_refuses_4bit(tmp_path):
     tiny_model("llama", hidden=128, ffn=256).save_pretrained(tmp_path)
-    model = npt.convert_to_npt(_load_4bit(tmp_path), npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(_load_4bit(tmp_path), npt.NPTConfig(modulation_target="gate", rank=4))
     with pytest.raises(ValueError, match="quantized"):
         npt.consolidate(model, torch.randint(1, 128, (1, 5)))
 
 
 def test_convert_refuses_twice_and_non_decoders():
-    model = npt.convert_to_npt(tiny_model(), npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(tiny_model(), npt.NPTConfig(modulation_target="gate", rank=4))
     with pytest.raises(ValueError, match="already"):
-        npt.convert_to_npt(model, npt.NPTConfig(rank=4))
+        npt.convert_to_npt(model, npt.NPTConfig(modulation_target="gate", rank=4))
     with pytest.raises(ValueError, match="decoder layers"):
-        npt.convert_to_npt(torch.nn.Sequential(torch.nn.Linear(3, 3)), npt.NPTConfig(rank=1))
+        npt.convert_to_npt(torch.nn.Sequential(torch.nn.Linear(3, 3)), npt.NPTConfig(modulation_target="gate", rank=1))
 
 
 @pytest.mark.integration
@@ -260,7 +264,7 @@ def test_embedded_model_cold_and_warm(tmp_path, monkeypatch):
     assert len(gguf_loads) == 1, gguf_loads  # warm: the cache, not a second conversion
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == written
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
-    npt.convert_to_npt(model, npt.NPTConfig())
+    npt.convert_to_npt(model, npt.NPTConfig(modulation_target="gate"))
     batch = tok(["The capital of France is", "def main():"], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
@@ -271,7 +275,7 @@ def test_embedded_model_4bit():
     model, tok = load_base_model("smollm2-135m", use_quantization=True)
     mlp = model.model.layers[0].mlp
     assert all(type(getattr(mlp, n)).__name__ == "Linear4bit" for n in ("gate_proj", "up_proj", "down_proj"))
-    npt.convert_to_npt(model, npt.NPTConfig())
+    npt.convert_to_npt(model, npt.NPTConfig(modulation_target="gate"))
     with torch.no_grad():
         assert torch.isfinite(model(**tok(["Hello there, NPT."], return_tensors="pt")).logits).all()
 
@@ -281,7 +285,7 @@ def test_output_hidden_states_sees_npt_layers():
     ids = torch.randint(1, 128, (1, 6))
     with torch.no_grad():
         expected = base(input_ids=ids, output_hidden_states=True).hidden_states  # installs capture hooks first
-        model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(rank=4, layers="1"))
+        model = npt.convert_to_npt(copy.deepcopy(base), npt.NPTConfig(modulation_target="gate", rank=4, layers="1"))
         randomize_adapters(model)
         records, handles = capture_layer_io(model)
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
@@ -326,7 +330,7 @@ def test_normalized_mse_matches_reference_at_any_scale():
 
 
 def test_deepcopy_after_a_training_forward():
-    model = npt.convert_to_npt(tiny_model("llama"), npt.NPTConfig(rank=4))
+    model = npt.convert_to_npt(tiny_model("llama"), npt.NPTConfig(modulation_target="gate", rank=4))
     model(input_ids=torch.randint(1, 128, (1, 5)))  # last_reg now holds a graph
     clone = copy.deepcopy(model)
     assert all(layer.last_reg is None for layer in npt.npt_layers(clone))
@@ -336,15 +340,15 @@ def test_deepcopy_after_a_training_forward():
 @pytest.mark.parametrize("teacher", [True, False])
 def test_run_captured_stops_after_the_last_npt_layer(teacher):
     """Without logits, layers above the last NPT layer never run, and the captures equal a full forward's."""
-    model = npt.convert_to_npt(tiny_model(layers=4), npt.NPTConfig(layers="0-1"))
+    model = npt.convert_to_npt(tiny_model(layers=4), npt.NPTConfig(modulation_target="gate", layers="0-1"))
     randomize_adapters(model)
     ran = []
     handle = model.model.layers[3].register_forward_pre_hook(lambda m, a: ran.append(3))
     ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    stopped, logits = npt.run_captured(model, batch, ("input", "attn", "output"), teacher=teacher)
+    stopped, logits = run_captured(model, batch, ("input", "attn", "output"), teacher=teacher)
     assert logits is None and ran == []
-    full, logits = npt.run_captured(model, batch, ("input", "attn", "output"), teacher=teacher, logits=True)
+    full, logits = run_captured(model, batch, ("input", "attn", "output"), teacher=teacher, logits=True)
     assert logits.shape == (2, 9, 128) and ran == [3]
     handle.remove()
     for i in (0, 1):

@@ -3,8 +3,6 @@ runs, a diverging run keeps its last finite adapters, a second run in the same -
 a cut-off metrics.jsonl line does not stop a resume, debug_nan --json to an unwritable path is exit 2."""
 import json
 import os
-import pty
-import select
 import shutil
 import subprocess
 import sys
@@ -15,33 +13,10 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-import debug_nan
 import npt
-import test_fixed_npt
-from helpers import FAST, GATE, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run
-
-
-def run_in_terminal(args, typed: bytes, env: dict, timeout=120) -> tuple[int, str]:
-    """The trainer under a pseudo-terminal (so transformers could prompt), `typed` waiting in its input;
-    (exit code, what the terminal showed, the typed echo included)."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the trainer, its stdin/stdout/stderr the terminal
-        os.chdir(ROOT)
-        os.execve(sys.executable, [sys.executable, SCRIPT, *map(str, args)], {**os.environ, **env})
-    out, deadline = b"", time.time() + timeout
-    os.write(fd, typed)
-    while time.time() < deadline:
-        if select.select([fd], [], [], 1)[0]:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            out += chunk
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+from npt_tools import fix_checks, inspection, trainer
+from npt_tools.arguments import TrainArgs
+from helpers import FAST, GATE, ROOT, SCRIPT, adapters, assert_bitwise, assert_loadable, ok, rows, run, run_in_terminal
 
 
 def remote_code_model(tmp_path, tiny_llama_dir):
@@ -101,7 +76,7 @@ def test_diverging_learning_rate_keeps_the_last_finite_adapters(tmp_path, tiny_l
     else:
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         torch.manual_seed(3)  # FAST's --seed: the trainer's adapter init
-        npt.convert_to_npt(model, npt.NPTConfig())
+        npt.convert_to_npt(model, npt.NPTConfig(modulation_target="gate"))
         init = {f"layers.{la.layer_idx}.{k}": v for la in npt.npt_layers(model) for k, v in la.adapter.state_dict().items()}
         assert final.keys() == init.keys() and all(torch.equal(final[k], init[k]) for k in init)
 
@@ -151,14 +126,14 @@ def test_cut_off_metrics_line_does_not_stop_a_resume(tmp_path, tiny_llama_dir, f
 
 def test_debug_nan_json_to_an_unwritable_path_is_exit_2(tiny_llama_dir, tmp_path):
     for target in ("/proc/npt-report.json", "/proc/self/status"):  # root may "access" both; neither is writable
-        result = CliRunner().invoke(debug_nan.main, ["--model_name", str(tiny_llama_dir), "--json", target],
+        result = CliRunner().invoke(inspection.main, ["--model_name", str(tiny_llama_dir), "--json", target],
                                     catch_exceptions=False)
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--json" in lines[0], result.stderr
         assert result.stdout == ""
 
 
-@pytest.mark.parametrize("script", [debug_nan, test_fixed_npt])
+@pytest.mark.parametrize("script", [inspection, fix_checks])
 def test_other_scripts_refuse_remote_code_without_the_flag(tmp_path, tiny_llama_dir, script, monkeypatch):
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     assert "--trust_remote_code" in CliRunner().invoke(script.main, ["--help"]).output
@@ -247,7 +222,7 @@ def test_output_dir_with_a_users_checkpoint_names_is_left_untouched(tmp_path, ti
     (out / "checkpoint-final").mkdir()
     (out / "checkpoint-final" / "precious.txt").write_text("precious")
     before = user_files(out)
-    result = CliRunner().invoke(trainer_main(), ["--model_name", str(tiny_llama_dir), "--output_dir", str(out), *map(
+    result = CliRunner().invoke(trainer.main, ["--model_name", str(tiny_llama_dir), "--output_dir", str(out), *map(
         str, RACE), "--max_steps", "3", *(["--overwrite_output_dir"] if overwrite else [])], catch_exceptions=False)
     assert result.exit_code == 2 and "not written by this trainer" in one_error_line(result.stderr)
     assert "checkpoint-2" in result.stderr
@@ -255,38 +230,14 @@ def test_output_dir_with_a_users_checkpoint_names_is_left_untouched(tmp_path, ti
 
 
 def test_overwrite_help_says_what_it_replaces_and_keeps():
-    text = " ".join(CliRunner().invoke(trainer_main(), ["--help"]).output.split())
+    text = " ".join(CliRunner().invoke(trainer.main, ["--help"]).output.split())
     assert ("Replaced: metrics.jsonl, loss_curve.png, equivalence.json, and that run's checkpoints of the names this "
             "run saves. Kept: its other checkpoints (never pruned or resumed) and everything this trainer did not "
             "write") in text
 
 
-def trainer_main():
-    import pretrain_npt_safe
-
-    return pretrain_npt_safe.main
-
 
 # ----------------------------------------------------------------------------- a full disk
-@pytest.fixture
-def tmpfs(tmp_path):
-    """mount(size) -> a fresh tmpfs of that size (unmounted after the test)."""
-    mounted = []
-
-    def mount(size):
-        d = tmp_path / f"tmpfs{len(mounted)}"
-        d.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
-                          capture_output=True).returncode:
-            pytest.skip("mounting a tmpfs needs root; test_reliability's ENOSPC test covers saving in-process")
-        mounted.append(d)
-        return d
-
-    yield mount
-    for d in mounted:
-        subprocess.run(["umount", str(d)], check=False)
-
-
 @pytest.mark.integration
 def test_full_disk_while_saving_exits_4_and_the_last_checkpoint_resumes_bitwise(tmp_path, tiny_llama_dir, tmpfs):
     lone, out = tmp_path / "lone", tmpfs("400k") / "out"  # sized for the gate target's checkpoints
@@ -308,16 +259,6 @@ def test_full_disk_while_saving_exits_4_and_the_last_checkpoint_resumes_bitwise(
     assert_bitwise(copy / "checkpoint-final", lone / "checkpoint-final")
 
 
-@pytest.mark.integration
-def test_full_disk_at_the_final_save_is_one_line_and_exit_4(tmp_path, tiny_llama_dir, tmpfs):
-    out = tmpfs("100k") / "out"
-    proc = run("--model_name", tiny_llama_dir, "--output_dir", out, *FAST, "--max_steps", 2, "--eval_steps", 0)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 4 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "checkpoint-" in errors[0] and "MB" in errors[0]
-    assert not [p.name for p in out.iterdir() if p.name.startswith((".npt-tmp", "checkpoint-"))]
-
-
 # ----------------------------------------------------------------------------- the other scripts
 @pytest.mark.integration
 @pytest.mark.parametrize("edit, field", [(lambda c: [c], "JSON object"), (lambda c: {**c, "add_scale": "big"}, "add_scale"),
@@ -327,7 +268,7 @@ def test_debug_nan_refuses_a_malformed_npt_config(tmp_path, tiny_llama_dir, firs
     shutil.copytree(first_run / "checkpoint-1", ckpt)
     config = json.loads((ckpt / "npt_config.json").read_text())
     (ckpt / "npt_config.json").write_text(json.dumps(edit(config)))
-    result = CliRunner().invoke(debug_nan.main, ["--model_name", str(tiny_llama_dir), "--checkpoint", str(ckpt)],
+    result = CliRunner().invoke(inspection.main, ["--model_name", str(tiny_llama_dir), "--checkpoint", str(ckpt)],
                                 catch_exceptions=False)
     assert result.exit_code == 2 and field in one_error_line(result.stderr) and result.stdout == ""
 
@@ -346,14 +287,13 @@ def test_fixed_npt_refuses_an_unconvertible_model_with_one_line(tmp_path, tiny_l
     else:
         MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, num_local_experts=4).save_pretrained(folder)
-    result = CliRunner().invoke(test_fixed_npt.main, ["--model_name", str(folder)], catch_exceptions=False)
+    result = CliRunner().invoke(fix_checks.main, ["--model_name", str(folder)], catch_exceptions=False)
     assert result.exit_code == 2 and "cannot be converted to NPT" in one_error_line(result.stderr)
     assert result.stdout == ""
 
 
 def test_warmup_longer_than_the_run_warns_once():
-    import pretrain_npt_safe
 
     with pytest.warns(UserWarning, match="peaks at 3% of --learning_rate") as caught:
-        assert pretrain_npt_safe.count_steps(pretrain_npt_safe.TrainArgs(max_steps=3, warmup_steps=100), None, 1) == 3
+        assert trainer.count_steps(TrainArgs(max_steps=3, warmup_steps=100), None, 1) == 3
     assert len(caught) == 1

@@ -12,12 +12,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, MixtralConfig
 
 import npt
-import pretrain_npt_safe as trainer
+from npt_tools import trainer
 from helpers import ROOT
 from npt_tools.arguments import TrainArgs
 from npt_tools.checkpoints import TrainerState, save_checkpoint
 
-GATE = ["--modulation_target", "gate"]  # the layout the fixture's adapters were saved in (NPTConfig())
+GATE = ["--modulation_target", "gate"]  # the layout the fixture's adapters were saved in
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def inputs(tmp_path_factory, tiny_llama_dir):
     (d / "blank.jsonl").write_text('{"text": ""}\n{"text": "   "}\n')
     (d / "other_column.jsonl").write_text('{"content": "some text"}\n')
     (d / "a_file").write_text("not a directory")
-    model = npt.convert_to_npt(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), npt.NPTConfig())
+    model = npt.convert_to_npt(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                               npt.NPTConfig(modulation_target="gate"))
     opt = torch.optim.AdamW(npt.get_adapter_params(model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     (d / "run").mkdir()
@@ -61,6 +62,7 @@ def broken_inputs(d, tiny_llama_dir, model, opt, sched):
     opt.zero_grad()
     args = TrainArgs(model_name=str(tiny_llama_dir))
     args.resolve()  # what the trainer saves: every flag at its value
+    args.learning_rate = 3e-4  # the exact target's, as its closed-form start decides it
     args = args.saved()
     for name in ("lacks_keys", "wrong_types", "optim_shape", "optim_nan", "saved_args"):
         save_checkpoint(d / "run", name, model, opt, sched, TrainerState(step=1), {"args": args})
@@ -303,3 +305,10 @@ def test_help_lists_every_flag():
     missing = [f for f in flags if f"--{f}" not in text]
     assert not missing, missing
     assert "default: 0.5" in " ".join(text.split()).replace("[", "").replace("]", "")  # --max_grad_norm
+
+
+def test_help_states_each_targets_learning_rate():
+    """The exact target's rate is decided by its closed-form start (a placeholder is never shown as its default)."""
+    text = " ".join(CliRunner().invoke(trainer.main, ["--help"]).output.split())
+    assert ("[default per --modulation_target: 0.003 x the share of the attention the closed-form start misses "
+            "(1e-05 with --init_adapters) for exact; 0.003 for gate, down, gate+down]") in text

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import npt
-import pretrain_npt_safe as trainer
+from npt_tools import trainer
 from npt_tools.arguments import EXACT_LR_SCALE, TrainArgs
 from npt_tools.checkpoints import TrainerState
 from npt_tools.cli import UserError
@@ -30,10 +30,10 @@ def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
     run = trainer.Trainer(args, plan).setup()
     assert run.procs.world == 1 and run.procs.main and run.procs.reduce is None and run.total_steps == 3
     assert [layer.layer_idx for layer in npt.npt_layers(run.model)] == [0, 1]
-    state = run.state
-    assert state == TrainerState(run_id=state.run_id) and len(state.run_id) == 12
-    line = run.closed_form_start()  # the default exact target's start
-    assert line.startswith("closed-form start") and state.closed_form_start["tokens"] > 64
+    state = run.state  # setup ran the default exact target's start, before building the optimizer
+    assert state == TrainerState(run_id=state.run_id, closed_form_start=state.closed_form_start)
+    assert len(state.run_id) == 12
+    assert run.started.startswith("closed-form start") and state.closed_form_start["tokens"] > 64
     assert run.closed_form_start() is None  # done once, recorded in the state
     assert run.train() == 0 and state.step == 3 and state.tokens > 0
     run.cleanup(0)
@@ -43,23 +43,49 @@ def test_phases_run_without_the_cli(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.integration
-def test_exact_learning_rate_follows_the_start_unless_given(tiny_llama_dir, tmp_path):
-    """--learning_rate not given on the exact target: EXACT_LR_SCALE x the share the start misses, in the optimizer
-    and in the saved arguments (a resume continues at it); given, it is honoured."""
+def test_exact_learning_rate_follows_the_start_unless_given(tiny_llama_dir, tmp_path, monkeypatch):
+    """--learning_rate not given on the exact target: EXACT_LR_SCALE x the share the start misses, decided before
+    the optimizer exists (built once), in the optimizer, the saved arguments (a resume continues at it) and the
+    trackers' configuration; given, it is honoured."""
+    built, configs = [], []
+    monkeypatch.setattr(torch.optim, "AdamW", counting(torch.optim.AdamW, built))
+    monkeypatch.setattr(trainer.Metrics, "start_trackers", recording(trainer.Metrics.start_trackers, configs))
     fast = {k: v for k, v in dataclasses.asdict(tiny_args(tiny_llama_dir, tmp_path)).items() if k != "learning_rate"}
     for given, out in ((None, tmp_path / "auto"), (5e-5, tmp_path / "given")):
+        built.clear()
         args = TrainArgs(**{**fast, "output_dir": str(out), "adapter_rank": 8, "learning_rate": given})
-        run = trainer.Trainer(args, make_plan(args)).setup()
-        line = run.closed_form_start()
+        plan = make_plan(args)
+        assert args.learning_rate == given  # not given: nothing decided it yet (no placeholder)
+        run = trainer.Trainer(args, plan).setup()
         kept = run.state.closed_form_start["kept"]
         assert 0 < kept < 1
         expected = given or EXACT_LR_SCALE * (1 - kept)
-        assert args.learning_rate == pytest.approx(expected, rel=1e-12) and ("learning rate" in line) == (given is None)
-        assert [g["initial_lr"] for g in run.optimizer.param_groups] == [args.learning_rate]
+        assert args.learning_rate == pytest.approx(expected, rel=1e-12)
+        assert ("learning rate" in run.started) == (given is None)
+        assert len(built) == 1 and [g["initial_lr"] for g in run.optimizer.param_groups] == [args.learning_rate]
+        assert configs[-1]["learning_rate"] == args.learning_rate  # what TensorBoard / W&B record
         assert run.train() == 0
         run.cleanup(0)
+        assert len(built) == 1
         saved = json.loads((out / "checkpoint-final" / "trainer_state.json").read_text())
         assert saved["args"]["learning_rate"] == args.learning_rate
+
+
+def counting(cls, built: list):
+    """`cls` that appends each instance it builds to `built`."""
+    class Counted(cls):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append(self)
+    return Counted
+
+
+def recording(start, configs: list):
+    """Metrics.start_trackers that records the configuration the trackers are given."""
+    def wrapped(self, config):
+        configs.append(config)
+        start(self, config)
+    return wrapped
 
 
 @pytest.mark.integration
@@ -69,8 +95,7 @@ def test_init_gradient_batches_take_the_metric_from_the_first_batches(tiny_llama
     for k, out in ((None, tmp_path / "all"), (1, tmp_path / "one")):
         args = tiny_args(tiny_llama_dir, out, init_batches=3, init_gradient_batches=k)
         run = trainer.Trainer(args, make_plan(args)).setup()
-        line = run.closed_form_start()
-        start = run.state.closed_form_start
+        line, start = run.started, run.state.closed_form_start
         assert start["tokens"] == 3 * 2 * 32  # 3 batches of 2 full windows of 32 tokens
         assert start["gradient_tokens"] == (start["tokens"] if k is None else 2 * 32)
         assert ("gradients at 64 of them" in line) == (k == 1)
@@ -184,7 +209,10 @@ def test_every_target_resolves_its_own_defaults(monkeypatch, tiny_llama_dir, tmp
     make_plan(args)
     assert {k: getattr(args, k) for k in TARGET_DEFAULTS[target]} == TARGET_DEFAULTS[target]
     assert args.objective == ("kl" if target == "exact" else "layerwise")
-    assert args.saved()["learning_rate"] == args.learning_rate > 0  # trainer_state.json records the value
+    if target == "exact":  # decided by the closed-form start, after the plan (test_exact_learning_rate_...)
+        assert args.learning_rate is None
+    else:
+        assert args.saved()["learning_rate"] == args.learning_rate > 0  # trainer_state.json records the value
 
 
 IGNORED = [  # (flag words, target), where the flag does nothing
@@ -223,6 +251,12 @@ def test_a_flag_set_where_it_matters_does_not_warn(monkeypatch, tiny_llama_dir, 
     assert plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, *words, "--modulation_target", target) == []
 
 
+def test_share_embeddings_warns_as_the_other_idle_flags_do(monkeypatch, tiny_llama_dir, tmp_path):
+    caught = plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, "--share_embeddings")
+    assert caught == ["--share_embeddings does nothing (the teacher is always the same model (npt_disabled), so "
+                      "embeddings are always shared): ignored"]
+
+
 def test_loss_warns_under_kl_whatever_the_target(monkeypatch, tiny_llama_dir, tmp_path):
     caught = plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, "--modulation_target", "gate", "--objective", "kl",
                            "--loss", "cosine")
@@ -251,8 +285,9 @@ def test_trainargs_built_directly_warns_as_the_cli_does(tiny_llama_dir, tmp_path
 
 
 # ----------------------------------------------------------------------------- resuming under new defaults
-def older_checkpoint(tiny_llama_dir, out, **saved_args):
-    """An exact-target checkpoint whose trainer_state.json args hold `saved_args` over the resolved defaults."""
+def older_checkpoint(tiny_llama_dir, out, start=None, **saved_args):
+    """An exact-target checkpoint whose trainer_state.json args hold `saved_args` over the resolved defaults (and
+    its closed_form_start `start`)."""
     from transformers import AutoModelForCausalLM
 
     from npt_tools.checkpoints import save_checkpoint
@@ -263,7 +298,8 @@ def older_checkpoint(tiny_llama_dir, out, **saved_args):
                                npt.NPTConfig(rank=64, modulation_target="exact"))
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return save_checkpoint(out, "checkpoint-1", model, opt, sched, TrainerState(step=1, run_id="older"),
+    return save_checkpoint(out, "checkpoint-1", model, opt, sched,
+                           TrainerState(step=1, run_id="older", closed_form_start=start),
                            {"args": {**args.saved(), **saved_args}})
 
 
@@ -283,6 +319,53 @@ def test_resume_keeps_the_checkpoints_values_of_flags_not_given(tiny_llama_dir, 
             make_plan(again)
 
 
+def test_resume_after_the_closed_form_start_keeps_its_flags(tiny_llama_dir, tmp_path):
+    """The start ran under --exact_start pca: a resume without the start's flags takes the run's values (its args
+    then say what its closed_form_start did); given and different, they are refused (the start will not run again)."""
+    start = {"method": "principal directions", "windows": 4, "tokens": 128, "gradient_tokens": 0, "kept": 1.0}
+    ckpt = older_checkpoint(tiny_llama_dir, tmp_path / "run", start=start, exact_start="pca", init_batches=2)
+    args = tiny_args(tiny_llama_dir, tmp_path / "run", resume_from_checkpoint=str(ckpt))
+    make_plan(args)
+    assert (args.exact_start, args.init_batches) == ("pca", 2)
+    for given, line in (({"exact_start": "fisher"}, "--exact_start 'pca' -> 'fisher'"),
+                        ({"init_batches": 64}, "--init_batches 2 -> 64")):
+        with pytest.raises(UserError, match=f"changed flags \\({line}\\)"):
+            make_plan(tiny_args(tiny_llama_dir, tmp_path / "run", resume_from_checkpoint=str(ckpt), **given))
+
+
+def test_resume_before_the_closed_form_start_may_choose_it(tiny_llama_dir, tmp_path):
+    ckpt = older_checkpoint(tiny_llama_dir, tmp_path / "run", exact_start="pca")  # no closed_form_start recorded
+    args = tiny_args(tiny_llama_dir, tmp_path / "run", resume_from_checkpoint=str(ckpt), exact_start="fisher")
+    make_plan(args)
+    assert args.exact_start == "fisher"
+
+
+def test_resume_from_a_file_says_it_is_a_file(tiny_llama_dir, tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"{}")
+    with pytest.raises(UserError, match="is a file: give a checkpoint directory") as e:
+        make_plan(tiny_args(tiny_llama_dir, tmp_path / "out",
+                            resume_from_checkpoint=str(tmp_path / "adapter_model.safetensors")))
+    assert "not found" not in str(e.value)
+
+
+@pytest.mark.parametrize("free, refused", [(200_000, True), (300_000, False)])
+def test_the_output_disk_must_hold_one_checkpoint(monkeypatch, tiny_llama_dir, tmp_path, free, refused):
+    """The exact target's checkpoint of the tiny Llama needs about 0.26 MB (12 bytes per adapter parameter +
+    64 kB): 0.20 MB is refused before any work, 0.30 MB holds one and warns that it cannot hold the run's three."""
+    import shutil
+
+    total = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: total._replace(free=free))
+    args = tiny_args(tiny_llama_dir, tmp_path / "out")  # save_steps 2 of 3 steps: checkpoint-2, -best, -final
+    if refused:
+        with pytest.raises(UserError, match="0.20 MB free on its disk, and one checkpoint of this run needs about "
+                                            "0.26 MB"):
+            make_plan(args)
+        return
+    with pytest.warns(UserWarning, match="has room for 1 of the 3 checkpoints"):
+        make_plan(args)
+
+
 @pytest.mark.parametrize("value", ["fast", None, float("nan"), 0.0, -1e-3, True])
 def test_resume_refuses_a_checkpoints_value_the_flag_could_not_take(tiny_llama_dir, tmp_path, value):
     ckpt = older_checkpoint(tiny_llama_dir, tmp_path / "run", learning_rate=value)
@@ -300,3 +383,21 @@ def test_kernel_triton_without_a_gpu_is_refused_only_where_the_kernel_runs(monke
         plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, "--kernel", "triton", "--modulation_target", "gate")
     caught = plan_warnings(monkeypatch, tiny_llama_dir, tmp_path, "--kernel", "triton")  # exact: never called
     assert len(caught) == 1 and caught[0].startswith("--kernel triton does nothing"), caught
+
+
+def test_best_compares_only_values_of_its_own_kind():
+    """TrainerState.best is the best eval loss, or with --eval_steps 0 the best mean train loss (best_metric says
+    which): a resume that switches between them starts the comparison afresh instead of comparing the two."""
+    import types
+
+    saved = []
+    run = types.SimpleNamespace(window_losses=[1.0, 3.0], last_eval=None, save_checkpoint=saved.append,
+                                state=TrainerState(best=0.5, best_metric="eval_loss"))
+    trainer.Checkpoints._save_if_best(run)  # a train loss of 2.0 is not worse than an eval loss of 0.5: another kind
+    assert saved == ["checkpoint-best"] and (run.state.best, run.state.best_metric) == (2.0, "train_loss")
+    run.window_losses = [2.5]
+    trainer.Checkpoints._save_if_best(run)
+    assert saved == ["checkpoint-best"] and run.state.best == 2.0  # worse, of the same kind: kept
+    run.last_eval = {"eval_loss": 2.7}
+    trainer.Checkpoints._save_if_best(run)
+    assert saved == ["checkpoint-best"] * 2 and (run.state.best, run.state.best_metric) == (2.7, "eval_loss")

@@ -31,7 +31,7 @@ def test_4bit_gradients_match_dequantized_model(tiny_llama_dir, objective):
     models = []
     for m in (qmodel, ref):
         torch.manual_seed(0)
-        npt.convert_to_npt(m, npt.NPTConfig(rank=4))
+        npt.convert_to_npt(m, npt.NPTConfig(modulation_target="gate", rank=4))
         with torch.no_grad():
             for p in npt.get_adapter_params(m):
                 p.normal_(0, 0.3)
