@@ -17,4 +17,5 @@ those listed above it:
     trainer        the training recipe (Trainer: setup, closed-form start, train, save, cleanup); the trainer's command
     fix_checks     the checks of the NaN fixes; test_fixed_npt's command
     inspection     forward-pass inspection (where NaN / Inf first appear); debug_nan's command
+    plasticity     consolidation: a context written into the MLP weights (key-value edits, forward passes only)
 """
