@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import npt
 from npt_tools import edit
-from helpers import tiny_model
+from helpers import assert_parameters_unchanged as assert_unchanged, parameter_snapshot as snapshot
+from helpers import seeded_deltas, tiny_model
 
 ONE_TORCH_THREAD = True
 EDITED = ("model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.gate_proj.weight",
@@ -18,19 +19,7 @@ EDITED = ("model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.gate_proj.w
 
 
 def make_deltas(model, names=EDITED, scale=0.05, seed=7) -> dict[str, torch.Tensor]:
-    """fp32 deltas of the named parameters, drawn from a fixed seed (a stand-in for a consolidation method)."""
-    gen = torch.Generator().manual_seed(seed)
-    params = edit.base_parameters(model)
-    return {n: scale * torch.randn(params[n].shape, generator=gen) for n in names}
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
-
-
-def assert_unchanged(model, before):
-    changed = [n for n, p in model.named_parameters(remove_duplicate=False) if not torch.equal(p, before[n])]
-    assert not changed, f"{len(changed)} parameters changed, e.g. {changed[0]}"
+    return seeded_deltas(model, names, scale, seed)
 
 
 def logits(model, seed=3):
