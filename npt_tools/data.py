@@ -218,6 +218,20 @@ def load_data(args: TrainArgs) -> Data:
     return Data(stream, eval_windows, pad_id, n_windows)
 
 
+def held_out_count(n_docs: int) -> int:
+    """How many documents at the tail of a (non-streaming) dataset are held out for evaluation."""
+    return max(1, min(n_docs // 50, 64)) if n_docs >= 2 else 0
+
+
+def builtin_held_out_windows(tokenizer, length: int, count: int) -> list[list[int]]:
+    """Up to `count` token windows of `length` from the builtin corpus's held-out documents (those training
+    never sees), packed as training packs them."""
+    docs = builtin_texts()
+    held = [{"text": d} for d in docs[len(docs) - held_out_count(len(docs)):]]
+    stream = TextStream(held, "text", tokenizer, length, seed=0, shuffle=False, epochs=1)
+    return [w for w, _ in itertools.islice(stream.windows(), count)]
+
+
 def split_held_out(ds, text_column: str, args: TrainArgs):
     """(training documents, held-out documents): the head of a stream, or the tail of a dataset."""
     if args.streaming:
@@ -229,7 +243,7 @@ def split_held_out(ds, text_column: str, args: TrainArgs):
                  f"{EVAL_DOCS_STREAM} documents for eval")
         return train_ds, eval_ds
     ds = ds.filter(lambda ex: isinstance(ex[text_column], str) and bool(ex[text_column].strip()))
-    n_eval = max(1, min(len(ds) // 50, 64)) if len(ds) >= 2 else 0
+    n_eval = held_out_count(len(ds))
     if n_eval == 0 and args.eval_steps:
         fail(f"dataset {args.dataset_name!r} has {len(ds)} document: evaluation holds documents out, so give at "
              "least 2, or use --eval_steps 0")
