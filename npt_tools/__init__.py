@@ -13,4 +13,6 @@ npt_tools <- the scripts; inside the package each module imports only those list
     plan           the checks that read files (model config, checkpoint, adapters) before any work; the run lock
     processes      accelerate processes, precision and the sum over processes
     report         held-out evaluation and the equivalence report
+    edit           the edit artifact (edit.safetensors + edit.json): save, load, apply, undo (bitwise), merge
+    consolidate_cli  npt-consolidate: a context written into the weights, the artifact saved, what changed shown
 """

@@ -155,7 +155,7 @@ def save_edit(path: str | os.PathLike, deltas: dict[str, torch.Tensor], meta: di
     check_target(path, overwrite, EDIT_FILES, "an edit")
     tensors = {n: d.detach().to(device="cpu", dtype=torch.float32).contiguous() for n, d in deltas.items()}
     full = {**(meta or {}), "format_version": FORMAT_VERSION, "dtype": "float32",
-            "layers": edited_layers(tensors), "norms": {n: d.norm().item() for n, d in tensors.items()},
+            "layers": edited_layers(tensors), "norms": {n: d.double().norm().item() for n, d in tensors.items()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         text = json.dumps(full, indent=1, allow_nan=False) + "\n"
