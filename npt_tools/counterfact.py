@@ -175,6 +175,42 @@ def target_scores(model, tokenizer, prompts: list[str], targets: list[str],
     return nll, top1
 
 
+@torch.no_grad()
+def candidate_scores(model, tokenizer, prompts: list[str], candidates: list[str], batch_size: int = 16) -> torch.Tensor:
+    """(P, C) target_scores' mean negative log-probability of every candidate after every prompt: a batch of
+    prompts runs once and its key/value cache is shared by all candidates (a relation's objects ranked cheaply)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cands = [tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"] for c in candidates]
+    first_ids = torch.tensor([c[0] for c in cands], device=device)
+    longer = [i for i, c in enumerate(cands) if len(c) > 1]
+    rest = collate([cands[i][:-1] for i in longer], _pad_id(tokenizer)) if longer else None  # (C', T) but the last
+    out = torch.empty(len(prompts), len(candidates))
+    for b in range(0, len(prompts), batch_size):
+        batch = collate([tokenizer(p)["input_ids"] for p in prompts[b:b + batch_size]], _pad_id(tokenizer))
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, P)
+        lengths = mask.sum(1)
+        cache = DynamicCache()
+        logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits
+        last = torch.log_softmax(logits[torch.arange(len(ids)), lengths - 1].float(), -1)  # (B, V)
+        nll = -last[:, first_ids]  # (B, C): each candidate's first token
+        if longer:
+            n = len(longer)
+            cache.batch_repeat_interleave(n)  # row b * n + j: prompt b, candidate longer[j]
+            c_ids, c_mask = rest["input_ids"].repeat(len(ids), 1).to(device), rest["attention_mask"].repeat(len(ids), 1)
+            pos = lengths.repeat_interleave(n)[:, None] + torch.arange(c_ids.shape[1], device=device)  # (B n, T)
+            logp = torch.log_softmax(model(input_ids=c_ids, attention_mask=torch.cat(
+                [mask.repeat_interleave(n, 0), c_mask.to(device)], 1), position_ids=pos, cache=cache,
+                use_cache=True).logits.float(), -1).view(len(ids), n, c_ids.shape[1], -1)  # (B, C', T, V)
+            for j, i in enumerate(longer):
+                tail = torch.tensor(cands[i][1:], device=device)
+                tail_lp = logp[:, j, torch.arange(len(tail), device=device), tail].sum(-1)  # (B,)
+                nll[:, i] = (nll[:, i] - tail_lp) / len(cands[i])
+        out[b:b + len(ids)] = nll.cpu()
+    return out
+
+
 def harmonic_mean(*xs: float) -> float:
     """The harmonic mean (0 when any value is 0): CounterFact's score S of ES, PS and NS."""
     return 0.0 if min(xs) <= 0 else len(xs) / sum(1 / x for x in xs)
@@ -217,14 +253,24 @@ def evaluate_records(model, tokenizer, records: list[Record], prefix: str | Call
     for j in range(len(records)):
         idx = [i for i, (rj, _) in enumerate(rows) if rj == j]
         each.append(record_metrics([rows[i][1] for i in idx], nll[idx], top1[idx]))
-    out = {"records": len(records)}
-    for key in ("es", "ps", "ns", "es_top1", "ps_top1", "ns_top1"):
+    out = mean_metrics(each)
+    if per_record:
+        out["per_record"] = each
+    return out
+
+
+METRICS = ("es", "ps", "ns", "es_top1", "ps_top1", "ns_top1")
+
+
+def mean_metrics(each: list[dict]) -> dict:
+    """Means over records of their ES, PS, NS and top-1 versions (a record without paraphrases or neighbours
+    counts only where it has a value), S and S_top1 the harmonic means of the means, and the record count."""
+    out = {"records": len(each)}
+    for key in METRICS:
         vals = [e[key] for e in each if not math.isnan(e[key])]
         out[key] = sum(vals) / len(vals) if vals else math.nan
     out["s"] = harmonic_mean(out["es"], out["ps"], out["ns"])
     out["s_top1"] = harmonic_mean(out["es_top1"], out["ps_top1"], out["ns_top1"])
-    if per_record:
-        out["per_record"] = each
     return out
 
 

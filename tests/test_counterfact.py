@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from npt_tools.counterfact import (HeldOutDrift, Record, evaluate_records, harmonic_mean, in_context,
-                                   load_records, record_to_json, save_records, target_scores)
+from npt_tools.counterfact import (HeldOutDrift, Record, candidate_scores, evaluate_records, harmonic_mean,
+                                   in_context, load_records, record_to_json, save_records, target_scores)
 from npt_tools.data import builtin_held_out_windows
 from npt_tools.models import embedded_model_path
 from helpers import tiny_model
@@ -211,3 +211,11 @@ def test_load_records_errors_are_one_line(tmp_path, content, words):
 def test_load_records_missing_file(tmp_path):
     with pytest.raises(ValueError, match="cannot read facts file .*missing.json"):
         load_records(tmp_path / "missing.json")
+
+
+def test_candidate_scores_equal_target_scores(model, tok):
+    """The cached ranking of a relation's objects gives target_scores' values (single- and multi-token ones)."""
+    cands = ["Paris", "Rio de Janeiro", "the United Kingdom of Great Britain", "Rome", "New York"]
+    for prompt in PROMPTS[:2]:
+        got = candidate_scores(model, tok, prompt, cands)
+        assert torch.allclose(got, target_scores(model, tok, [prompt] * len(cands), cands)[0], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,411 @@
+"""Consolidation that works: a context such as "The capital of France is Rome." written into the MLP weights so that
+the model without the context answers as with it, on paraphrases too, and every other input keeps its answer.
+
+The default method, `kv` (forward passes only, no gradient step):
+  1. what to write: the prompt, its subject and the new object (from a CounterFact record, or from the context's text
+     by the rule in `parse_context`); the value is a change of the residual stream at the subject's last token at the
+     top layer of a band, along the new object's unembedding minus the old one's (through the final norm's scale),
+     its size found by a forward-only line search until the prompt, behind several prefixes, prefers the new object
+     by `margin` nats;
+  2. how to write it: a key-value edit of mlp.down_proj in each layer of the band, bottom-up (MEMIT, arXiv
+     2210.07229): keys k = silu(gate) * up at the subject's last token behind each prefix, whitened by the covariance C
+     of the keys on builtin text, dW = R K^T (lambda C + K_prev K_prev^T + K K^T)^-1, the residual R split over the
+     layers left; earlier edits' keys K_prev stay in the statistic, so later edits keep them (sequential edits).
+compute_edit returns each parameter's total change, keyed by its name in the plain Hugging Face model, and leaves the
+model's weights as it found them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+
+import npt
+
+METHODS = {"kv": "MEMIT-style key-value edit of mlp.down_proj in a band of layers, keys whitened by the covariance "
+                 "of the MLP activations, value from a forward-only line search along the new object's unembedding"}
+DEFAULT_METHOD = "kv"
+
+
+@dataclasses.dataclass
+class EditOptions:
+    """The method's knobs (compute_edit's **options)."""
+    method: str = DEFAULT_METHOD
+    layers: tuple[int, ...] | None = None  # the band; None: default_layers(num_layers)
+    covariance_weight: float = 1e4  # lambda: how strongly other inputs' keys are preserved
+    prefixes: int = 5  # random text prefixes behind which the prompt is also written (besides none)
+    prefix_tokens: int = 10
+    margin: float = 3.0  # nats by which the edited prompt must prefer the new object to the old one
+    top_margin: float = 1.0  # nats by which the new object must lead every other next token
+    max_scale: float = 4.0  # bound: the residual change at most this times the residual's norm
+    covariance_tokens: int = 32768
+    seed: int = 0
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """An early-middle band (where the subject's attributes are recalled): layers num_layers/6 .. num_layers/3."""
+    lo, hi = max(1, num_layers // 6), max(2, num_layers // 3)
+    return tuple(range(lo, hi + 1))
+
+
+# ----------------------------------------------------------------------------- names and modules
+def decoder_mlp(model, layer_idx: int):
+    layer = npt.decoder_layers(model)[layer_idx]
+    return (layer.layer if isinstance(layer, npt.NPTLayer) else layer).mlp
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name in the plain Hugging Face model: an NPT layer's `.layer` segment dropped."""
+    return re.sub(r"(layers\.\d+)\.layer\.", r"\1.", name)
+
+
+def down_proj_name(model, layer_idx: int) -> str:
+    weight = decoder_mlp(model, layer_idx).down_proj.weight
+    return plain_name(next(n for n, p in model.named_parameters() if p is weight))
+
+
+# ----------------------------------------------------------------------------- what to write
+@dataclasses.dataclass
+class Fact:
+    """One rewrite: `prompt` (the subject filled in, without the object) should now continue with `target_new`."""
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None  # None: the model's own first next token at the prompt
+
+
+def parse_context(context: str) -> Fact:
+    """The rule for a bare context: its last word (a trailing period dropped) is the new object, the text before it
+    the prompt; the subject is the prompt's last run of capitalised words (a sentence-initial The/A/An left out),
+    or, without one, the prompt's last word before the final one."""
+    text = context.strip().rstrip(".!").rstrip()
+    if " " not in text:
+        raise ValueError(f"context {context!r} needs at least two words: the prompt and the object it states")
+    prompt, target = text.rsplit(" ", 1)
+    words = prompt.split(" ")
+    runs, cur = [], []
+    for i, w in enumerate(words):
+        capital = w[:1].isupper() and not (i == 0 and w in ("The", "A", "An"))
+        if capital:
+            cur.append(w)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    subject = " ".join(runs[-1]) if runs else (words[-2] if len(words) > 1 else words[-1])
+    return Fact(prompt, subject.rstrip(",:;"), target)
+
+
+def fact_from_record(record) -> Fact:
+    """A counterfact Record (prompt with `{}`, subject, target_new, target_true) as a Fact."""
+    return Fact(record.prompt.format(record.subject), record.subject, record.target_new, record.target_true)
+
+
+# ----------------------------------------------------------------------------- token positions
+@dataclasses.dataclass
+class Queries:
+    """Texts as one right-padded batch; for each: its subject's last token and its last token."""
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    subject_pos: torch.Tensor  # (B,)
+    last_pos: torch.Tensor  # (B,)
+
+
+def encode(tokenizer, texts: list[str], subject_ends: list[int]) -> Queries:
+    """`subject_ends[i]`: the character just after the subject in texts[i]."""
+    rows, subj = [], []
+    for text, end in zip(texts, subject_ends):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > a]
+        if not inside:
+            raise ValueError(f"the subject ends at character {end} of {text!r}: no token there")
+        rows.append(enc["input_ids"])
+        subj.append(inside[-1])
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return Queries(ids, mask, torch.tensor(subj), mask.sum(1) - 1)
+
+
+def fact_queries(tokenizer, fact: Fact, prefixes: list[str]) -> Queries:
+    """The fact's prompt alone and behind each prefix."""
+    start = fact.prompt.rfind(fact.subject)
+    if start < 0:
+        raise ValueError(f"subject {fact.subject!r} is not in the prompt {fact.prompt!r}")
+    end = start + len(fact.subject)
+    texts = [fact.prompt] + [f"{p} {fact.prompt}" for p in prefixes]
+    ends = [end] + [len(p) + 1 + end for p in prefixes]
+    return encode(tokenizer, texts, ends)
+
+
+def first_token(tokenizer, word: str) -> int:
+    return tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"][0]
+
+
+# ----------------------------------------------------------------------------- forwards
+@torch.no_grad()
+def run(model, q: Queries, key_layers=(), residual_layer: int | None = None, add: torch.Tensor | None = None,
+        logits: bool = True):
+    """One forward of q: (keys {layer: (B, F) at the subject token}, residual (B, D) at the subject token after
+    `residual_layer`, next-token logits (B, V) at the last token, or None when not `logits`: the forward then stops
+    after the last layer it reads). `add` (B, D) is added to that residual first."""
+    layers, keys, out, handles = npt.decoder_layers(model), {}, {}, []
+    rows = torch.arange(q.input_ids.shape[0])
+
+    def grab_key(layer_idx, module, args):
+        keys[layer_idx] = args[0][rows, q.subject_pos].float()
+
+    def at_residual(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        if add is not None:
+            h = h.clone()
+            h[rows, q.subject_pos] += add.to(h.dtype)
+        out["h"] = h[rows, q.subject_pos].float()
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    try:
+        for i in key_layers:
+            handles.append(decoder_mlp(model, i).down_proj.register_forward_pre_hook(
+                lambda m, a, i=i: grab_key(i, m, a)))
+        if residual_layer is not None:
+            handles.append(layers[residual_layer].register_forward_hook(at_residual))
+        if not logits:
+            handles.append(layers[max([*key_layers, residual_layer or 0])].register_forward_hook(_stop))
+        try:
+            out["logits"] = model(input_ids=q.input_ids, attention_mask=q.attention_mask, use_cache=False).logits
+        except _Stop:
+            return keys, out.get("h"), None
+    finally:
+        for h in handles:
+            h.remove()
+    return keys, out.get("h"), out["logits"][rows, q.last_pos].float()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(module, args, output):
+    raise _Stop
+
+
+def repeat(q: Queries, n: int) -> Queries:
+    return Queries(*(t.repeat(n, *([1] * (t.dim() - 1))) for t in dataclasses.astuple(q)))
+
+
+# ----------------------------------------------------------------------------- covariance of the keys
+def _fingerprint(model, upto: int) -> str:
+    """Cheap identity of the weights the keys of layer `upto` depend on (embedding and layers 0..upto)."""
+    digest = hashlib.sha1()
+    for name, p in model.named_parameters():
+        m = re.search(r"layers\.(\d+)\.", name)
+        if "adapter" in name or (m and int(m.group(1)) > upto) or (not m and "embed" not in name):
+            continue
+        x = p.detach().double()
+        digest.update(f"{plain_name(name)}{tuple(p.shape)}{x.sum().item():.12e}{x.abs().sum().item():.12e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NPT_CACHE", Path.home() / ".cache" / "npt")) / "plasticity"
+
+
+@torch.no_grad()
+def key_covariance(model, tokenizer, layers, tokens: int = 32768, window: int = 256) -> dict[int, torch.Tensor]:
+    """C_l = E[k k^T] (F, F) fp32 of the keys k = silu(gate) * up of each layer on builtin text, computed once per
+    model and layer and cached on disk under the npt cache (keyed by the weights it depends on)."""
+    from safetensors.torch import load_file, save_file
+
+    from npt_tools.data import builtin_texts
+
+    paths = {i: cache_dir() / f"cov-{_fingerprint(model, i)}-L{i}-{tokens}.safetensors" for i in layers}
+    todo = [i for i in layers if not paths[i].is_file()]
+    if todo:
+        ids = tokenizer("\n\n".join(builtin_texts()), add_special_tokens=False)["input_ids"][:tokens]
+        sums = _key_moments(model, torch.tensor(ids).view(-1, window)[:max(1, len(ids) // window)], todo)
+        for i in todo:
+            paths[i].parent.mkdir(parents=True, exist_ok=True)
+            tmp = paths[i].with_suffix(f".tmp{os.getpid()}")
+            save_file({"covariance": sums[i].contiguous()}, tmp)
+            os.replace(tmp, paths[i])
+    return {i: load_file(paths[i])["covariance"] for i in layers}
+
+
+def _key_moments(model, windows: torch.Tensor, layers) -> dict[int, torch.Tensor]:
+    sums, count = {}, 0
+
+    def grab(i, module, args):
+        k = args[0].reshape(-1, args[0].shape[-1]).double()  # (N, F)
+        sums[i] = sums.get(i, 0) + k.t() @ k
+
+    handles = [decoder_mlp(model, i).down_proj.register_forward_pre_hook(lambda m, a, i=i: grab(i, m, a))
+               for i in layers]
+    handles.append(npt.decoder_layers(model)[max(layers)].register_forward_hook(_stop))
+    try:
+        for batch in windows.split(8):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Stop:
+                pass
+            count += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: (s / count).float() for i, s in sums.items()}
+
+
+# ----------------------------------------------------------------------------- the editor
+def builtin_prefixes(tokenizer, count: int, tokens: int, seed: int) -> list[str]:
+    """`count` snippets of `tokens` tokens of builtin text, each ending with a period (MEMIT's context templates)."""
+    import random
+
+    from npt_tools.data import builtin_texts
+
+    docs, rng, out = builtin_texts(), random.Random(seed), []
+    while len(out) < count:
+        words = rng.choice(docs).split()
+        if len(words) < 4 * tokens:
+            continue
+        start = rng.randrange(len(words) - 2 * tokens)
+        ids = tokenizer(" ".join(words[start:start + 2 * tokens]), add_special_tokens=False)["input_ids"][:tokens]
+        out.append(tokenizer.decode(ids).strip().rstrip(".") + ".")
+    return out
+
+
+class Editor:
+    """Writes facts one after the other into the model's down_proj weights (in place); keeps the statistic of the
+    keys already written so that later edits preserve them."""
+
+    def __init__(self, model, tokenizer, **options):
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(EditOptions)})
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}: choose from "
+                             f"{', '.join(f.name for f in dataclasses.fields(EditOptions))}")
+        self.opts = EditOptions(**options)
+        if self.opts.method not in METHODS:
+            raise ValueError(f"unknown method {self.opts.method!r}: choose from {', '.join(METHODS)}")
+        self.model, self.tokenizer = model, tokenizer
+        num_layers = len(npt.decoder_layers(model))
+        self.layers = tuple(self.opts.layers or default_layers(num_layers))
+        if not all(0 <= i < num_layers for i in self.layers):
+            raise ValueError(f"layers {self.layers} outside the model's 0..{num_layers - 1}")
+        self.covariance = key_covariance(model, tokenizer, self.layers, self.opts.covariance_tokens)
+        self.inverses = {}  # {layer: (lambda C + the written keys' K K^T)^-1} in float64
+        self.prefixes = builtin_prefixes(tokenizer, self.opts.prefixes, self.opts.prefix_tokens, self.opts.seed)
+
+    def write(self, fact: Fact) -> dict[int, torch.Tensor]:
+        """Edits the model in place; returns {layer: dW of down_proj} of this fact."""
+        q = fact_queries(self.tokenizer, fact, self.prefixes)
+        target = self.target_residual(fact, q)
+        top, deltas = self.layers[-1], {}
+        for j, i in enumerate(self.layers):
+            keys, h, _ = run(self.model, q, key_layers=[i], residual_layer=top, logits=False)
+            deltas[i] = self.insert(i, keys[i].t(), (target - h).t() / (len(self.layers) - j))
+        return deltas
+
+    def insert(self, layer_idx: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+        """dW = R K^T (A + K K^T)^-1 = R (I + K^T A^-1 K)^-1 K^T A^-1, A = lambda C + K_prev K_prev^T (the keys
+        written before), added to down_proj; keys (F, n), residuals (D, n). A^-1 is kept and updated (Woodbury)."""
+        a_inv = self.inverse(layer_idx)
+        ak = a_inv @ keys.double()  # (F, n)
+        inner = torch.eye(keys.shape[1], dtype=torch.float64) + keys.double().t() @ ak  # (n, n)
+        delta = (residuals.double() @ torch.linalg.solve(inner, ak.t())).float()  # (D, F)
+        weight = decoder_mlp(self.model, layer_idx).down_proj.weight
+        with torch.no_grad():
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+        self.inverses[layer_idx] = a_inv - ak @ torch.linalg.solve(inner, ak.t())
+        return delta
+
+    def inverse(self, layer_idx: int) -> torch.Tensor:
+        if layer_idx not in self.inverses:
+            c = self.opts.covariance_weight * self.covariance[layer_idx].double()
+            self.inverses[layer_idx] = torch.cholesky_inverse(torch.linalg.cholesky(c))
+        return self.inverses[layer_idx]
+
+    SCALES = (0.25, 0.5, 0.75, 1.0, 1.5)
+
+    @torch.no_grad()
+    def target_residual(self, fact: Fact, q: Queries) -> torch.Tensor:
+        """(n, D): what the residual at the subject's last token after the band's top layer should be, per query:
+        h + s |h| d, d the attention's pull-back of the new object's unembedding minus the old one's (`pullback`),
+        s the smallest grid scale (at most max_scale) at which every query prefers the new object by `margin`."""
+        top = self.layers[-1]
+        new = first_token(self.tokenizer, fact.target_new)
+        _, h_top, _ = run(self.model, q, residual_layer=top, logits=False)
+        inputs, attn, logits = attention_paths(self.model, q, top)
+        if fact.target_true is not None:
+            true = first_token(self.tokenizer, fact.target_true)
+        else:  # the model's own answer at the bare prompt
+            true = int(logits[0].clone().index_fill_(0, torch.tensor([new]), -torch.inf).argmax())
+        unembed = self.model.get_output_embeddings().weight.float()
+        probs = logits.softmax(-1)  # (n, V): raise the new object against what each query predicts now
+        u = (unembed[new] - probs @ unembed) * final_norm(self.model).weight.float()  # (n, D)
+        d = pullback(self.model, q, inputs, attn, u)
+        d = d / d.norm(dim=-1, keepdim=True) * h_top.norm(dim=-1, keepdim=True)  # (n, D), |d| = |h|
+        scales = torch.tensor([s for s in self.SCALES if s <= self.opts.max_scale])
+        n = d.shape[0]
+        add = (scales[:, None, None] * d).reshape(-1, d.shape[1])  # (S n, D)
+        _, _, logits = run(self.model, repeat(q, len(scales)), residual_layer=top, add=add)
+        logp = logits.log_softmax(-1)
+        rest = logp.clone().index_fill_(1, torch.tensor([new]), -torch.inf).max(1).values
+        margin = torch.minimum(logp[:, new] - rest, logp[:, new] - logp[:, true] - self.opts.margin)
+        margin = margin.view(len(scales), n).min(1).values  # (S,): the worst query at each scale
+        ok = (margin >= self.opts.top_margin).nonzero()
+        s = scales[ok[0, 0]] if len(ok) else scales[-1]
+        return h_top + s * d
+
+
+@torch.no_grad()
+def attention_paths(model, q: Queries, top: int):
+    """One forward with eager attention: ({l: layer l's input at the subject token, l > top}, {l: (B, H) attention
+    of the last token on the subject token, l > top}, next-token logits at the last token)."""
+    layers, rows, inputs, attn, handles = npt.decoder_layers(model), torch.arange(len(q.last_pos)), {}, {}, []
+    for i in range(top + 1, len(layers)):
+        handles.append(layers[i].register_forward_pre_hook(
+            lambda m, a, kw, i=i: inputs.__setitem__(i, (a[0] if a else kw["hidden_states"])[rows, q.subject_pos]
+                                                     .float()), with_kwargs=True))
+        handles.append(_self_attn(layers[i]).register_forward_hook(
+            lambda m, a, out, i=i: attn.__setitem__(i, out[1][rows, :, q.last_pos, q.subject_pos].float())))
+    config, before = model.config, model.config._attn_implementation
+    config._attn_implementation = "eager"  # the only implementation that returns the attention's weights
+    try:
+        logits = model(input_ids=q.input_ids, attention_mask=q.attention_mask, use_cache=False).logits
+    finally:
+        config._attn_implementation = before
+        for h in handles:
+            h.remove()
+    return inputs, attn, logits[rows, q.last_pos].float()
+
+
+def _self_attn(layer):
+    return (layer.layer if isinstance(layer, npt.NPTLayer) else layer).self_attn
+
+
+def pullback(model, q: Queries, inputs: dict, attn: dict, u: torch.Tensor) -> torch.Tensor:  # u (B, D)
+    """(B, D): the direction at the subject token that the later layers' attention carries to the last token along
+    u, to first order through each head's value and output maps (their LN1 scale and rms included, the attention
+    weights and the MLPs held fixed): sum_l sum_head A[last, subject] diag(w1 / rms(h)) W_V^T W_O^T u."""
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    out = 0
+    for i, a in attn.items():
+        layer = npt.decoder_layers(model)[i]
+        sa = _self_attn(layer)
+        dh = sa.o_proj.weight.shape[1] // heads
+        o = sa.o_proj.weight.float().view(-1, heads, dh)  # (D, H, dh)
+        v = sa.v_proj.weight.float().view(kv, dh, -1).repeat_interleave(heads // kv, 0)  # (H, dh, D)
+        per_head = torch.einsum("hkd,bhk->bhd", v, torch.einsum("dhk,bd->bhk", o, u))  # (B, H, D)
+        norm = (layer.layer if isinstance(layer, npt.NPTLayer) else layer).input_layernorm
+        scale = norm.weight.float() / npt.norm_rms(norm, inputs[i])[:, None]  # (B, D)
+        out = out + torch.einsum("bh,bhd->bd", a, per_head) * scale
+    return out
+
+
+def final_norm(model):
+    return model.base_model.norm
