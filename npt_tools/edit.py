@@ -154,18 +154,24 @@ def save_edit(path: str | os.PathLike, deltas: dict[str, torch.Tensor], meta: di
     path = Path(path)
     check_target(path, overwrite, EDIT_FILES, "an edit")
     tensors = {n: d.detach().to(device="cpu", dtype=torch.float32).contiguous() for n, d in deltas.items()}
-    full = {**(meta or {}), "format_version": FORMAT_VERSION, "dtype": "float32",
-            "layers": edited_layers(tensors), "norms": {n: d.double().norm().item() for n, d in tensors.items()},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        text = json.dumps(full, indent=1, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"the edit's meta cannot be written as JSON: {e}") from None
+    text = meta_json(tensors, meta)
 
     def write(tmp: Path):
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "npt_edit": str(FORMAT_VERSION)})
         (tmp / META_FILE).write_text(text)
     return write_folder(path, write)
+
+
+def meta_json(deltas: dict[str, torch.Tensor], meta: dict | None) -> str:
+    """edit.json's text: `meta` with the format version, the deltas' dtype, the edited layers, each delta's norm
+    and the time it was made (kept when `meta` has one)."""
+    full = {**(meta or {}), "format_version": FORMAT_VERSION, "dtype": "float32", "layers": edited_layers(deltas),
+            "norms": {n: d.double().norm().item() for n, d in deltas.items()},
+            "created": (meta or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        return json.dumps(full, indent=1, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the edit's meta cannot be written as JSON: {e}") from None
 
 
 def load_edit(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -218,13 +224,14 @@ def write_merged(model_name: str, deltas: dict[str, torch.Tensor], meta: dict, o
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite, (META_FILE, "config.json"), "a merged model")
     check_deltas(deltas)
+    text = meta_json(deltas, {**meta, "merged_into": model_name})
     model, tokenizer = load_base_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
     apply_edit(model, deltas)
 
     def write(tmp: Path):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps({**meta, "merged_into": model_name}, indent=1) + "\n")
+        (tmp / META_FILE).write_text(text)
     return write_folder(out_dir, write)
 
 
@@ -243,13 +250,17 @@ def check_target(path: Path, overwrite: bool, own_files: tuple[str, ...], what: 
 
 def write_folder(path: Path, write) -> Path:
     """Call write(tmp) on a temporary folder beside `path`, sync its files and rename it to `path` (an existing
-    `path` moved aside first, then removed): readers see the old folder or the new one, never half of one."""
+    `path` moved aside first, then removed): readers see the old folder or the new one, never half of one. The
+    folder and its files get the modes the umask gives a new folder and file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         write(tmp)
-        for f in tmp.rglob("*"):  # the data on disk before the rename makes it visible
-            if f.is_file():
+        umask = os.umask(0o22)
+        os.umask(umask)
+        for f in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors create theirs private (0700, 0600)
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+            if f.is_file():  # the data on disk before the rename makes it visible
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         if path.exists():

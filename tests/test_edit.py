@@ -48,6 +48,11 @@ def test_save_load_round_trip(tmp_path):
     assert meta["layers"] == [0, 2]
     for n, d in deltas.items():
         assert meta["norms"][n] == pytest.approx(d.double().norm().item(), rel=1e-6)
+    (tmp_path / "plain").mkdir()  # what the umask gives a folder and a file made the ordinary way
+    (tmp_path / "plain" / "f").write_text("")
+    modes = [p.stat().st_mode & 0o777 for p in (tmp_path / "plain", tmp_path / "plain" / "f")]
+    assert [p.stat().st_mode & 0o777 for p in (out, out / edit.WEIGHTS_FILE, out / edit.META_FILE)] == modes[:1] + \
+        modes[1:] * 2
 
 
 def test_save_refuses_other_files_and_replaces_only_an_edit(tmp_path):
@@ -228,7 +233,9 @@ def test_merge_loads_with_from_pretrained(tmp_path, tiny_llama_dir):
     merged = AutoModelForCausalLM.from_pretrained(out)
     edit.apply_edit(base, deltas)
     assert torch.equal(logits(merged), logits(base))
-    assert json.loads((out / edit.META_FILE).read_text())["method"] == "test"
+    meta = json.loads((out / edit.META_FILE).read_text())
+    assert meta["method"] == "test" and meta["merged_into"] == str(tiny_llama_dir)
+    assert meta["norms"] == json.loads((edit_dir / edit.META_FILE).read_text())["norms"]
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
     with pytest.raises(ValueError, match="already holds a merged model") as e:
         edit.merge_edit(str(tiny_llama_dir), edit_dir, out)
