@@ -11,6 +11,7 @@ On an NPT-converted model the names are the plain model's too (the wrapper's `.l
 never edited), so one artifact serves both."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -85,6 +86,17 @@ def undo_edit(model: nn.Module, handle: EditHandle) -> None:
                          "undo on the model the edit was applied to")
     for name, w in handle.originals.items():
         params[name].copy_(w)
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, deltas: dict[str, torch.Tensor]):
+    """The model with the edit applied inside the block (apply_edit's checks); every weight bitwise as before
+    afterwards, on an exception too."""
+    handle = apply_edit(model, deltas)
+    try:
+        yield model
+    finally:
+        undo_edit(model, handle)
 
 
 @torch.no_grad()

@@ -145,6 +145,20 @@ def test_undo_restores_what_w_plus_d_minus_d_would_not():
     assert_unchanged(model, before)
 
 
+def test_applied_block_restores_on_exit_and_on_error():
+    model = tiny_model()
+    before = snapshot(model)
+    deltas = make_deltas(model)
+    with edit.applied(model, deltas):
+        edited = logits(model)
+    assert_unchanged(model, before)
+    assert not torch.equal(edited, logits(model))
+    with pytest.raises(RuntimeError, match="inside"):
+        with edit.applied(model, deltas):
+            raise RuntimeError("inside")
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_delta_changes_no_weight(bad):
     model = tiny_model()
