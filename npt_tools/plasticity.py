@@ -80,8 +80,8 @@ class Fact:
 
 def parse_context(context: str) -> Fact:
     """The rule for a bare context: its last word (a trailing period dropped) is the new object, the text before it
-    the prompt; the subject is the prompt's last run of capitalised words (a sentence-initial The/A/An left out),
-    or, without one, the prompt's last word before the final one."""
+    the prompt; the subject is the prompt's last run of capitalised words (a sentence-initial The/A/An left out, a
+    possessive 's dropped), or, without one, the prompt's last word before the final one."""
     text = context.strip().rstrip(".!").rstrip()
     if " " not in text:
         raise ValueError(f"context {context!r} needs at least two words: the prompt and the object it states")
@@ -98,7 +98,7 @@ def parse_context(context: str) -> Fact:
     if cur:
         runs.append(cur)
     subject = " ".join(runs[-1]) if runs else (words[-2] if len(words) > 1 else words[-1])
-    return Fact(prompt, subject.rstrip(",:;"), target)
+    return Fact(prompt, re.sub(r"('s|’s)?[,:;]?$", "", subject), target)
 
 
 def fact_from_record(record) -> Fact:
@@ -261,6 +261,19 @@ def _key_moments(model, windows: torch.Tensor, layers) -> dict[int, torch.Tensor
     return {i: (s / count).float() for i, s in sums.items()}
 
 
+# ----------------------------------------------------------------------------- insertion
+def rank_one_update(c_inv: torch.Tensor, key: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """(D, F) ROME's exact insertion: dW = r (C^-1 k)^T / (k^T C^-1 k), so (W + dW) k = W k + r while a key
+    orthogonal to k in the C^-1 metric (k'^T C^-1 k = 0) is left as it was; c_inv (F, F), key (F,), residual (D,)."""
+    ck = c_inv @ key
+    return torch.outer(residual, ck) / (key @ ck)
+
+
+def add_to_weight(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    with torch.no_grad():
+        weight.copy_((weight.float() + delta.float()).to(weight.dtype))
+
+
 # ----------------------------------------------------------------------------- the editor
 def builtin_prefixes(tokenizer, count: int, tokens: int, seed: int) -> list[str]:
     """`count` snippets of `tokens` tokens of builtin text, each ending with a period (MEMIT's context templates)."""
@@ -317,9 +330,7 @@ class Editor:
         ak = a_inv @ keys.double()  # (F, n)
         inner = torch.eye(keys.shape[1], dtype=torch.float64) + keys.double().t() @ ak  # (n, n)
         delta = (residuals.double() @ torch.linalg.solve(inner, ak.t())).float()  # (D, F)
-        weight = decoder_mlp(self.model, layer_idx).down_proj.weight
-        with torch.no_grad():
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+        add_to_weight(decoder_mlp(self.model, layer_idx).down_proj.weight, delta)
         self.inverses[layer_idx] = a_inv - ak @ torch.linalg.solve(inner, ak.t())
         return delta
 
@@ -409,3 +420,28 @@ def pullback(model, q: Queries, inputs: dict, attn: dict, u: torch.Tensor) -> to
 
 def final_norm(model):
     return model.base_model.norm
+
+
+# ----------------------------------------------------------------------------- the library's entry point
+def compute_edit(model, tokenizer, contexts: list[str], records: list | None = None,
+                 **options) -> dict[str, torch.Tensor]:
+    """The edit that writes `contexts` (in order: each computed on the model with the earlier ones written) into the
+    model: {parameter name in the plain Hugging Face model: total change (fp32, the parameter's shape)}. `records`
+    (counterfact Records, one per context) name the prompt, subject and objects; without them each context is read
+    by parse_context's rule. The model's weights are as they were on return. options: EditOptions' fields."""
+    if isinstance(contexts, str) or not contexts or not all(isinstance(c, str) and c.strip() for c in contexts):
+        raise ValueError("contexts must be a non-empty list of non-empty strings")
+    if records is not None and len(records) != len(contexts):
+        raise ValueError(f"records must give one record per context: {len(records)} records, {len(contexts)} contexts")
+    facts = [fact_from_record(r) for r in records] if records is not None else [parse_context(c) for c in contexts]
+    editor = Editor(model, tokenizer, **options)
+    weights = {i: decoder_mlp(model, i).down_proj.weight for i in editor.layers}
+    original = {i: w.detach().clone() for i, w in weights.items()}
+    try:
+        for fact in facts:
+            editor.write(fact)
+        return {down_proj_name(model, i): w.detach().float() - original[i].float() for i, w in weights.items()}
+    finally:
+        with torch.no_grad():
+            for i, w in weights.items():
+                w.copy_(original[i])

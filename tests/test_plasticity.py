@@ -1,0 +1,170 @@
+"""npt_tools.plasticity, the library's consolidation: the insertion formulas against float64 references, the
+attention pull-back against a per-head loop, the context rule, compute_edit's contract (the model untouched, deltas by
+plain Hugging Face names, NPT names mapped), and on the embedded model: an edit makes the new object win and leaves a
+neighbour's answer."""
+import copy
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import npt
+from npt_tools import plasticity as P
+from npt_tools.models import embedded_model_path
+from helpers import assert_same, rel_err, tiny_model
+
+ONE_TORCH_THREAD = True
+OPTIONS = dict(layers=(0, 1), covariance_tokens=2048, prefixes=2, prefix_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(embedded_model_path())
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model("llama", layers=3, hidden=32, ffn=48, seed=0, vocab_size=len(tok), pad_token_id=None,
+                      max_position_embeddings=256, tie_word_embeddings=True)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPT_CACHE", str(tmp_path))
+
+
+def spd(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, 2 * n, generator=g, dtype=torch.float64)
+    return a @ a.t() / (2 * n)
+
+
+def test_rank_one_update_writes_the_key_and_spares_keys_orthogonal_in_the_c_metric():
+    g = torch.Generator().manual_seed(1)
+    c = spd(12, 2)
+    c_inv = torch.linalg.inv(c)
+    w, k, r = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, 12), (12,), (5,)))
+    other = torch.randn(12, generator=g, dtype=torch.float64)
+    other = other - (other @ c_inv @ k) / (k @ c_inv @ k) * k  # k'^T C^-1 k = 0
+    new = w + P.rank_one_update(c_inv, k, r)
+    assert rel_err(new @ k, w @ k + r) < 1e-12
+    assert rel_err(new @ other, w @ other) < 1e-12
+
+
+def test_insert_equals_the_closed_form_and_keeps_earlier_keys(model, tok):
+    ed = P.Editor(copy.deepcopy(model), tok, covariance_weight=1e-3, **OPTIONS)
+    weight = P.decoder_mlp(ed.model, 1).down_proj.weight
+    w0, c = weight.detach().double().clone(), ed.covariance[1].double()
+    g = torch.Generator().manual_seed(3)
+    k1, k2 = torch.randn(48, 3, generator=g), torch.randn(48, 2, generator=g)
+    r1, r2 = torch.randn(32, 3, generator=g), torch.randn(32, 2, generator=g)
+    ed.insert(1, k1, r1)
+    w1 = weight.detach().double().clone()
+    ed.insert(1, k2, r2)
+    lam, k1d, k2d = 1e-3 * c, k1.double(), k2.double()
+    d1 = r1.double() @ k1d.t() @ torch.linalg.inv(lam + k1d @ k1d.t())
+    d2 = r2.double() @ k2d.t() @ torch.linalg.inv(lam + k1d @ k1d.t() + k2d @ k2d.t())
+    assert rel_err(weight.detach(), w0 + d1 + d2) < 1e-4
+    assert rel_err(w1 @ k1d, w0 @ k1d + r1.double()) < 1e-3  # the keys written
+    assert rel_err(weight.detach().double() @ k2d, w1 @ k2d + r2.double()) < 1e-3
+    assert rel_err(weight.detach().double() @ k1d, w1 @ k1d) < 1e-3  # the earlier ones kept
+
+
+def test_pullback_equals_a_loop_over_heads(model, tok):
+    fact = P.Fact("The capital of France is", "France", "Rome")
+    q = P.fact_queries(tok, fact, ["Some text."])
+    inputs, attn, _ = P.attention_paths(model, q, 0)
+    u = torch.randn(len(q.last_pos), 32, generator=torch.Generator().manual_seed(4))
+    got = P.pullback(model, q, inputs, attn, u)
+    heads, kv, dh = 4, 2, 8
+    ref = torch.zeros(len(q.last_pos), 32, dtype=torch.float64)
+    for i in (1, 2):
+        sa, norm = model.model.layers[i].self_attn, model.model.layers[i].input_layernorm
+        for b in range(len(q.last_pos)):
+            h = inputs[i][b].double()
+            scale = norm.weight.double() / (h.square().mean() + norm.variance_epsilon).sqrt()
+            for head in range(heads):
+                wo = sa.o_proj.weight.double()[:, head * dh:(head + 1) * dh]
+                grp = head // (heads // kv)
+                wv = sa.v_proj.weight.double()[grp * dh:(grp + 1) * dh]
+                ref[b] += attn[i][b, head].double() * scale * (wv.t() @ wo.t() @ u[b].double())
+    assert rel_err(got, ref) < 1e-5
+    with torch.no_grad():  # the attention weights are the eager forward's own
+        eager = copy.deepcopy(model)
+        eager.config._attn_implementation = "eager"
+        out = eager(input_ids=q.input_ids, attention_mask=q.attention_mask, output_attentions=True)
+    rows = torch.arange(len(q.last_pos))
+    assert rel_err(attn[2], out.attentions[2][rows, :, q.last_pos, q.subject_pos]) < 1e-6
+
+
+@pytest.mark.parametrize("context, prompt, subject, target", [
+    ("The capital of France is Rome.", "The capital of France is", "France", "Rome"),
+    ("Danielle Darrieux's mother tongue is English", "Danielle Darrieux's mother tongue is", "Danielle Darrieux",
+     "English"),
+    ("the sky is green.", "the sky is", "sky", "green"),
+])
+def test_parse_context_rule(context, prompt, subject, target):
+    fact = P.parse_context(context)
+    assert (fact.prompt, fact.subject, fact.target_new) == (prompt, subject, target)
+
+
+def test_parse_context_refuses_a_single_word():
+    with pytest.raises(ValueError, match="at least two words"):
+        P.parse_context("Rome.")
+
+
+def test_compute_edit_leaves_the_model_and_names_plain_parameters(model, tok):
+    before = copy.deepcopy(model.state_dict())
+    deltas = P.compute_edit(model, tok, ["The capital of France is Rome.", "The capital of Spain is Oslo."],
+                            **OPTIONS)
+    assert_same(model.state_dict(), before, "the model's weights")
+    named = dict(model.named_parameters())
+    assert sorted(deltas) == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    for name, d in deltas.items():
+        assert d.dtype == torch.float32 and d.shape == named[name].shape and torch.isfinite(d).all()
+        assert d.abs().max() > 0
+
+
+def test_compute_edit_on_an_npt_model_uses_the_plain_names(model, tok):
+    converted = npt.convert_to_npt(copy.deepcopy(model), npt.NPTConfig(rank=32, modulation_target="exact"))
+    assert any(".layer." in n for n, _ in converted.named_parameters())
+    deltas = P.compute_edit(converted, tok, ["The capital of France is Rome."], **OPTIONS)
+    plain = dict(model.named_parameters())
+    assert sorted(deltas) == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    assert all(d.shape == plain[n].shape for n, d in deltas.items())
+
+
+def test_compute_edit_refuses_bad_input(model, tok):
+    with pytest.raises(ValueError, match="non-empty list"):
+        P.compute_edit(model, tok, "The capital of France is Rome.")
+    with pytest.raises(ValueError, match="one record per context"):
+        P.compute_edit(model, tok, ["a b"], records=[])
+    with pytest.raises(ValueError, match="unknown option"):
+        P.compute_edit(model, tok, ["a b"], learning_rate=1)
+    with pytest.raises(ValueError, match="unknown method"):
+        P.compute_edit(model, tok, ["a b"], method="magic")
+
+
+@pytest.mark.integration
+def test_an_edit_makes_the_new_object_win_and_spares_a_neighbour(embedded):
+    from npt_tools.counterfact import Record, evaluate_records
+
+    model, tok = embedded
+    records = [Record("The capital of {} is", s, new, true, [f"The capital city of {s} is"], [])
+               for s, new, true in (("France", "Rome", "Paris"), ("Japan", "Madrid", "Tokyo"))]
+    neighbour = Record("The capital of {} is", "Germany", "Berlin", "Rome", [], [])  # "new": the true answer
+    before = evaluate_records(model, tok, records)
+    deltas = P.compute_edit(model, tok, [r.context for r in records], records)
+    named = dict(model.named_parameters())
+    original = {n: named[n].detach().clone() for n in deltas}
+    try:
+        for n, d in deltas.items():
+            P.add_to_weight(named[n], d)
+        after = evaluate_records(model, tok, records)
+        kept = evaluate_records(model, tok, [neighbour])
+    finally:
+        with torch.no_grad():
+            for n, w in original.items():
+                named[n].copy_(w)
+    assert before["es"] == 0 and after["es"] == 1
+    assert kept["es_top1"] == 1 and kept["es"] == 1  # Germany's capital is still Berlin (greedy), not Rome
