@@ -88,9 +88,9 @@ def check_outputs_or_fail(args: ConsolidateArgs) -> None:
     for opt, d, files, what in targets:
         path = check_output_dir_or_fail(d, opt)
         try:
-            edit.check_target(path, args.overwrite_output_dir, files, what)
+            edit.check_target(path, args.overwrite_output_dir, files, what, "--overwrite_output_dir")
         except ValueError as e:
-            fail(f"{opt}: {e}{' (or --overwrite_output_dir)' if 'already holds ' + what in str(e) else ''}")
+            fail(f"{opt}: {e}")
 
 
 def load_or_fail(args: ConsolidateArgs):

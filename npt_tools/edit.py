@@ -247,9 +247,10 @@ def write_merged(model_name: str, deltas: dict[str, torch.Tensor], meta: dict, o
     return write_folder(out_dir, write)
 
 
-def check_target(path: Path, overwrite: bool, own_files: tuple[str, ...], what: str) -> None:
+def check_target(path: Path, overwrite: bool, own_files: tuple[str, ...], what: str,
+                 overwrite_hint: str = "overwrite=True") -> None:
     """`path` may be written: it does not exist, is an empty folder, or (with overwrite) holds `what` (all of
-    `own_files`). A ValueError otherwise."""
+    `own_files`). A ValueError otherwise (`overwrite_hint`: how the caller asks to overwrite)."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"{str(path)!r} is a file, not a folder: give a new folder for {what}")
     if not path.is_dir() or not any(path.iterdir()):
@@ -257,7 +258,7 @@ def check_target(path: Path, overwrite: bool, own_files: tuple[str, ...], what: 
     if not all((path / f).is_file() for f in own_files):
         raise ValueError(f"{str(path)!r} already holds other files (not {what}): give a new or empty folder")
     if not overwrite:
-        raise ValueError(f"{str(path)!r} already holds {what}: give a new folder, or overwrite to replace it")
+        raise ValueError(f"{str(path)!r} already holds {what}: give a new folder, or {overwrite_hint} to replace it")
 
 
 def write_folder(path: Path, write) -> Path:
