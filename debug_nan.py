@@ -53,7 +53,8 @@ import torch.nn.functional as F
 
 import npt
 from npt_tools.cli import can_create_in, command, fail, flag, options
-from npt_tools.models import ModelArgs, load_model_config_or_fail, load_model_or_fail, precision_name
+from npt_tools.models import (ModelArgs, check_length_or_fail, load_model_config_or_fail, load_model_or_fail,
+                              precision_name)
 from npt_tools.objective import normalized_mse
 
 STAGES = ("input_norm", "attn_out", "low_rank", "a_hat", "norm_scale", "delta_add", "delta_mult", "modulated_gate",
@@ -359,7 +360,8 @@ class InspectArgs(ModelArgs):
     down_rank: int | None = flag(None, "K of the down target, when no --checkpoint.  [default: 4]",
                                  type=click.IntRange(min=1))
     text: tuple = flag((), "Text to run (repeatable).  [default: three built-in samples]", multiple=True)
-    max_length: int = flag(256, "Tokens per text (longer ones are truncated).", type=click.IntRange(min=1))
+    max_length: int | None = flag(None, "Tokens per text (longer ones are truncated); at most the model's positions.  "
+                                        "[default: 256, or the model's positions if fewer]", type=click.IntRange(min=1))
     inject_nan: str | None = flag(None, f"Plant one NaN at that NPT layer and stage to show detection works; STAGE is "
                                         f"one of {', '.join(STAGES)} (delta_add / delta_mult / delta_down: in B_add / "
                                         "B_mult / B_down.weight[0, 0], restored after).", metavar="LAYER:STAGE")
@@ -379,8 +381,9 @@ def main(**flags):
                                args.modulation_target, args.down_rank)
     if args.json is not None:
         check_json_file_or_fail(args.json)
-    check_against_model(config, load_model_config_or_fail(args.model_name, args.trust_remote_code), inject,
-                        args.checkpoint)
+    model_config = load_model_config_or_fail(args.model_name, args.trust_remote_code)
+    check_against_model(config, model_config, inject, args.checkpoint)
+    max_length = check_length_or_fail(args.max_length, model_config)  # texts are cut there: within the positions
 
     from transformers.utils import logging as hf_logging
 
@@ -399,7 +402,7 @@ def main(**flags):
     report = {"model": {"name": args.model_name, "precision": precision_name(args.use_quantization, args.use_fp16),
                         "checkpoint": args.checkpoint, "npt_config": model.npt_config.to_dict(),
                         "npt_layers": [layer.layer_idx for layer in npt.npt_layers(model)]}}
-    report.update(inspect_model(model, tokenizer, args.text or DEFAULT_TEXTS, inject, args.max_length))
+    report.update(inspect_model(model, tokenizer, args.text or DEFAULT_TEXTS, inject, max_length))
     click.echo(render(report))
     if args.json is not None:
         try:

@@ -83,15 +83,12 @@ class NPTConfig:
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """The 0-based decoder layers this config converts, validated against `num_layers`."""
-        spec = self.layers
+        spec, half = self.layers, num_layers // 2
+        named = {"all": (0, num_layers), "upper_half": (half, num_layers), "lower_half": (0, half)}
         if isinstance(spec, (list, tuple)):
             idx = [int(i) for i in spec]
-        elif spec == "all":
-            idx = list(range(num_layers))
-        elif spec == "upper_half":
-            idx = list(range(num_layers // 2, num_layers))
-        elif spec == "lower_half":
-            idx = list(range(num_layers // 2))
+        elif spec in named:
+            idx = list(range(*named[spec]))
         elif isinstance(spec, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", spec):
             lo, hi = (int(s) for s in spec.split("-"))
             if lo > hi:
@@ -172,8 +169,7 @@ class NPTAdapter(nn.Module):
 
     def weights(self):
         """(w_add, w_mult) for the kernel, None for a branch that is off."""
-        return (None if self.B_add is None else self.B_add.weight,
-                None if self.B_mult is None else self.B_mult.weight)
+        return tuple(None if b is None else b.weight for b in (self.B_add, self.B_mult))
 
     def down_vectors(self, z: torch.Tensor) -> torch.Tensor:
         """v = the per-token output vectors v_k of dW_down, from the code z."""
@@ -269,10 +265,8 @@ class NPTLayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        if c.exact:
-            return f"layer_idx={self.layer_idx}, rank={c.rank}, target=exact"
-        return (f"layer_idx={self.layer_idx}, rank={c.rank}, modulation={c.modulation}, target={c.modulation_target}"
-                + (f", down_rank={c.down_rank}" if c.down else ""))
+        return (f"layer_idx={self.layer_idx}, rank={c.rank}" + ("" if c.exact else f", modulation={c.modulation}")
+                + f", target={c.modulation_target}" + (f", down_rank={c.down_rank}" if c.down else ""))
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -314,9 +308,7 @@ def is_4bit(module: nn.Module) -> bool:
 def keep_4bit_differentiable(model: nn.Module) -> None:
     """bitsandbytes (0.50, CPU with AVX512-BF16) repacks 4-bit weights on the first no-grad eval forward into a
     path with no autograd (adapter gradients would be wrong): turned off for good at conversion, undone if done."""
-    for m in model.modules():
-        if not is_4bit(m):
-            continue
+    for m in filter(is_4bit, model.modules()):
         m.support_avx512bf16_for_cpu = False
         qs = getattr(m.weight, "quant_state", None)
         if qs is not None and getattr(qs, "packing_format_for_cpu", False):
@@ -347,10 +339,9 @@ def config_from_dict(d: dict, d_model: int, d_ffn: int) -> NPTConfig:
     if "modulation_type" in d and d["modulation_type"] not in SEED_MODULATIONS:
         raise ValueError(f"modulation_type {d['modulation_type']!r} not understood: use one of "
                          f"{', '.join(SEED_MODULATIONS)}")
-    for seed_key, ours, value in (("r", "rank", d.get("r")),
-                                  ("modulation_type", "modulation", SEED_MODULATIONS.get(d.get("modulation_type")))):
-        if seed_key not in d:
-            continue
+    seeds = (("r", "rank", d.get("r")),
+             ("modulation_type", "modulation", SEED_MODULATIONS.get(d.get("modulation_type"))))
+    for seed_key, ours, value in (t for t in seeds if t[0] in d):
         if ours in kwargs and kwargs[ours] != value:
             raise ValueError(f"adapter config gives both {seed_key}={d[seed_key]!r} and {ours}={kwargs[ours]!r}: "
                              "give one of them")
@@ -519,12 +510,10 @@ def _raise_stop(module, args, output):
 def _stop_after_last_npt_layer(model: nn.Module):
     """Ends a forward once the last NPT layer has run (its captures, registered before, have fired)."""
     layers = npt_layers(model)
-    handle = max(layers, key=lambda la: la.layer_idx).register_forward_hook(_raise_stop) if layers else None
-    try:
+    with contextlib.ExitStack() as stack:
+        if layers:
+            stack.callback(max(layers, key=lambda la: la.layer_idx).register_forward_hook(_raise_stop).remove)
         yield
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -617,41 +606,38 @@ def consolidate(model: nn.Module, input_ids: torch.Tensor, token_index: int = -1
     modulation, dW = alpha (g_t - gate_t) x_t^T / ||x_t||^2, x_t = LN2(h_t); for the down target, alpha sum_k v_k
     u_k^T of that token to W_down (exact); for exact, the token's patches of W_gate, W_up, W_down and the norm scale.
     `token_index` counts the real tokens of sequence 0 (the default -1: the last real one under right padding).
+    Every patch is computed first: a patch or patched weight not finite in the weight's dtype, or non-finite logits
+    of the patched model on input_ids, is a ValueError and no weight changes.
     Returns {layer_idx: dW_gate} ({layer_idx: dW_down} for down; {layer_idx: {gate, up, down, norm_scale}} for exact)."""
     token_index = _consolidation_position(model, input_ids, token_index, alpha, attention_mask)
     layers = npt_layers(model)
-    for layer in layers:
-        mlp = layer.layer.mlp
-        if any(is_4bit(w) or not torch.is_floating_point(w.weight)
-               for w in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
-            raise ValueError("consolidate needs full-precision MLP weights; this model is quantized "
-                             "(4-bit): reload it without use_quantization")
+    if any(is_4bit(w) or not torch.is_floating_point(w.weight) for layer in layers
+           for w in (layer.layer.mlp.gate_proj, layer.layer.mlp.up_proj, layer.layer.mlp.down_proj)):
+        raise ValueError("consolidate needs full-precision MLP weights; this model is quantized (4-bit): reload it "
+                         "without use_quantization")
     names = ("input", "gate", "up", "z") if model.npt_config.exact else ("mlp_input", "gate", "z")
     with capture(model, names) as captures:  # what every NPT layer's updates need, one forward
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    updates = {}
+    updates, edits = {}, []  # edits: (module, patch, multiplies), applied once every one is checked
     for layer in layers:
-        c, ad = captures[layer.layer_idx], layer.adapter
+        c = {k: v[0, token_index] for k, v in captures[layer.layer_idx].items()}
+        ad, mlp = layer.adapter, layer.layer.mlp
         if layer.config.exact:
-            updates[layer.layer_idx] = _consolidate_exact(layer, {k: v[0, token_index] for k, v in c.items()}, alpha)
+            updates[layer.layer_idx] = _consolidate_exact(layer, c, alpha, edits)
             continue
-        z = c["z"][0, token_index]  # (r,)
-        if ad.down_u is not None:  # before W_gate changes: the update does not depend on the input
-            delta = alpha * ad.down_vectors(z).t() @ ad.down_u  # (D, K) @ (K, F) = sum_k v_k u_k^T
-            _add_to_weight(layer.layer.mlp.down_proj.weight, delta)
-            updates[layer.layer_idx] = delta
-        if ad.B_add is None and ad.B_mult is None:
-            continue
-        x = c["mlp_input"][0, token_index].float()  # (D,)
-        gate = c["gate"][0, token_index].float()  # (F,)
-        g = modulated_gate(gate, z, *ad.weights(), layer.config.add_scale)[0]
-        delta = alpha * torch.outer(g - gate, x) / x.square().sum()  # (F, D)
-        _add_to_weight(layer.layer.mlp.gate_proj.weight, delta)
-        updates[layer.layer_idx] = delta
+        if ad.down_u is not None:  # W_down's patch does not depend on the input
+            updates[layer.layer_idx] = alpha * ad.down_vectors(c["z"]).t() @ ad.down_u  # (D, K) @ (K, F)
+            edits.append((mlp.down_proj, updates[layer.layer_idx], False))
+        if ad.B_add is not None or ad.B_mult is not None:
+            x, gate = c["mlp_input"].float(), c["gate"].float()  # (D,), (F,)
+            g = modulated_gate(gate, c["z"], *ad.weights(), layer.config.add_scale)[0]
+            updates[layer.layer_idx] = alpha * torch.outer(g - gate, x) / x.square().sum()  # (F, D)
+            edits.append((mlp.gate_proj, updates[layer.layer_idx], False))
+    _apply_if_finite(model, edits, alpha, input_ids, attention_mask)
     return updates
 
 
-def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float, edits: list) -> dict:
     """One token's exact patches, so that the plain layer h + MLP(LN2(h)) gives the exact layer's output at alpha 1:
     W_gate, W_up += alpha (W (w a_hat) / rms(h)) x^T / |x|^2, x = LN2(h); W_down += alpha a_hat act^T / |act|^2; the
     norm's weight w *= 1 + alpha (s - 1), s = rms(h) / rms(h + a_hat)."""
@@ -662,14 +648,30 @@ def _consolidate_exact(layer: NPTLayer, c: dict[str, torch.Tensor], alpha: float
     x, direction = w * h / norm_rms(norm, h), w * a_hat / norm_rms(norm, h)  # LN2(h); what a_hat adds to it
     act = torch.nn.functional.silu(c["gate"].float()) * c["up"].float()  # (F,)
     s = norm_rms(norm, h) / norm_rms(norm, h + a_hat)
-    patches = {"gate": alpha * torch.outer(dec.mlp.gate_proj.weight.float() @ direction, x) / x.square().sum(),
-               "up": alpha * torch.outer(dec.mlp.up_proj.weight.float() @ direction, x) / x.square().sum(),
-               "down": alpha * torch.outer(a_hat, act) / act.square().sum().clamp_min(torch.finfo(torch.float32).tiny),
-               "norm_scale": 1 + alpha * (s - 1)}
-    for name, module in (("gate", dec.mlp.gate_proj), ("up", dec.mlp.up_proj), ("down", dec.mlp.down_proj)):
-        _add_to_weight(module.weight, patches[name])
-    norm.weight.copy_((w * patches["norm_scale"]).to(norm.weight.dtype))
+    proj = {k: getattr(dec.mlp, f"{k}_proj") for k in ("gate", "up", "down")}
+    patches = {k: alpha * torch.outer(proj[k].weight.float() @ direction, x) / x.square().sum() for k in ("gate", "up")}
+    patches |= {"down": alpha * torch.outer(a_hat, act) / act.square().sum().clamp_min(torch.finfo(torch.float32).tiny),
+                "norm_scale": 1 + alpha * (s - 1)}
+    edits += [(proj[k], patches[k], False) for k in proj] + [(norm, patches["norm_scale"], True)]
     return patches
+
+
+def _apply_if_finite(model: nn.Module, edits: list, alpha: float, input_ids, attention_mask) -> None:
+    """Write every (module, patch, multiplies) edit, or none: each patch and patched weight finite in the weight's
+    dtype, and the logits of the patched plain model on input_ids finite (finite weights of 1e37 overflow them)."""
+    names, new = {id(p): n for n, p in model.named_parameters()}, {}
+    for module, patch, multiplies in edits:
+        w, name = module.weight, names[id(module.weight)]
+        new[name] = (w.float() * patch if multiplies else w.float() + patch).to(w.dtype)
+        if not (torch.isfinite(patch.to(w.dtype)).all() and torch.isfinite(new[name]).all()):
+            raise ValueError(f"alpha {alpha:g} overflows {name} in {w.dtype}: use a smaller alpha (nothing changed)")
+    with npt_disabled(model):
+        logits = torch.func.functional_call(model, new, (), {"input_ids": input_ids, "attention_mask": attention_mask,
+                                                             "use_cache": False}).logits
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"alpha {alpha:g} overflows the patched model's logits: use a smaller alpha (nothing changed)")
+    for module, _, _ in edits:
+        module.weight.copy_(new.pop(names[id(module.weight)]))
 
 
 def _consolidation_position(model: nn.Module, input_ids, token_index, alpha, attention_mask) -> int:
@@ -687,6 +689,8 @@ def _consolidation_position(model: nn.Module, input_ids, token_index, alpha, att
         raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}")
     else:
         real = attention_mask[0].nonzero().flatten().cpu()  # positions of sequence 0's real tokens
+    if not len(real):
+        raise ValueError("attention_mask marks no real token in sequence 0: there is no token to consolidate")
     if not _is_int(token_index) or not -len(real) <= token_index < len(real):
         raise ValueError(f"token_index {token_index!r} is outside the {len(real)} real tokens of sequence 0 "
                          f"(use -{len(real)}..{len(real) - 1})")
@@ -694,6 +698,3 @@ def _consolidation_position(model: nn.Module, input_ids, token_index, alpha, att
         raise ValueError("the adapters are not finite: consolidating them would write NaN/Inf into the base weights")
     return int(real[token_index])
 
-
-def _add_to_weight(w: torch.Tensor, delta: torch.Tensor) -> None:
-    w.copy_((w.float() + delta).to(w.dtype))

@@ -29,9 +29,9 @@ import torch
 import npt
 from npt_tools.arguments import EXACT_LR_SCALE, TrainArgs, exact_learning_rate
 from npt_tools.checkpoints import (CKPT_RE, EXIT_DISK_FULL, DiskFull, TrainerState, checkpoint_run, is_disk_full,
-                                   prune_checkpoints, remove_checkpoint, restore_checkpoint, save_checkpoint,
-                                   tidy_output_dir)
-from npt_tools.cli import command, fail, first_line, options
+                                   prune_checkpoints, remove_checkpoint, restore_checkpoint, resume_hint,
+                                   save_checkpoint, tidy_output_dir)
+from npt_tools.cli import command, fail, first_line, options, progress, say
 from npt_tools.closed_form import STARTS, init_exact, teacher_moments
 from npt_tools.data import collate, load_data
 from npt_tools.metrics import Metrics, trackers
@@ -150,8 +150,6 @@ class Trainer:
         args, procs, model, state = self.args, self.procs, self.model, self.state
         if not model.npt_config.exact or state.step or state.closed_form_start or args.init_adapters is not None:
             return None
-        from tqdm.auto import tqdm
-
         per = args.batch_size
         windows = [w for w, _ in itertools.islice(self.data.stream.windows((0, 0, 0)),
                                                   args.init_batches * per * procs.world)]
@@ -159,9 +157,8 @@ class Trainer:
         batches = [self._micro_batch(mine[i:i + per]) for i in range(0, len(mine), per)]
         t0 = time.time()
         with procs.autocast():
-            stats = teacher_moments(model, tqdm(batches, desc="closed-form start", disable=not procs.main,
-                                                dynamic_ncols=True, leave=False), args.exact_start, args.seed,
-                                    args.init_gradient_batches)
+            stats = teacher_moments(model, progress(batches, procs.main, desc="closed-form start", leave=False),
+                                    args.exact_start, args.seed, args.init_gradient_batches)
         if procs.reduce is not None:
             order = sorted(stats)
             sums = iter(sum_over_processes(procs.reduce, [t for i in order for t in stats[i]], torch.float64))
@@ -189,12 +186,9 @@ class Trainer:
     def train(self) -> int:
         """Optimizer steps until the last one or the end of the data: 0, or 3 after --max_consecutive_nan
         non-finite micro-batches in a row (with the last good adapters saved)."""
-        from tqdm.auto import tqdm
-
         args, st = self.args, self.state
         windows = self.data.stream.windows(tuple(st.position))
-        self.bar = tqdm(total=self.total_steps, initial=st.step, disable=not self.procs.main, desc="npt",
-                        dynamic_ncols=True)
+        self.bar = progress(None, self.procs.main, total=self.total_steps, initial=st.step, desc="npt")
         if args.eval_steps and st.step == 0:
             self.evaluate()
             self._save_if_best()  # the start is a candidate too: a run never hands back worse than it began
@@ -373,8 +367,6 @@ class Trainer:
 
     def run(self) -> int:
         """setup, the closed-form start, train, cleanup; a full disk stops the run with one line and exit code 4."""
-        from tqdm.auto import tqdm
-
         try:
             self.setup()
             start = self.closed_form_start()  # exact target: before step 0's eval
@@ -387,8 +379,8 @@ class Trainer:
             if isinstance(e, OSError) and not is_disk_full(e):
                 raise
             line = (f"error: {e}" if isinstance(e, DiskFull) else f"error: no space left on the device writing "
-                    f"{e.filename or self.plan.output_dir}: free space and resume from the last checkpoint")
-        tqdm.write(line, file=sys.stderr)
+                    f"{e.filename or self.plan.output_dir}: {resume_hint(self.plan.output_dir, self.plan.run_id)}")
+        say(line)
         if self.metrics is not None:
             with contextlib.suppress(OSError):  # the log file may be on the full disk too
                 self.metrics.log(line)

@@ -219,6 +219,10 @@ RESUME_FIXED = ("model_name", "use_quantization", "use_fp16", "mixed_precision",
                 "learning_rate", "weight_decay", "optimizer_type", "scheduler_type", "warmup_steps", "max_grad_norm", "regularization_lambda", "objective", "loss", "seed")
 
 
+# the closed-form start's flags: a resume after the start takes the run's values (changed ones are refused)
+START_FIXED = ("exact_start", "init_batches", "init_gradient_batches")
+
+
 def flag_takes(name: str, value) -> bool:
     """Whether --name, given on the command line, could hold `value` (one read from a file): its type and range."""
     kind = next(f for f in dataclasses.fields(TrainArgs) if f.name == name).metadata.get("type")

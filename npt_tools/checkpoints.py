@@ -4,7 +4,6 @@ folders are this trainer's (never a user's); reading a checkpoint back with ever
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import math
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 import npt
-from npt_tools.cli import fail, first_line
+from npt_tools.cli import fail, first_line, is_disk_full
 from npt_tools.metrics import json_safe
 from npt_tools.step import weights_finite
 
@@ -61,9 +60,10 @@ def save_checkpoint(output_dir: Path, name: str, model, optimizer, scheduler, st
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # never a half-written folder left behind
         if is_disk_full(e):
-            raise DiskFull(f"no space left on the device to save {final} (a checkpoint needs about "
-                           f"{checkpoint_bytes(model, optimizer) / 1e6:.2f} MB, {shutil.disk_usage(output_dir).free / 1e6:.2f}"
-                           f" MB are free): the previous checkpoints are intact; free space and resume") from None
+            need = checkpoint_bytes(sum(p.numel() for p in npt.get_adapter_params(model)))
+            raise DiskFull(f"no space left on the device to save {final} (a checkpoint needs about {need / 1e6:.2f} "
+                           f"MB, {shutil.disk_usage(output_dir).free / 1e6:.2f} MB are free): "
+                           f"{resume_hint(output_dir, state.run_id)}") from None
         raise
     if final.exists():  # a directory cannot be renamed over a non-empty one: move the old one aside first
         old = output_dir / own_name("old", state.run_id, name)
@@ -82,20 +82,20 @@ class DiskFull(Exception):
 EXIT_DISK_FULL = 4  # 2: bad input, 3: too many non-finite micro-batches
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """ENOSPC / EDQUOT, as an OSError or as safetensors' own error (which wraps the OS error in its text)."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    code = re.search(r"(?:os error|code:) (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
-    return code is not None and int(code.group(1)) in (errno.ENOSPC, errno.EDQUOT)
+def checkpoint_bytes(adapter_numel: int) -> int:
+    """About what a checkpoint takes on disk once the optimizer has state: the fp32 adapters and Adam's two fp32
+    moments of each (12 bytes a parameter), the trainer state, RNG and config files and their file-system blocks."""
+    return 12 * adapter_numel + 64_000
 
 
-def checkpoint_bytes(model, optimizer) -> int:
-    """About what a checkpoint takes on disk: the fp32 adapters and optimizer state, RNG and state files."""
-    params = sum(p.numel() * 4 for p in npt.get_adapter_params(model))
-    opt = sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
-              if isinstance(v, torch.Tensor))
-    return params + opt + 64_000
+def resume_hint(output_dir: Path, run_id: str) -> str:
+    """What to do after a full disk: resume from this run's newest checkpoint, named, or start again."""
+    found = newest_checkpoint(output_dir, run_id)
+    if found is None:
+        return ("no checkpoint of this run was written: free space, then start again with the same flags and "
+                "--overwrite_output_dir")
+    return (f"free space, then resume from {found} (step {checkpoint_run(found)[1]}, the newest checkpoint kept) "
+            f"with --resume_from_checkpoint {found}")
 
 
 def _write_checkpoint(tmp: Path, model, optimizer, scheduler, state: TrainerState, meta: dict | None) -> None:
@@ -188,16 +188,29 @@ def remove_checkpoint(d: Path, run_id: str) -> None:
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The checkpoint with the highest step (checkpoint-<step> or checkpoint-final); a ValueError when the
-    directory holds checkpoints of several runs (which one is meant is then the user's call)."""
-    found = {}
-    for d in output_dir.iterdir() if output_dir.is_dir() else ():
-        if (CKPT_RE.match(d.name) or d.name == "checkpoint-final") and (run := checkpoint_run(d)) is not None:
-            found[d] = run
+    """The checkpoint with the highest step (checkpoint-<step>, -final or -best: after a full disk the best may be
+    all a run kept); a ValueError when the directory holds checkpoints of several runs (which one is meant is then
+    the user's call)."""
+    found = _checkpoints(output_dir)
     if len({run_id for run_id, _ in found.values()}) > 1:
         raise ValueError(f"{len({r for r, _ in found.values()})} runs wrote checkpoints there")
-    # the highest step; on a tie checkpoint-<step> (equal adapters, and its name says the step)
-    return max(found, key=lambda d: (found[d][1], d.name != "checkpoint-final"), default=None)
+    return _newest(found)
+
+
+def newest_checkpoint(output_dir: Path, run_id: str) -> Path | None:
+    """Run `run_id`'s checkpoint with the highest step in output_dir, or None."""
+    return _newest({d: run for d, run in _checkpoints(output_dir).items() if run[0] == run_id})
+
+
+def _checkpoints(output_dir: Path) -> dict[Path, tuple[str, int]]:
+    return {d: run for d in (output_dir.iterdir() if output_dir.is_dir() else ())
+            if is_checkpoint_name(d.name) and (run := checkpoint_run(d)) is not None}
+
+
+def _newest(found: dict[Path, tuple[str, int]]) -> Path | None:
+    # the highest step; on a tie checkpoint-<step> (its name says the step), then -final, then -best (equal adapters)
+    return max(found, key=lambda d: (found[d][1], bool(CKPT_RE.match(d.name)), d.name == "checkpoint-final"),
+               default=None)
 
 
 @dataclasses.dataclass
@@ -213,6 +226,9 @@ def read_checkpoint_or_fail(path: Path) -> Resume:
     """Validate a checkpoint before anything is loaded: trainer state, optimizer and adapter files readable."""
     from safetensors.torch import load_file
 
+    if path.exists() and not path.is_dir():
+        fail(f"--resume_from_checkpoint {str(path)!r} is a file: give a checkpoint directory (OUTPUT_DIR/checkpoint-"
+             "<step>, -best or -final) or latest")
     if not path.is_dir():
         fail(f"checkpoint {str(path)!r} not found")
     try:

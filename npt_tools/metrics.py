@@ -7,11 +7,12 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from npt_tools.cli import say
 
 
 def json_safe(x):
@@ -68,9 +69,7 @@ class Metrics:
     def message(self, text: str):
         if not self.main:
             return
-        from tqdm.auto import tqdm
-
-        tqdm.write(text, file=sys.stderr)
+        say(text)
         self.log(text)
 
     def log(self, text: str):

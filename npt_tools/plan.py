@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import time
 import uuid
 import warnings
@@ -15,11 +16,12 @@ from pathlib import Path
 import torch
 
 import npt
-from npt_tools.arguments import LAYOUT_FLAGS, RESUME_FIXED, TARGET_DEFAULTS, TrainArgs, flag_takes, parse_steps
-from npt_tools.checkpoints import (STATE_NAME, Resume, checkpoint_run, is_checkpoint, is_checkpoint_name,
-                                   is_own_checkpoint, latest_checkpoint, read_checkpoint_or_fail)
+from npt_tools.arguments import (LAYOUT_FLAGS, RESUME_FIXED, START_FIXED, TARGET_DEFAULTS, TrainArgs, flag_takes,
+                                  parse_steps)
+from npt_tools.checkpoints import (STATE_NAME, Resume, checkpoint_bytes, checkpoint_run, is_checkpoint,
+                                   is_checkpoint_name, is_own_checkpoint, latest_checkpoint, read_checkpoint_or_fail)
 from npt_tools.cli import can_create_in, check_output_dir_or_fail, fail, first_line
-from npt_tools.models import load_model_config_or_fail
+from npt_tools.models import check_length_or_fail, load_model_config_or_fail
 
 
 @dataclasses.dataclass
@@ -51,15 +53,13 @@ def make_plan(args: TrainArgs) -> Plan:
     args.check()  # again: values taken from the checkpoint
     check_run_of(args, output_dir, resume)
     config = load_model_config_or_fail(args.model_name, args.trust_remote_code)  # refuses unconvertible models
-    positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and args.max_length > positions:  # refused: positions past it were never trained
-        fail(f"--max_length {args.max_length} exceeds the model's {positions} positions "
-             f"(max_position_embeddings): use --max_length {positions} or less")
+    check_length_or_fail(args.max_length, config)
     npt_config = args.npt_config(config.hidden_size)
     try:
         layer_indices = npt_config.layer_indices(config.num_hidden_layers)
     except ValueError as e:
         fail(f"--npt_layers: {e}")
+    check_room_or_fail(args, output_dir, config, npt_config, len(layer_indices))
     if resume is not None:
         try:
             npt_config.check_compatible(resume.npt_config, config.num_hidden_layers,
@@ -75,11 +75,35 @@ def make_plan(args: TrainArgs) -> Plan:
     return Plan(output_dir, npt_config, layer_indices, resume, parse_steps(args.inject_nan_steps), run_id)
 
 
+def check_room_or_fail(args: TrainArgs, output_dir: Path, config, npt_config: npt.NPTConfig, layers: int) -> None:
+    """The output disk must hold one checkpoint (else one line, exit 2, before any work); a warning where it cannot
+    hold every checkpoint the run keeps at once (it then stops with exit 4 when full, keeping the newest)."""
+    with torch.device("meta"):  # the adapters' shapes, no memory
+        adapter = npt.NPTAdapter(config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
+                                 npt_config)
+    need = checkpoint_bytes(layers * sum(p.numel() for p in adapter.parameters()))
+    probe = output_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        fail(f"--output_dir {args.output_dir!r}: {free / 1e6:.2f} MB free on its disk, and one checkpoint of this run "
+             f"needs about {need / 1e6:.2f} MB: free space there or use another --output_dir")
+    saves = (args.max_steps // args.save_steps if args.max_steps > 0 else 1) if args.save_steps else 0
+    if args.save_total_limit and saves > args.save_total_limit:
+        saves = args.save_total_limit + 1  # a new checkpoint is written before the oldest is removed
+    if free < (saves + 2) * need:  # + checkpoint-best and checkpoint-final
+        warnings.warn(f"--output_dir {args.output_dir!r} has room for {free // need} of the {saves + 2} checkpoints "
+                      f"this run keeps (about {need / 1e6:.2f} MB each): if it fills, the run stops with exit code 4 "
+                      "and keeps the newest checkpoint that fit", stacklevel=1)
+
+
 def _resumed_values(args: TrainArgs, resume: "Resume | None") -> dict:
-    """The resumed run's own values (its trainer_state.json args) of the per-target flags not given: a resume
-    continues that run, whatever today's defaults are. A value the flag could not take is refused."""
+    """The resumed run's own values (its trainer_state.json args) of the per-target and closed-form start flags not
+    given: a resume continues that run, whatever today's defaults are. A value the flag could not take is refused."""
     saved = resume.saved.get("args", {}) if resume is not None else {}
-    values = {k: saved[k] for k in TARGET_DEFAULTS[args.modulation_target] if getattr(args, k) is None and k in saved}
+    values = {k: saved[k] for k in (*TARGET_DEFAULTS[args.modulation_target], *START_FIXED)
+              if getattr(args, k) is None and saved.get(k) is not None}
     for name, value in values.items():
         if not flag_takes(name, value):
             fail(f"checkpoint {str(resume.path)!r} is corrupt: {STATE_NAME} args hold --{name} {value!r}, not a value "
@@ -125,7 +149,8 @@ def check_run_of(args: TrainArgs, output_dir: Path, resume: "Resume | None") -> 
         return
     _check_resume_target(args, output_dir, resume)
     saved = resume.saved.get("args", {})
-    changed = [f"--{k} {saved[k]!r} -> {getattr(args, k)!r}" for k in RESUME_FIXED
+    fixed = RESUME_FIXED + (START_FIXED if resume.state.closed_form_start else ())  # the start ran: it stays as it was
+    changed = [f"--{k} {saved[k]!r} -> {getattr(args, k)!r}" for k in fixed
                if k in saved and saved[k] != getattr(args, k)]
     if changed:
         fail(f"cannot resume from {str(resume.path)!r} with changed flags ({'; '.join(changed)}): pass the "

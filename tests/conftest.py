@@ -5,6 +5,8 @@ Tiers: `python -m pytest` runs the fast tier (tiny random models and pure functi
 Triton-interpreter runs) are deselected unless `--full` is given (both tiers) or a `-m` expression
 chooses (`-m integration`: that tier alone).
 """
+import subprocess
+
 import pytest
 
 from npt_tools.models import EMBEDDED_MODEL, embedded_model_path, load_base_model
@@ -80,3 +82,23 @@ def tiny_llama():
     """A tiny random Llama in memory (3 layers, d_model 32, vocabulary 97): the base of the loss and
     evaluation tests (helpers.npt_model converts copies of it)."""
     return tiny_model("llama", layers=3, hidden=32, ffn=64, seed=0, vocab_size=97, pad_token_id=None)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of that size (unmounted after the test); the test is skipped where mounting
+    needs a root this process is not."""
+    mounted = []
+
+    def mount(size, *options):
+        d = tmp_path / f"tmpfs{len(mounted)}"
+        d.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(d)],
+                          capture_output=True).returncode:
+            pytest.skip("mounting a tmpfs needs root; test_reliability's ENOSPC test covers saving in-process")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], check=False)

@@ -4,8 +4,11 @@ Test modules import from here, never from each other."""
 import copy
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -260,3 +263,26 @@ def assert_loadable(ckpt, model_dir):
     load_file(str(Path(ckpt) / "optimizer.safetensors"))
     assert load_file(str(Path(ckpt) / "rng_state.safetensors"))["torch"].dtype == torch.uint8
     return state
+
+
+def run_in_terminal(args, typed: bytes = b"", env: dict | None = None, timeout=300) -> tuple[int, str]:
+    """The trainer under a pseudo-terminal (so transformers could prompt), `typed` waiting in its input;
+    (exit code, what the terminal showed, the typed echo included)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the trainer, its stdin/stdout/stderr the terminal
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, SCRIPT, *map(str, args)], {**os.environ, **(env or {})})
+    out, deadline = b"", time.time() + timeout
+    os.write(fd, typed)
+    while time.time() < deadline:
+        if select.select([fd], [], [], 1)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")

@@ -288,3 +288,44 @@ def test_stats_match_an_independent_forward(npt_model, embedded):
         x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.double()
         assert stats["input_norm"]["max"] == pytest.approx(x.max().item(), rel=1e-4)
         assert stats["input_norm"]["mean_abs"] == pytest.approx(x.abs().mean().item(), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- --max_length and the model's positions
+def measured_run(args: list, timeout=120) -> tuple[subprocess.CompletedProcess, float, int]:
+    """debug_nan.py as a process: (the result, seconds, its peak resident memory in bytes, from a fresh parent
+    whose only child it is)."""
+    probe = ("import resource, subprocess, sys, time; t = time.time(); "
+             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "sys.stdout.write(p.stdout); sys.stderr.write(p.stderr); "
+             "print(time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
+             "sys.exit(p.returncode)")
+    proc = subprocess.run([sys.executable, "-c", probe, sys.executable, str(ROOT / "debug_nan.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+    seconds, peak = proc.stdout.splitlines()[-1].split()
+    return proc, float(seconds), int(peak)
+
+
+@pytest.mark.parametrize("max_length", [100000, 2000, 513])
+def test_max_length_past_the_models_positions_is_one_line_within_seconds(tiny_llama_dir, max_length):
+    """Before: 100000 with a long text grew to 22.6 GB and was OOM-killed; 2000 ran past the 512 positions silently."""
+    proc, seconds, peak = measured_run(["--model_name", str(tiny_llama_dir), "--max_length", str(max_length),
+                                        "--text", "the lazy dog " * 9000])  # ~27000 tokens
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0] == (f"error: --max_length {max_length} exceeds the model's 512 positions (max_position_embeddings):"
+                        " use --max_length 512 or less")
+    assert seconds < 60 and peak < 1e9, (seconds, peak)
+
+
+def test_the_default_max_length_stays_within_a_short_models_positions(tmp_path, tiny_llama_dir):
+    """A model of 16 positions: the default (256) becomes 16, and a long --text is cut there."""
+    import shutil
+
+    model = tmp_path / "short"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    report = tmp_path / "report.json"
+    proc = run_cli("--model_name", str(model), "--text", "the lazy dog " * 100, "--json", str(report))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(report.read_text())["num_tokens"] == 16

@@ -1,6 +1,7 @@
 """Nothing bad is ever called good, in npt: a step that blows the weights up is undone; an exactly zero hidden state keeps a
 clean batch finite; the seed's adapter_config dict converts (tiny random Llama, no files)."""
 import copy
+import re
 
 import pytest
 import torch
@@ -159,7 +160,8 @@ def test_consolidate_refuses_a_non_finite_alpha_and_changes_nothing(base, alpha)
     (torch.randint(1, 97, (1, 6)), {"token_index": -7}, "token_index -7 is outside the 6 real tokens"),
     (torch.randint(1, 97, (1, 6)), {"token_index": 3, "attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0]])},
      "outside the 3 real tokens"),
-    (torch.randint(1, 97, (1, 6)), {"attention_mask": torch.zeros(1, 6, dtype=torch.long)}, "outside the 0 real"),
+    (torch.randint(1, 97, (1, 6)), {"attention_mask": torch.zeros(1, 6, dtype=torch.long)},
+     "attention_mask marks no real token in sequence 0"),
     (torch.randint(1, 97, (1, 6)), {"attention_mask": torch.ones(1, 5, dtype=torch.long)}, "attention_mask must"),
     (torch.zeros(1, 0, dtype=torch.long), {}, "non-empty 2-D tensor"),
     (torch.randint(1, 97, (6,)), {}, "non-empty 2-D tensor (batch, tokens), got (6,)"),
@@ -173,6 +175,36 @@ def test_consolidate_refuses_bad_indices_and_inputs_and_changes_nothing(base, id
     assert message in str(e.value)
     after = base_weights(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("target, dtype, alpha, overflows", [
+    ("exact", torch.float16, 1e6, "mlp.down_proj.weight in torch.float16"),
+    ("down", torch.float16, 1e9, "mlp.down_proj.weight in torch.float16"),
+    ("gate+down", torch.float16, 1e9, "mlp.down_proj.weight in torch.float16"),
+    ("exact", torch.float32, 1e30, "the patched model's logits"),  # finite weights of ~1e30: the logits overflow
+])
+def test_consolidate_refuses_an_overflowing_alpha_and_changes_nothing(base, target, dtype, alpha, overflows):
+    model = trained(copy.deepcopy(base).to(dtype), modulation_target=target)
+    ids = batch(0)["input_ids"]
+    before = base_weights(model)
+    with pytest.raises(ValueError, match=re.escape(f"alpha {alpha:g} overflows ") + ".*" + re.escape(overflows)) as e:
+        npt.consolidate(model, ids, alpha=alpha)
+    assert "layers.0." in str(e.value) or "logits" in overflows  # the first layer's patch is refused: none written
+    after = base_weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a base weight changed"
+    with torch.no_grad(), npt.npt_disabled(model):
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_consolidate_writes_a_large_alpha_that_stays_finite(base):
+    """The refusal is about overflow, not size: alpha 1e6 on the gate target stays finite in fp16 and is written."""
+    model = trained(copy.deepcopy(base).half(), modulation_target="gate")
+    before = base_weights(model)
+    updates = npt.consolidate(model, batch(0)["input_ids"], alpha=1e6)
+    for layer in npt.npt_layers(model):
+        key = f"model.layers.{layer.layer_idx}.layer.mlp.gate_proj.weight"
+        want = (before[key].double() + updates[layer.layer_idx].double()).half()  # float64 reference, then fp16
+        assert torch.equal(base_weights(model)[key], want)
 
 
 def test_consolidate_refuses_non_finite_adapters(base):
@@ -256,3 +288,50 @@ def test_full_disk_while_saving_leaves_the_previous_checkpoint_intact(base, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-best"]  # no half-written folder
     assert {f.name: f.read_bytes() for f in first.iterdir()} == saved
     npt.load_adapters(copy.deepcopy(base), first)
+
+
+def test_latest_and_the_full_disk_hint_see_checkpoint_best(base, tmp_path):
+    """After a full disk checkpoint-best may be all a run kept: `latest` resumes it and the message names it; a
+    run that kept none is told to start again."""
+    from npt_tools.checkpoints import TrainerState, latest_checkpoint, resume_hint, save_checkpoint
+
+    model = trained(base)
+    opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    assert "no checkpoint of this run was written" in resume_hint(tmp_path, "r1")
+    assert "--overwrite_output_dir" in resume_hint(tmp_path, "r1")
+    save_checkpoint(tmp_path, "checkpoint-1", model, opt, sched, TrainerState(step=1, run_id="r1"))
+    best = save_checkpoint(tmp_path, "checkpoint-best", model, opt, sched, TrainerState(step=2, run_id="r1"))
+    assert latest_checkpoint(tmp_path) == best
+    assert f"resume from {best} (step 2" in resume_hint(tmp_path, "r1")
+    assert "no checkpoint of this run" in resume_hint(tmp_path, "another run")
+    numbered = save_checkpoint(tmp_path, "checkpoint-2", model, opt, sched, TrainerState(step=2, run_id="r1"))
+    assert latest_checkpoint(tmp_path) == numbered  # a tie: the name that says the step
+
+
+def test_sigterm_unwinds_a_command_as_ctrl_c_does():
+    """The handler the scripts install: SIGTERM raises where the code is, its `finally` runs, one line, exit 1."""
+    import os
+    import signal
+    import time
+
+    from click.testing import CliRunner
+
+    from npt_tools.cli import command
+
+    cleaned = []
+
+    @command()
+    def terminated():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            cleaned.append("not interrupted")
+        finally:
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(terminated, [], catch_exceptions=False)
+    assert result.exit_code == 1 and cleaned == [True]
+    assert [line for line in result.stderr.splitlines() if line.strip()] == ["error: aborted (SIGTERM)"]
+    assert signal.getsignal(signal.SIGTERM) is before  # restored after the command

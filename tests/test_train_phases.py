@@ -251,8 +251,9 @@ def test_trainargs_built_directly_warns_as_the_cli_does(tiny_llama_dir, tmp_path
 
 
 # ----------------------------------------------------------------------------- resuming under new defaults
-def older_checkpoint(tiny_llama_dir, out, **saved_args):
-    """An exact-target checkpoint whose trainer_state.json args hold `saved_args` over the resolved defaults."""
+def older_checkpoint(tiny_llama_dir, out, start=None, **saved_args):
+    """An exact-target checkpoint whose trainer_state.json args hold `saved_args` over the resolved defaults (and
+    its closed_form_start `start`)."""
     from transformers import AutoModelForCausalLM
 
     from npt_tools.checkpoints import save_checkpoint
@@ -263,7 +264,8 @@ def older_checkpoint(tiny_llama_dir, out, **saved_args):
                                npt.NPTConfig(rank=64, modulation_target="exact"))
     opt = torch.optim.AdamW(npt.get_adapter_params(model), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return save_checkpoint(out, "checkpoint-1", model, opt, sched, TrainerState(step=1, run_id="older"),
+    return save_checkpoint(out, "checkpoint-1", model, opt, sched,
+                           TrainerState(step=1, run_id="older", closed_form_start=start),
                            {"args": {**args.saved(), **saved_args}})
 
 
@@ -281,6 +283,53 @@ def test_resume_keeps_the_checkpoints_values_of_flags_not_given(tiny_llama_dir, 
         again.learning_rate = given.get("learning_rate")
         with pytest.raises(UserError, match=f"changed flags \\({line}\\)"):
             make_plan(again)
+
+
+def test_resume_after_the_closed_form_start_keeps_its_flags(tiny_llama_dir, tmp_path):
+    """The start ran under --exact_start pca: a resume without the start's flags takes the run's values (its args
+    then say what its closed_form_start did); given and different, they are refused (the start will not run again)."""
+    start = {"method": "principal directions", "windows": 4, "tokens": 128, "gradient_tokens": 0, "kept": 1.0}
+    ckpt = older_checkpoint(tiny_llama_dir, tmp_path / "run", start=start, exact_start="pca", init_batches=2)
+    args = tiny_args(tiny_llama_dir, tmp_path / "run", resume_from_checkpoint=str(ckpt))
+    make_plan(args)
+    assert (args.exact_start, args.init_batches) == ("pca", 2)
+    for given, line in (({"exact_start": "fisher"}, "--exact_start 'pca' -> 'fisher'"),
+                        ({"init_batches": 64}, "--init_batches 2 -> 64")):
+        with pytest.raises(UserError, match=f"changed flags \\({line}\\)"):
+            make_plan(tiny_args(tiny_llama_dir, tmp_path / "run", resume_from_checkpoint=str(ckpt), **given))
+
+
+def test_resume_before_the_closed_form_start_may_choose_it(tiny_llama_dir, tmp_path):
+    ckpt = older_checkpoint(tiny_llama_dir, tmp_path / "run", exact_start="pca")  # no closed_form_start recorded
+    args = tiny_args(tiny_llama_dir, tmp_path / "run", resume_from_checkpoint=str(ckpt), exact_start="fisher")
+    make_plan(args)
+    assert args.exact_start == "fisher"
+
+
+def test_resume_from_a_file_says_it_is_a_file(tiny_llama_dir, tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"{}")
+    with pytest.raises(UserError, match="is a file: give a checkpoint directory") as e:
+        make_plan(tiny_args(tiny_llama_dir, tmp_path / "out",
+                            resume_from_checkpoint=str(tmp_path / "adapter_model.safetensors")))
+    assert "not found" not in str(e.value)
+
+
+@pytest.mark.parametrize("free, refused", [(200_000, True), (300_000, False)])
+def test_the_output_disk_must_hold_one_checkpoint(monkeypatch, tiny_llama_dir, tmp_path, free, refused):
+    """The exact target's checkpoint of the tiny Llama needs about 0.26 MB (12 bytes per adapter parameter +
+    64 kB): 0.20 MB is refused before any work, 0.30 MB holds one and warns that it cannot hold the run's three."""
+    import shutil
+
+    total = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: total._replace(free=free))
+    args = tiny_args(tiny_llama_dir, tmp_path / "out")  # save_steps 2 of 3 steps: checkpoint-2, -best, -final
+    if refused:
+        with pytest.raises(UserError, match="0.20 MB free on its disk, and one checkpoint of this run needs about "
+                                            "0.26 MB"):
+            make_plan(args)
+        return
+    with pytest.warns(UserWarning, match="has room for 1 of the 3 checkpoints"):
+        make_plan(args)
 
 
 @pytest.mark.parametrize("value", ["fast", None, float("nan"), 0.0, -1e-3, True])
