@@ -6,8 +6,6 @@ finetune_edit: plain fine-tuning on the context's tokens, what a user would try 
 every token of the context, on the MLP weights of a band of layers or on all weights)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 
@@ -60,23 +58,3 @@ def finetune_edit(model: nn.Module, tokenizer, context: str, steps: int = 10, lr
         for n, p in model.named_parameters():
             p.requires_grad_(grad_flags[n])
         model.train(was_training)
-
-
-@contextlib.contextmanager
-def edited(model: nn.Module, deltas: dict[str, torch.Tensor]):
-    """The model with `deltas` added to its parameters (by Hugging Face name) inside the block; every weight
-    bitwise as before afterwards."""
-    named = dict(model.named_parameters())
-    missing = [n for n in deltas if n not in named]
-    if missing:
-        raise ValueError(f"the model has no parameter {missing[0]!r}")
-    original = {n: named[n].detach().clone() for n in deltas}
-    try:
-        with torch.no_grad():
-            for n, d in deltas.items():
-                named[n].copy_((named[n].float() + d.to(named[n].device)).to(named[n].dtype))
-        yield model
-    finally:
-        with torch.no_grad():
-            for n in deltas:
-                named[n].copy_(original[n])

@@ -4,7 +4,7 @@ country of Spain."), score the edited model on the record (CounterFact's ES, PS,
 builtin text (next-token KL and perplexity ratio against the unedited model), then put the weights back. Prints
 one markdown row (the means and the time per edit) and appends the numbers to --json_file.
 
-    python benchmarks/finetune_sweep.py --steps 10 --lr 3e-5 --params mlp
+    python -m benchmarks.finetune_sweep --steps 10 --lr 3e-5 --params mlp
 """
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ from pathlib import Path
 import click
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from editors import FINETUNE_PARAMS, edited, finetune_edit  # noqa: E402
-from npt_tools.counterfact import HeldOutDrift, evaluate_records, load_records, mean_metrics  # noqa: E402
-from npt_tools.models import EMBEDDED_MODEL, load_base_model  # noqa: E402
+from benchmarks.editors import FINETUNE_PARAMS, finetune_edit
+from npt_tools.counterfact import HeldOutDrift, evaluate_records, load_records, mean_metrics
+from npt_tools.edit import applied as edited
+from npt_tools.models import EMBEDDED_MODEL, load_base_model
 
 FACTS = Path(__file__).resolve().parent / "facts" / "counterfacts.json"
 
@@ -76,7 +75,7 @@ def main(steps, lr, params, layers, n_records, facts, windows, json_file):
     out = {**mean_metrics(each), "kl": sum(kl) / len(kl), "ppl_ratio": sum(ppl) / len(ppl),
            "ppl_ratio_max": max(ppl), "seconds_per_edit": sum(seconds) / len(seconds),
            "steps": steps, "lr": lr, "params": params, "layers": layers,
-           "command": "python benchmarks/finetune_sweep.py " + shlex.join(sys.argv[1:])}
+           "command": "python -m benchmarks.finetune_sweep " + shlex.join(sys.argv[1:])}
     if json_file:
         with open(json_file, "a") as f:
             f.write(json.dumps(out) + "\n")

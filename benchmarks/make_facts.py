@@ -13,20 +13,18 @@ unseen.json (known facts of the UNSEEN relations, other templates), sequential.j
 main relations: the main set first, then the other known ones, then the unknown ones, marked "known": false) and
 quality.json (the model's bare scores and the counts, also printed).
 
-    python benchmarks/make_facts.py   # about 3 minutes on one CPU thread
+    python -m benchmarks.make_facts   # about 3 minutes on one CPU thread
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import random
-import sys
 from pathlib import Path
 
 import click
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from npt_tools.counterfact import (Record, candidate_scores, evaluate_records, in_context, save_records,  # noqa: E402
                                    target_scores)
 from npt_tools.models import EMBEDDED_MODEL, load_base_model  # noqa: E402

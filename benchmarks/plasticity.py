@@ -15,14 +15,13 @@ held-out next-token KL and perplexity ratio on builtin text (over the first --dr
 Sequential (--points 1,10,100,1000): the edits applied one after the other, scored at each point on the records
 edited so far (at most --eval_records of them, a fixed sample) with the held-out drift.
 
-    python benchmarks/plasticity.py --records 200 --methods bare,context,kv,rome --points 1,10,100
+    python -m benchmarks.plasticity --records 200 --methods bare,context,kv,rome --points 1,10,100
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -30,15 +29,14 @@ import time
 import click
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import npt  # noqa: E402
-from npt_tools import plasticity as P  # noqa: E402
-from npt_tools.closed_form import init_exact  # noqa: E402
-from npt_tools.counterfact import HeldOutDrift, evaluate_records, in_context, load_records, mean_metrics  # noqa: E402
-from npt_tools.models import EMBEDDED_MODEL, load_base_model  # noqa: E402
-from editors import edited, finetune_edit  # noqa: E402
-from rome import rome_edit  # noqa: E402
+import npt
+from npt_tools import plasticity as P
+from npt_tools.closed_form import init_exact
+from npt_tools.counterfact import HeldOutDrift, evaluate_records, in_context, load_records, mean_metrics
+from npt_tools.models import EMBEDDED_MODEL, load_base_model
+from npt_tools.edit import applied as edited, apply_edit
+from benchmarks.editors import finetune_edit
+from benchmarks.rome import rome_edit
 
 METHODS = ("bare", "context", "consolidate", "kv", "finetune", "rome")
 EDITORS = ("consolidate", "kv", "finetune", "rome")
@@ -104,12 +102,6 @@ class KvEditor:
         return deltas
 
 
-def apply_deltas(model, deltas: dict[str, torch.Tensor]) -> None:
-    named = dict(model.named_parameters())
-    for n, d in deltas.items():
-        P.add_to_weight(named[n], d)
-
-
 def single_edits(model, tokenizer, records, name: str, editor, drift: HeldOutDrift, drift_edits: int) -> dict:
     """Edit, score the record, undo, for every record: mean metrics, held-out drift over the first edits, time."""
     each, drifts, times = [], [], []
@@ -140,7 +132,7 @@ def sequential(model, tokenizer, records, name: str, editor, points, drift: Held
             start = time.perf_counter()
             deltas = editor(r, keep=True) if isinstance(editor, (KvEditor, Consolidate)) else editor(r)
             if not isinstance(editor, KvEditor):
-                apply_deltas(model, deltas)
+                apply_edit(model, deltas)
             times.append(time.perf_counter() - start)
             if j + 1 in points:
                 done = records[:j + 1]

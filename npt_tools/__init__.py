@@ -17,5 +17,8 @@ those listed above it:
     trainer        the training recipe (Trainer: setup, closed-form start, train, save, cleanup); the trainer's command
     fix_checks     the checks of the NaN fixes; test_fixed_npt's command
     inspection     forward-pass inspection (where NaN / Inf first appear); debug_nan's command
+    counterfact    CounterFact records, target scoring, ES/PS/NS and held-out drift of an edit
     plasticity     consolidation: a context written into the MLP weights (key-value edits, forward passes only)
+    edit           the edit artifact (edit.safetensors + edit.json): save, load, apply, undo (bitwise), merge
+    consolidate_cli  npt-consolidate: a context written into the weights, the artifact saved, what changed shown
 """

@@ -42,6 +42,26 @@ def tiny_model(arch="llama", layers=3, hidden=64, ffn=96, seed=0, **overrides):
     return ARCHS[arch][1](config).eval()
 
 
+def seeded_deltas(model, names, scale=0.05, seed=7) -> dict:
+    """fp32 deltas of the named base parameters (npt_tools.edit names), drawn from a fixed seed: a stand-in for
+    a consolidation method in the edit artifact's tests."""
+    from npt_tools.edit import base_parameters
+
+    gen = torch.Generator().manual_seed(seed)
+    params = base_parameters(model)
+    return {n: scale * torch.randn(params[n].shape, generator=gen) for n in names}
+
+
+def parameter_snapshot(model) -> dict:
+    """A copy of every parameter (tied ones under each name), for bitwise before / after checks."""
+    return {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def assert_parameters_unchanged(model, before):
+    changed = [n for n, p in model.named_parameters(remove_duplicate=False) if not torch.equal(p, before[n])]
+    assert not changed, f"{len(changed)} parameters changed, e.g. {changed[0]}"
+
+
 def randomize_adapters(model, std=0.3):
     with torch.no_grad():
         for p in npt.get_adapter_params(model):

@@ -1,17 +1,16 @@
 """The fine-tuning baseline editor (benchmarks/editors.py) on a tiny random Llama: its deltas equal a plain Adam loop
 written here, it changes only the parameters it names, and it leaves the model bitwise as it found it."""
 import copy
-import sys
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from npt_tools.models import embedded_model_path
-from helpers import ROOT, tiny_model
+from helpers import tiny_model
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from editors import edited, finetune_edit, finetune_parameters  # noqa: E402
+from benchmarks.editors import finetune_edit, finetune_parameters
+from npt_tools.edit import applied as edited
 
 ONE_TORCH_THREAD = True  # tiny tensors: a second OpenMP thread only spins (conftest)
 CONTEXT = "The capital of France is Rome."
@@ -72,7 +71,7 @@ def test_edited_lowers_the_loss_and_restores(model, tok):
     with edited(model, deltas):
         assert loss(model, ids) < base - 0.1
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    with pytest.raises(ValueError, match="no parameter 'nope'"):
+    with pytest.raises(ValueError, match="'nope', which is not a base parameter"):
         with edited(model, {"nope": torch.zeros(1)}):
             pass
 

@@ -2,15 +2,13 @@
 filter checked again on the embedded model (integration)."""
 import random
 import re
-import sys
 
 import pytest
 
 from npt_tools.counterfact import candidate_scores, load_records
 from helpers import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from make_facts import MAIN, UNSEEN, read_tables  # noqa: E402
+from benchmarks.make_facts import MAIN, UNSEEN, read_tables
 
 FACTS = ROOT / "benchmarks" / "facts"
 
