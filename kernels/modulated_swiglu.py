@@ -252,6 +252,29 @@ def _mswiglu_fwd_kernel(
             _store_tile(ds_part_ptr + pid_f.to(tl.int64) * N * K, rows, row_mask, k_offs, k_offs < K, K, ds)
 
 
+@_jit
+def _bwd_program(N, F, R, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The backward program's place: (one F block) x (a group of row blocks) x (one rank chunk for dz / dW)."""
+    pid_f = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    n_first = N * (pid_r == 0)  # rows of the first rank chunk's programs write what is chunk-independent
+    cols = (pid_f * BLOCK_F + tl.arange(0, BLOCK_F)).to(tl.int64)
+    rc = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's rank chunk (for dz / dW)
+    return pid_f, pid_g, pid_r, n_first, cols, cols < F, rc, rc < R
+
+
+@_jit
+def _code_grads(dg, x, m, a, s_m, dmsq_ptr, dasq_ptr, rows, row_mask, wm_mask, wa_mask, add_scale, has_dmsq, has_dasq):
+    """(dm, da): through the gate plus through the per-token sums; exactly 0 on masked rows / columns and off
+    branches."""
+    dmsq = tl.load(dmsq_ptr + rows, mask=row_mask & has_dmsq, other=0.0)
+    dasq = tl.load(dasq_ptr + rows, mask=row_mask & has_dasq, other=0.0)
+    dm = tl.where(wm_mask[None, :], dg * x * (s_m * (1.0 - s_m)) + 2.0 * m * dmsq[:, None], 0.0)
+    da = tl.where(wa_mask[None, :], dg * add_scale + 2.0 * a * dasq[:, None], 0.0)
+    return dm, da
+
+
 @_jit(do_not_specialize=_RUNTIME_ARGS)
 def _mswiglu_bwd_kernel(
     gate_ptr, up_ptr, z_ptr, wa_ptr, wm_ptr, du_ptr,  # saved inputs
@@ -269,16 +292,9 @@ def _mswiglu_bwd_kernel(
     # program = (one F block) x (a group of row blocks) x (one rank chunk for dz / dW; a single
     # chunk, pid_r == 0, whenever r <= BLOCK_R).  dW and d_down_u are accumulated in registers over
     # the group's rows and stored once; dz gets one partial per F block.
-    pid_f = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    pid_r = tl.program_id(2)
-    n_first = N * (pid_r == 0)  # rows of the first rank chunk's programs write what is chunk-independent
-    cols = (pid_f * BLOCK_F + tl.arange(0, BLOCK_F)).to(tl.int64)
-    col_mask = cols < F
+    pid_f, pid_g, pid_r, n_first, cols, col_mask, rc, rc_mask = _bwd_program(N, F, R, BLOCK_F, BLOCK_R)
     wm_mask, wa_mask = col_mask & has_mult, col_mask & has_add
     through_h = col_mask & (has_dh | has_dds)  # else dh_total = 0: gate / up are not even read
-    rc = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's rank chunk (for dz / dW)
-    rc_mask = rc < R
     k_offs = tl.arange(0, BLOCK_K).to(tl.int64)
     wm_c = _load_tile(wm_ptr, cols, wm_mask, rc, rc_mask, R)  # (BLOCK_F, BLOCK_R)
     wa_c = _load_tile(wa_ptr, cols, wa_mask, rc, rc_mask, R)
@@ -305,11 +321,8 @@ def _mswiglu_bwd_kernel(
         _store_tile(dgate_ptr, rows, first_rows, cols, col_mask & need_dgate,
                     F, dg * tl.where(has_mult, 0.5 + s_m, 1.0))
         _store_tile(dup_ptr, rows, first_rows, cols, col_mask & need_dup, F, dh * g * s_g)
-        # ---- plus through the per-token sums; exactly 0 on masked rows / columns and off branches
-        dmsq = tl.load(dmsq_ptr + rows, mask=row_mask & has_dmsq, other=0.0)
-        dasq = tl.load(dasq_ptr + rows, mask=row_mask & has_dasq, other=0.0)
-        dm = tl.where(wm_mask[None, :], dg * x * (s_m * (1.0 - s_m)) + 2.0 * m * dmsq[:, None], 0.0)
-        da = tl.where(wa_mask[None, :], dg * add_scale + 2.0 * a * dasq[:, None], 0.0)
+        dm, da = _code_grads(dg, x, m, a, s_m, dmsq_ptr, dasq_ptr, rows, row_mask, wm_mask, wa_mask, add_scale,
+                             has_dmsq, has_dasq)
         # ---- dz partial (this F block's contribution) and dW accumulation -----------------
         dz = tl.dot(dm, wm_c, input_precision=F_DOT_PRECISION)
         dz = tl.dot(da, wa_c, dz, input_precision=F_DOT_PRECISION)  # (BLOCK_M, BLOCK_R)
