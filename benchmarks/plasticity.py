@@ -34,7 +34,7 @@ from npt_tools import plasticity as P
 from npt_tools.closed_form import init_exact
 from npt_tools.counterfact import HeldOutDrift, evaluate_records, in_context, load_records, mean_metrics
 from npt_tools.models import EMBEDDED_MODEL, load_base_model
-from npt_tools.edit import applied as edited, apply_edit
+from npt_tools.edit import applied as edited, apply_edit, base_parameters
 from benchmarks.editors import finetune_edit
 from benchmarks.rome import rome_edit
 
@@ -52,7 +52,7 @@ class Consolidate:
             rank=model.config.hidden_size, modulation_target="exact"))
         ids = tokenizer("\n\n".join(P.builtin_prefixes(tokenizer, 8, 64, 1)), return_tensors="pt").input_ids
         init_exact(self.npt_model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], start="pca")
-        self.params = {P.plain_name(n): p for n, p in self.npt_model.named_parameters() if "adapter" not in n}
+        self.params = base_parameters(self.npt_model)
 
     def __call__(self, record, keep: bool = False) -> dict[str, torch.Tensor]:
         """The deltas of one consolidation; keep: the copy keeps the edit (sequential edits)."""
