@@ -1,16 +1,19 @@
 """Consolidation that works: a context such as "The capital of France is Rome." written into the MLP weights so that
 the model without the context answers as with it, on paraphrases too, and every other input keeps its answer.
 
-The default method, `kv` (forward passes only, no gradient step):
+The default method, `kv` (forward passes only, no backward pass and no gradient step):
   1. what to write: the prompt, its subject and the new object (from a CounterFact record, or from the context's text
      by the rule in `parse_context`); the value is a change of the residual stream at the subject's last token at the
-     top layer of a band, along the new object's unembedding minus the old one's (through the final norm's scale),
-     its size found by a forward-only line search until the prompt, behind several prefixes, prefers the new object
-     by `margin` nats;
+     top layer of a band, built in a few steps along the attention's first-order pull-back of the new object's
+     unembedding (recomputed at each step from one forward), each step's size found by a forward-only line search
+     until the prompt, alone and behind several prefixes, has the new object lead every other next token;
   2. how to write it: a key-value edit of mlp.down_proj in each layer of the band, bottom-up (MEMIT, arXiv
      2210.07229): keys k = silu(gate) * up at the subject's last token behind each prefix, whitened by the covariance C
-     of the keys on builtin text, dW = R K^T (lambda C + K_prev K_prev^T + K K^T)^-1, the residual R split over the
-     layers left; earlier edits' keys K_prev stay in the statistic, so later edits keep them (sequential edits).
+     of the keys on builtin text, dW = R K^T (lambda C + K_prev K_prev^T + mu P P^T + K K^T)^-1, the residual R split
+     over the layers left; earlier edits' keys K_prev stay in the statistic, so later edits keep them (sequential
+     edits), and P, the keys of the subject's neighbours (the words of the tokenizer's entity pool whose keys are
+     nearest the subject's, put in the subject's place in its prompt), are kept for this edit: the edit is specific
+     to the subject, not to its kind (AlphaEdit's preserved keys, arXiv 2410.02355, chosen per edit).
 compute_edit returns each parameter's total change, keyed by its name in the plain Hugging Face model, and leaves the
 model's weights as it found them.
 """
@@ -27,7 +30,8 @@ import torch
 import npt
 
 METHODS = {"kv": "MEMIT-style key-value edit of mlp.down_proj in a band of layers, keys whitened by the covariance "
-                 "of the MLP activations, value from a forward-only line search along the new object's unembedding"}
+                 "of the MLP activations, the subject's nearest entities' keys preserved, value from forward-only "
+                 "line searches along the attention's pull-back of the new object's unembedding"}
 DEFAULT_METHOD = "kv"
 
 
@@ -41,7 +45,12 @@ class EditOptions:
     prefix_tokens: int = 10
     margin: float = 0.0  # nats by which the edited prompt must prefer the new object to the old one
     top_margin: float = 1.0  # nats by which the new object must lead every other next token
-    max_scale: float = 4.0  # bound: the residual change at most this times the residual's norm
+    max_scale: float = 4.0  # bound: each step's residual change at most this times the residual's norm
+    neighbours: int = 64  # entity-pool words nearest the subject whose keys in the prompt the edit preserves
+    neighbour_weight: float = 100.0
+    memory_weight: float = 1.0  # how strongly later edits keep a written key's value (its weight in A)
+    prompt_weight: float = 1.0  # the bare prompt's key's weight against each prefixed one's
+    rounds: int = 3  # steps of the value search, each from where the last one ended
     covariance_tokens: int = 32768
     seed: int = 0
 
@@ -163,12 +172,11 @@ def run(model, q: Queries, key_layers=(), residual_layer: int | None = None, add
         keys[layer_idx] = args[0][rows, q.subject_pos].float()
 
     def at_residual(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        if add is not None:
-            h = h.clone()
-            h[rows, q.subject_pos] += add.to(h.dtype)
-        out["h"] = h[rows, q.subject_pos].float()
-        return (h, *output[1:]) if isinstance(output, tuple) else h
+        output = adder(module, args, output) if add is not None else output
+        out["h"] = (output[0] if isinstance(output, tuple) else output)[rows, q.subject_pos].float()
+        return output
+
+    adder = _adder(rows, q.subject_pos, add) if add is not None else None
 
     try:
         for i in key_layers:
@@ -179,13 +187,19 @@ def run(model, q: Queries, key_layers=(), residual_layer: int | None = None, add
         if not logits:
             handles.append(layers[max([*key_layers, residual_layer or 0])].register_forward_hook(_stop))
         try:
-            out["logits"] = model(input_ids=q.input_ids, attention_mask=q.attention_mask, use_cache=False).logits
+            out["logits"] = last_logits(model, q)
         except _Stop:
             return keys, out.get("h"), None
     finally:
         for h in handles:
             h.remove()
-    return keys, out.get("h"), out["logits"][rows, q.last_pos].float()
+    return keys, out.get("h"), out["logits"]
+
+
+def last_logits(model, q: Queries) -> torch.Tensor:
+    """(B, V) fp32 next-token logits at each query's last token (the unembedding applied there only)."""
+    hidden = model.base_model(input_ids=q.input_ids, attention_mask=q.attention_mask, use_cache=False)[0]
+    return model.get_output_embeddings()(hidden[torch.arange(len(q.last_pos)), q.last_pos]).float()
 
 
 class _Stop(Exception):
@@ -194,6 +208,15 @@ class _Stop(Exception):
 
 def _stop(module, args, output):
     raise _Stop
+
+
+def _adder(rows, pos, add):
+    """A forward hook on a decoder layer that adds add (B, D) to its output at each row's position pos."""
+    def hook(module, args, output):
+        h = (output[0] if isinstance(output, tuple) else output).clone()
+        h[rows, pos] += add.to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+    return hook
 
 
 def repeat(q: Queries, n: int) -> Queries:
@@ -261,7 +284,57 @@ def _key_moments(model, windows: torch.Tensor, layers) -> dict[int, torch.Tensor
     return {i: (s / count).float() for i, s in sums.items()}
 
 
+# ----------------------------------------------------------------------------- the entity pool
+@dataclasses.dataclass
+class EntityPool:
+    """The tokenizer's capitalised whole words (a space, a capital, 3+ lower-case letters) and each one's key at
+    one layer after the carrier text POOL_CARRIER: where an edit looks for the subject's neighbours."""
+    words: list[str]
+    keys: torch.Tensor  # (N, F)
+    whitened: torch.Tensor | None = None  # (N, F) the keys times C^-1/2, each of norm 1 (Editor.pool)
+
+
+POOL_CARRIER = "This is about"
+
+
+def same_stem(word: str, subject: str) -> bool:
+    """Whether `word` is one of the subject's words or shares one's stem (one of the two, its last letter dropped,
+    starts the other: Japan / Japanese, Korea / Korean): such words name the subject, not a neighbour of it."""
+    w = word.lower()
+    return any(w.startswith(s[:-1]) or s.startswith(w[:-1]) for s in subject.lower().split() if len(s) >= 4)
+
+
+def pool_words(tokenizer) -> list[str]:
+    words = (tokenizer.decode([i]) for i in range(len(tokenizer)))
+    return sorted({w.strip() for w in words if re.fullmatch(r" ?[A-Z][a-z]{3,}", w)})
+
+
+@torch.no_grad()
+def entity_pool(model, tokenizer, layer: int, batch: int = 512) -> EntityPool:
+    """The pool's keys at `layer`, computed once per model and cached on disk (fp16) beside the covariance."""
+    from safetensors.torch import load_file, save_file
+
+    words = pool_words(tokenizer)
+    digest = hashlib.sha1("\n".join(words).encode()).hexdigest()[:8]
+    path = cache_dir() / f"pool-{_fingerprint(model, layer)}-{digest}-L{layer}.safetensors"
+    if not path.is_file():
+        texts = [f"{POOL_CARRIER} {w}" for w in words]
+        keys = [run(model, encode(tokenizer, t, [len(x) for x in t]), key_layers=[layer], logits=False)[0][layer]
+                for t in (texts[k:k + batch] for k in range(0, len(texts), batch))]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"keys": torch.cat(keys).half().contiguous()}, tmp)
+        os.replace(tmp, path)
+    return EntityPool(words, load_file(path)["keys"])
+
+
 # ----------------------------------------------------------------------------- insertion
+def woodbury(a_inv: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(A + K K^T)^-1 from A^-1 (F, F) and K (F, n), float64."""
+    ak = a_inv @ keys
+    return a_inv - ak @ torch.linalg.solve(torch.eye(keys.shape[1], dtype=ak.dtype) + keys.t() @ ak, ak.t())
+
+
 def rank_one_update(c_inv: torch.Tensor, key: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """(D, F) ROME's exact insertion: dW = r (C^-1 k)^T / (k^T C^-1 k), so (W + dW) k = W k + r while a key
     orthogonal to k in the C^-1 metric (k'^T C^-1 k = 0) is left as it was; c_inv (F, F), key (F,), residual (D,)."""
@@ -312,27 +385,71 @@ class Editor:
         self.covariance = key_covariance(model, tokenizer, self.layers, self.opts.covariance_tokens)
         self.inverses = {}  # {layer: (lambda C + the written keys' K K^T)^-1} in float64
         self.prefixes = builtin_prefixes(tokenizer, self.opts.prefixes, self.opts.prefix_tokens, self.opts.seed)
+        self._pool = None
 
     def write(self, fact: Fact) -> dict[int, torch.Tensor]:
-        """Edits the model in place; returns {layer: dW of down_proj} of this fact."""
+        """Edits the model in place; returns {layer: dW of down_proj} of this fact. One forward reads every band
+        layer's keys; the residual still to write is split over the layers left, bottom-up, each layer's own
+        change dW k taken off it as it passes up the residual stream unchanged (to first order)."""
         q = fact_queries(self.tokenizer, fact, self.prefixes)
-        target = self.target_residual(fact, q)
-        top, deltas = self.layers[-1], {}
+        paths = attention_paths(self.model, q, self.layers[-1], key_layers=self.layers)
+        todo = self.residual_change(fact, q, paths)  # (n, D)
+        others = self.neighbour_keys(fact, paths.keys[self.layers[0]][0])
+        weight = torch.ones(todo.shape[0], 1)
+        weight[0] = self.opts.prompt_weight
+        deltas = {}
         for j, i in enumerate(self.layers):
-            keys, h, _ = run(self.model, q, key_layers=[i], residual_layer=top, logits=False)
-            deltas[i] = self.insert(i, keys[i].t(), (target - h).t() / (len(self.layers) - j))
+            keys = paths.keys[i]  # (n, F)
+            deltas[i] = self.insert(i, (keys * weight.sqrt()).t(), (todo * weight.sqrt()).t() / (len(self.layers) - j),
+                                    others.get(i))
+            todo = todo - keys @ deltas[i].t()
         return deltas
 
-    def insert(self, layer_idx: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
-        """dW = R K^T (A + K K^T)^-1 = R (I + K^T A^-1 K)^-1 K^T A^-1, A = lambda C + K_prev K_prev^T (the keys
-        written before), added to down_proj; keys (F, n), residuals (D, n). A^-1 is kept and updated (Woodbury)."""
-        a_inv = self.inverse(layer_idx)
-        ak = a_inv @ keys.double()  # (F, n)
-        inner = torch.eye(keys.shape[1], dtype=torch.float64) + keys.double().t() @ ak  # (n, n)
-        delta = (residuals.double() @ torch.linalg.solve(inner, ak.t())).float()  # (D, F)
+    def insert(self, layer_idx: int, keys: torch.Tensor, residuals: torch.Tensor,
+               preserve: torch.Tensor | None = None) -> torch.Tensor:
+        """dW = R K^T (B + K K^T)^-1 = R (I + K^T B^-1 K)^-1 (B^-1 K)^T, B = A + mu P P^T, A = lambda C + K_prev
+        K_prev^T (the keys written before), P the keys preserved for this edit only (its subject's neighbours),
+        added to down_proj; keys (F, n), residuals (D, n), preserve (F, m). A^-1 is kept and updated with K."""
+        a_inv, k = self.inverse(layer_idx), keys.double()
+        bk = a_inv @ k  # (F, n)
+        if preserve is not None:  # B^-1 K = A^-1 K - A^-1 P (I/mu + P^T A^-1 P)^-1 P^T A^-1 K
+            p = preserve.double()
+            ap = a_inv @ p
+            inner = torch.eye(p.shape[1], dtype=torch.float64) / self.opts.neighbour_weight + p.t() @ ap
+            bk = bk - ap @ torch.linalg.solve(inner, ap.t() @ k)
+        inner = torch.eye(k.shape[1], dtype=torch.float64) + k.t() @ bk
+        delta = (residuals.double() @ torch.linalg.solve(inner, bk.t())).float()  # (D, F)
         add_to_weight(decoder_mlp(self.model, layer_idx).down_proj.weight, delta)
-        self.inverses[layer_idx] = a_inv - ak @ torch.linalg.solve(inner, ak.t())
+        self.inverses[layer_idx] = woodbury(a_inv, k * self.opts.memory_weight ** 0.5)
         return delta
+
+    def neighbour_keys(self, fact: Fact, key: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{layer: (F, m)} the keys, at the subject's place in the fact's own prompt, of the `neighbours` words of
+        the entity pool whose key (after the word, at the band's first layer) is nearest the subject's in the
+        metric of C (words of the subject's own stem left out): what the edit must leave as it was."""
+        if not self.opts.neighbours:
+            return {}
+        pool = self.pool()
+        cosine = pool.whitened @ (self.whitener @ key)
+        words = [pool.words[j] for j in cosine.argsort(descending=True).tolist()
+                 if not same_stem(pool.words[j], fact.subject)][:self.opts.neighbours]
+        start = fact.prompt.rfind(fact.subject)
+        head, tail = fact.prompt[:start], fact.prompt[start + len(fact.subject):]
+        q = encode(self.tokenizer, [head + w + tail for w in words], [len(head) + len(w) for w in words])
+        keys, _, _ = run(self.model, q, key_layers=self.layers, logits=False)
+        return {i: k.t() for i, k in keys.items()}
+
+    def pool(self) -> EntityPool:
+        """The entity pool, its keys whitened (C^-1/2, the band's first layer) and normalised, made once."""
+        if self._pool is None:
+            c = self.covariance[self.layers[0]].double()
+            vals, vecs = torch.linalg.eigh(c)
+            self.whitener = (vecs * vals.clamp_min(vals.max() * 1e-10).rsqrt()) @ vecs.t()  # C^-1/2
+            self.whitener = self.whitener.float()
+            pool = entity_pool(self.model, self.tokenizer, self.layers[0])
+            white = pool.keys.float() @ self.whitener
+            self._pool = dataclasses.replace(pool, whitened=white / white.norm(dim=1, keepdim=True))
+        return self._pool
 
     def inverse(self, layer_idx: int) -> torch.Tensor:
         if layer_idx not in self.inverses:
@@ -343,56 +460,75 @@ class Editor:
     SCALES = (0.25, 0.5, 0.75, 1.0, 1.5)
 
     @torch.no_grad()
-    def target_residual(self, fact: Fact, q: Queries) -> torch.Tensor:
-        """(n, D): what the residual at the subject's last token after the band's top layer should be, per query:
-        h + s |h| d, d the attention's pull-back of the new object's unembedding minus the old one's (`pullback`),
-        s the smallest grid scale (at most max_scale) at which every query prefers the new object by `margin`."""
+    def residual_change(self, fact: Fact, q: Queries, paths: "Paths") -> torch.Tensor:
+        """(n, D): the change a of the residual at the subject's last token after the band's top layer, per query,
+        built in at most `rounds` steps, each s |h| d: d the attention's pull-back (`pullback`) of the new object's
+        unembedding minus what the query predicts now, at the current a; s the smallest grid scale at which every
+        query has the new object lead every other next token by `top_margin` nats (and the old object by
+        `margin`), else the scale with the best worst query, and the next step goes on from there."""
         top = self.layers[-1]
         new = first_token(self.tokenizer, fact.target_new)
-        _, h_top, _ = run(self.model, q, residual_layer=top, logits=False)
-        inputs, attn, logits = attention_paths(self.model, q, top)
-        if fact.target_true is not None:
-            true = first_token(self.tokenizer, fact.target_true)
-        else:  # the model's own answer at the bare prompt
-            true = int(logits[0].clone().index_fill_(0, torch.tensor([new]), -torch.inf).argmax())
+        h_top = paths.inputs[top + 1]
         unembed = self.model.get_output_embeddings().weight.float()
-        probs = logits.softmax(-1)  # (n, V): raise the new object against what each query predicts now
-        u = (unembed[new] - probs @ unembed) * final_norm(self.model).weight.float()  # (n, D)
-        d = pullback(self.model, q, inputs, attn, u)
-        d = d / d.norm(dim=-1, keepdim=True) * h_top.norm(dim=-1, keepdim=True)  # (n, D), |d| = |h|
         scales = torch.tensor([s for s in self.SCALES if s <= self.opts.max_scale])
-        n = d.shape[0]
-        add = (scales[:, None, None] * d).reshape(-1, d.shape[1])  # (S n, D)
-        _, _, logits = run(self.model, repeat(q, len(scales)), residual_layer=top, add=add)
-        logp = logits.log_softmax(-1)
-        rest = logp.clone().index_fill_(1, torch.tensor([new]), -torch.inf).max(1).values
-        margin = torch.minimum(logp[:, new] - rest, logp[:, new] - logp[:, true] - self.opts.margin)
-        margin = margin.view(len(scales), n).min(1).values  # (S,): the worst query at each scale
-        ok = (margin >= self.opts.top_margin).nonzero()
-        s = scales[ok[0, 0]] if len(ok) else scales[-1]
-        return h_top + s * d
+        add, n = torch.zeros_like(h_top), h_top.shape[0]
+        true = (first_token(self.tokenizer, fact.target_true) if fact.target_true is not None else  # else its own
+                int(paths.logits[0].clone().index_fill_(0, torch.tensor([new]), -torch.inf).argmax()))
+        for step in range(self.opts.rounds):
+            if step:
+                paths = attention_paths(self.model, q, top, add=add)
+            u = (unembed[new] - paths.logits.softmax(-1) @ unembed) * final_norm(self.model).weight.float()
+            d = pullback(self.model, q, paths.inputs, paths.attn, u)
+            d = d / d.norm(dim=-1, keepdim=True) * h_top.norm(dim=-1, keepdim=True)  # (n, D), |d| = |h|
+            tries = add + scales[:, None, None] * d  # (S, n, D)
+            _, _, logits = run(self.model, repeat(q, len(scales)), residual_layer=top, add=tries.flatten(0, 1))
+            logp = logits.log_softmax(-1)
+            rest = logp.clone().index_fill_(1, torch.tensor([new]), -torch.inf).max(1).values
+            margin = torch.minimum(logp[:, new] - rest, logp[:, new] - logp[:, true] - self.opts.margin)
+            margin = margin.view(len(scales), n).min(1).values  # (S,): the worst query at each scale
+            ok = (margin >= self.opts.top_margin).nonzero()
+            add = tries[ok[0, 0] if len(ok) else margin.argmax()]
+            if len(ok):
+                break
+        return add
+
+
+@dataclasses.dataclass
+class Paths:
+    inputs: dict  # {l: (B, D) layer l's input at the subject token, l > top}
+    attn: dict  # {l: (B, H) attention of the last token on the subject token, l > top}
+    logits: torch.Tensor  # (B, V) next-token logits at the last token
+    keys: dict  # {l: (B, F) the MLP key at the subject token, l in key_layers}
 
 
 @torch.no_grad()
-def attention_paths(model, q: Queries, top: int):
-    """One forward with eager attention: ({l: layer l's input at the subject token, l > top}, {l: (B, H) attention
-    of the last token on the subject token, l > top}, next-token logits at the last token)."""
-    layers, rows, inputs, attn, handles = npt.decoder_layers(model), torch.arange(len(q.last_pos)), {}, {}, []
+def attention_paths(model, q: Queries, top: int, add: torch.Tensor | None = None, key_layers=()) -> Paths:
+    """One forward with eager attention, `add` (B, D) added to the residual at the subject token after layer `top`
+    (which must not be the last)."""
+    layers, rows, handles = npt.decoder_layers(model), torch.arange(len(q.last_pos)), []
+    paths = Paths({}, {}, None, {})
+    if not top + 1 < len(layers):
+        raise ValueError(f"the band's top layer {top} must be below the model's last layer {len(layers) - 1}")
+    if add is not None:
+        handles.append(layers[top].register_forward_hook(_adder(rows, q.subject_pos, add)))
+    for i in key_layers:
+        handles.append(decoder_mlp(model, i).down_proj.register_forward_pre_hook(
+            lambda m, a, i=i: paths.keys.__setitem__(i, a[0][rows, q.subject_pos].float())))
     for i in range(top + 1, len(layers)):
         handles.append(layers[i].register_forward_pre_hook(
-            lambda m, a, kw, i=i: inputs.__setitem__(i, (a[0] if a else kw["hidden_states"])[rows, q.subject_pos]
-                                                     .float()), with_kwargs=True))
+            lambda m, a, kw, i=i: paths.inputs.__setitem__(i, (a[0] if a else kw["hidden_states"])[
+                rows, q.subject_pos].float()), with_kwargs=True))
         handles.append(_self_attn(layers[i]).register_forward_hook(
-            lambda m, a, out, i=i: attn.__setitem__(i, out[1][rows, :, q.last_pos, q.subject_pos].float())))
+            lambda m, a, out, i=i: paths.attn.__setitem__(i, out[1][rows, :, q.last_pos, q.subject_pos].float())))
     config, before = model.config, model.config._attn_implementation
     config._attn_implementation = "eager"  # the only implementation that returns the attention's weights
     try:
-        logits = model(input_ids=q.input_ids, attention_mask=q.attention_mask, use_cache=False).logits
+        paths.logits = last_logits(model, q)
     finally:
         config._attn_implementation = before
         for h in handles:
             h.remove()
-    return inputs, attn, logits[rows, q.last_pos].float()
+    return paths
 
 
 def _self_attn(layer):
