@@ -46,11 +46,12 @@ class EditOptions:
     margin: float = 0.0  # nats by which the edited prompt must prefer the new object to the old one
     top_margin: float = 1.0  # nats by which the new object must lead every other next token
     max_scale: float = 4.0  # bound: each step's residual change at most this times the residual's norm
-    neighbours: int = 64  # entity-pool words nearest the subject whose keys in the prompt the edit preserves
+    neighbours: int = 128  # entity-pool words nearest the subject whose keys in the prompt the edit preserves
     neighbour_weight: float = 100.0
     memory_weight: float = 1.0  # how strongly later edits keep a written key's value (its weight in A)
     prompt_weight: float = 1.0  # the bare prompt's key's weight against each prefixed one's
-    rounds: int = 3  # steps of the value search, each from where the last one ended
+    rounds: int = 3
+    passes: int = 2  # writes of the value: each further one writes what the last left missing  # steps of the value search, each from where the last one ended
     covariance_tokens: int = 32768
     seed: int = 0
 
@@ -390,26 +391,33 @@ class Editor:
     def write(self, fact: Fact) -> dict[int, torch.Tensor]:
         """Edits the model in place; returns {layer: dW of down_proj} of this fact. One forward reads every band
         layer's keys; the residual still to write is split over the layers left, bottom-up, each layer's own
-        change dW k taken off it as it passes up the residual stream unchanged (to first order)."""
+        change dW k taken off it as it passes up the residual stream unchanged (to first order). Each further
+        pass (`passes`) measures what is still missing at the top layer and writes that the same way."""
         q = fact_queries(self.tokenizer, fact, self.prefixes)
-        paths = attention_paths(self.model, q, self.layers[-1], key_layers=self.layers)
+        top = self.layers[-1]
+        paths = attention_paths(self.model, q, top, key_layers=self.layers)
         todo = self.residual_change(fact, q, paths)  # (n, D)
-        others = self.neighbour_keys(fact, paths.keys[self.layers[0]][0])
+        target, keys = paths.inputs[top + 1] + todo, paths.keys
+        others = self.neighbour_keys(fact, keys[self.layers[0]][0])
         weight = torch.ones(todo.shape[0], 1)
         weight[0] = self.opts.prompt_weight
-        deltas = {}
-        for j, i in enumerate(self.layers):
-            keys = paths.keys[i]  # (n, F)
-            deltas[i] = self.insert(i, (keys * weight.sqrt()).t(), (todo * weight.sqrt()).t() / (len(self.layers) - j),
-                                    others.get(i))
-            todo = todo - keys @ deltas[i].t()
+        deltas = {i: 0 for i in self.layers}
+        for p in range(self.opts.passes):
+            if p:
+                keys, h, _ = run(self.model, q, key_layers=self.layers, residual_layer=top, logits=False)
+                todo = target - h
+            for j, i in enumerate(self.layers):
+                d = self.insert(i, (keys[i] * weight.sqrt()).t(), (todo * weight.sqrt()).t() / (len(self.layers) - j),
+                                others.get(i), remember=p == self.opts.passes - 1)
+                todo, deltas[i] = todo - keys[i] @ d.t(), deltas[i] + d
         return deltas
 
     def insert(self, layer_idx: int, keys: torch.Tensor, residuals: torch.Tensor,
-               preserve: torch.Tensor | None = None) -> torch.Tensor:
+               preserve: torch.Tensor | None = None, remember: bool = True) -> torch.Tensor:
         """dW = R K^T (B + K K^T)^-1 = R (I + K^T B^-1 K)^-1 (B^-1 K)^T, B = A + mu P P^T, A = lambda C + K_prev
         K_prev^T (the keys written before), P the keys preserved for this edit only (its subject's neighbours),
-        added to down_proj; keys (F, n), residuals (D, n), preserve (F, m). A^-1 is kept and updated with K."""
+        added to down_proj; keys (F, n), residuals (D, n), preserve (F, m). A^-1 is kept and, when `remember`, updated
+        with K."""
         a_inv, k = self.inverse(layer_idx), keys.double()
         bk = a_inv @ k  # (F, n)
         if preserve is not None:  # B^-1 K = A^-1 K - A^-1 P (I/mu + P^T A^-1 P)^-1 P^T A^-1 K
@@ -420,7 +428,8 @@ class Editor:
         inner = torch.eye(k.shape[1], dtype=torch.float64) + k.t() @ bk
         delta = (residuals.double() @ torch.linalg.solve(inner, bk.t())).float()  # (D, F)
         add_to_weight(decoder_mlp(self.model, layer_idx).down_proj.weight, delta)
-        self.inverses[layer_idx] = woodbury(a_inv, k * self.opts.memory_weight ** 0.5)
+        if remember:
+            self.inverses[layer_idx] = woodbury(a_inv, k * self.opts.memory_weight ** 0.5)
         return delta
 
     def neighbour_keys(self, fact: Fact, key: torch.Tensor) -> dict[int, torch.Tensor]:
