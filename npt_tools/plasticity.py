@@ -47,11 +47,11 @@ class EditOptions:
     top_margin: float = 1.0  # nats by which the new object must lead every other next token
     max_scale: float = 4.0  # bound: each step's residual change at most this times the residual's norm
     neighbours: int = 128  # entity-pool words nearest the subject whose keys in the prompt the edit preserves
-    neighbour_weight: float = 100.0
+    neighbour_weight: float = 100.0  # mu: their weight in the statistic against lambda C's
     memory_weight: float = 1.0  # how strongly later edits keep a written key's value (its weight in A)
     prompt_weight: float = 1.0  # the bare prompt's key's weight against each prefixed one's
-    rounds: int = 3
-    passes: int = 2  # writes of the value: each further one writes what the last left missing  # steps of the value search, each from where the last one ended
+    rounds: int = 3  # steps of the value search, each from where the last one ended
+    passes: int = 2  # writes of the value: each further one writes what the last left missing
     covariance_tokens: int = 32768
     seed: int = 0
 
