@@ -181,9 +181,6 @@ def test_compute_edit_refuses_bad_input(model, tok):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="measured 2026-12-07 with the neighbours preserved: France->Rome wins and "
-                                       "Germany keeps Berlin, but Japan->Madrid does not win (alone either): the "
-                                       "value search finds no step at which Madrid leads the bare prompt")
 def test_an_edit_makes_the_new_object_win_and_spares_a_neighbour(embedded):
     from npt_tools.counterfact import Record, evaluate_records
 
