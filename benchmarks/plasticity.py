@@ -16,6 +16,8 @@ Sequential (--points 1,10,100,1000): the edits applied one after the other, scor
 edited so far (at most --eval_records of them, a fixed sample) with the held-out drift.
 
     python -m benchmarks.plasticity --records 200 --methods bare,context,kv,rome --points 1,10,100
+
+--dev scores records the benchmark's default sample (seed 0, 200) leaves out: tune there, report here.
 """
 from __future__ import annotations
 
@@ -158,6 +160,8 @@ def _mean(xs) -> float:
 @click.option("--facts", default="benchmarks/facts/counterfacts.json", show_default=True)
 @click.option("--records", default=200, show_default=True,
               help="N records drawn at random (seed 0) in a fixed order, the same for every method (0: all, in order).")
+@click.option("--dev", is_flag=True, help="Draw the records (seed 1) from those outside the seed-0 sample of 200 "
+              "instead: the dev records the method was tuned on.")
 @click.option("--methods", default=",".join(METHODS), show_default=True)
 @click.option("--single/--no_single", default=True, show_default=True, help="Single edits (edit, score, undo).")
 @click.option("--points", default="1,10,100", show_default=True, help="Sequential points ('' : none).")
@@ -166,7 +170,7 @@ def _mean(xs) -> float:
 @click.option("--kv_options", default="{}", show_default=True, help="JSON: EditOptions for kv.")
 @click.option("--threads", default=2, show_default=True)
 @click.option("--output", default=None, help="JSON file for the rows.")
-def main(model_name, facts, records, methods, single, points, eval_records, drift_edits, kv_options, threads,
+def main(model_name, facts, records, dev, methods, single, points, eval_records, drift_edits, kv_options, threads,
          output):
     torch.set_num_threads(threads)
     chosen = [m for m in methods.split(",") if m]
@@ -174,7 +178,12 @@ def main(model_name, facts, records, methods, single, points, eval_records, drif
     if unknown:
         raise click.UsageError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
     recs = load_records(facts)
-    recs = random.Random(0).sample(recs, records) if 0 < records < len(recs) else recs
+    if dev:
+        held = {id(r) for r in random.Random(0).sample(recs, min(200, len(recs)))}
+        recs = [r for r in recs if id(r) not in held]
+        recs = random.Random(1).sample(recs, min(records or len(recs), len(recs)))
+    elif 0 < records < len(recs):
+        recs = random.Random(0).sample(recs, records)
     points = sorted({int(p) for p in points.split(",") if p})
     model, tokenizer = load_base_model(model_name)
     drift = HeldOutDrift(model, tokenizer)
