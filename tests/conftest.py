@@ -5,12 +5,20 @@ Tiers: `python -m pytest` runs the fast tier (tiny random models and pure functi
 Triton-interpreter runs) are deselected unless `--full` is given (both tiers) or a `-m` expression
 chooses (`-m integration`: that tier alone).
 """
+import signal
 import subprocess
 
 import pytest
 
 from npt_tools.models import EMBEDDED_MODEL, embedded_model_path, load_base_model
 from helpers import tiny_model
+
+
+def pytest_configure(config):
+    """A suite started in the background by a shell without job control inherits SIGINT ignored, and so would every
+    CLI it launches (an ignored signal survives exec): the tests that press Ctrl-C on one need it delivered."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser):
