@@ -378,6 +378,8 @@ class Editor:
         self.opts = EditOptions(**options)
         if self.opts.method not in METHODS:
             raise ValueError(f"unknown method {self.opts.method!r}: choose from {', '.join(METHODS)}")
+        if self.opts.rounds < 1 or self.opts.passes < 1:
+            raise ValueError(f"rounds and passes must be at least 1, got {self.opts.rounds} and {self.opts.passes}")
         self.model, self.tokenizer = model, tokenizer
         num_layers = len(npt.decoder_layers(model))
         self.layers = tuple(self.opts.layers or default_layers(num_layers))

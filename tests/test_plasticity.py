@@ -178,6 +178,8 @@ def test_compute_edit_refuses_bad_input(model, tok):
         P.compute_edit(model, tok, ["a b"], learning_rate=1)
     with pytest.raises(ValueError, match="unknown method"):
         P.compute_edit(model, tok, ["a b"], method="magic")
+    with pytest.raises(ValueError, match="at least 1"):
+        P.compute_edit(model, tok, ["a b"], passes=0)
 
 
 @pytest.mark.integration
