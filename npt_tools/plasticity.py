@@ -245,7 +245,7 @@ def cache_dir() -> Path:
 def key_covariance(model, tokenizer, layers, tokens: int = 32768, window: int = 256) -> dict[int, torch.Tensor]:
     """C_l = E[k k^T] (F, F) fp32 of the keys k = silu(gate) * up of each layer on builtin text, computed once per
     model and layer and cached on disk under the npt cache (keyed by the weights it depends on)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from npt_tools.data import builtin_texts
 
@@ -255,11 +255,18 @@ def key_covariance(model, tokenizer, layers, tokens: int = 32768, window: int = 
         ids = tokenizer("\n\n".join(builtin_texts()), add_special_tokens=False)["input_ids"][:tokens]
         sums = _key_moments(model, torch.tensor(ids).view(-1, window)[:max(1, len(ids) // window)], todo)
         for i in todo:
-            paths[i].parent.mkdir(parents=True, exist_ok=True)
-            tmp = paths[i].with_suffix(f".tmp{os.getpid()}")
-            save_file({"covariance": sums[i].contiguous()}, tmp)
-            os.replace(tmp, paths[i])
+            _save_atomically(paths[i], {"covariance": sums[i].contiguous()})
     return {i: load_file(paths[i])["covariance"] for i in layers}
+
+
+def _save_atomically(path: Path, tensors: dict) -> None:
+    """A cache file written whole or not at all (a temporary file renamed), its folder made."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
 
 
 def _key_moments(model, windows: torch.Tensor, layers) -> dict[int, torch.Tensor]:
@@ -293,6 +300,7 @@ class EntityPool:
     words: list[str]
     keys: torch.Tensor  # (N, F)
     whitened: torch.Tensor | None = None  # (N, F) the keys times C^-1/2, each of norm 1 (Editor.pool)
+    whitener: torch.Tensor | None = None  # (F, F) C^-1/2 (Editor.pool)
 
 
 POOL_CARRIER = "This is about"
@@ -313,7 +321,7 @@ def pool_words(tokenizer) -> list[str]:
 @torch.no_grad()
 def entity_pool(model, tokenizer, layer: int, batch: int = 512) -> EntityPool:
     """The pool's keys at `layer`, computed once per model and cached on disk (fp16) beside the covariance."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     words = pool_words(tokenizer)
     digest = hashlib.sha1("\n".join(words).encode()).hexdigest()[:8]
@@ -322,10 +330,7 @@ def entity_pool(model, tokenizer, layer: int, batch: int = 512) -> EntityPool:
         texts = [f"{POOL_CARRIER} {w}" for w in words]
         keys = [run(model, encode(tokenizer, t, [len(x) for x in t]), key_layers=[layer], logits=False)[0][layer]
                 for t in (texts[k:k + batch] for k in range(0, len(texts), batch))]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"keys": torch.cat(keys).half().contiguous()}, tmp)
-        os.replace(tmp, path)
+        _save_atomically(path, {"keys": torch.cat(keys).half().contiguous()})
     return EntityPool(words, load_file(path)["keys"])
 
 
@@ -441,7 +446,7 @@ class Editor:
         if not self.opts.neighbours:
             return {}
         pool = self.pool()
-        cosine = pool.whitened @ (self.whitener @ key)
+        cosine = pool.whitened @ (pool.whitener @ key)
         words = [pool.words[j] for j in cosine.argsort(descending=True).tolist()
                  if not same_stem(pool.words[j], fact.subject)][:self.opts.neighbours]
         start = fact.prompt.rfind(fact.subject)
@@ -455,11 +460,10 @@ class Editor:
         if self._pool is None:
             c = self.covariance[self.layers[0]].double()
             vals, vecs = torch.linalg.eigh(c)
-            self.whitener = (vecs * vals.clamp_min(vals.max() * 1e-10).rsqrt()) @ vecs.t()  # C^-1/2
-            self.whitener = self.whitener.float()
+            whitener = ((vecs * vals.clamp_min(vals.max() * 1e-10).rsqrt()) @ vecs.t()).float()  # C^-1/2
             pool = entity_pool(self.model, self.tokenizer, self.layers[0])
-            white = pool.keys.float() @ self.whitener
-            self._pool = dataclasses.replace(pool, whitened=white / white.norm(dim=1, keepdim=True))
+            white = pool.keys.float() @ whitener
+            self._pool = dataclasses.replace(pool, whitened=white / white.norm(dim=1, keepdim=True), whitener=whitener)
         return self._pool
 
     def inverse(self, layer_idx: int) -> torch.Tensor:
