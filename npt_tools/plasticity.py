@@ -13,12 +13,17 @@ The default method, `kv` (forward passes only, no backward pass and no gradient 
      over the layers left; earlier edits' keys K_prev stay in the statistic, so later edits keep them (sequential
      edits), and P, the keys of the subject's neighbours (the words of the tokenizer's entity pool whose keys are
      nearest the subject's, put in the subject's place in its prompt), are kept for this edit: the edit is specific
-     to the subject, not to its kind (AlphaEdit's preserved keys, arXiv 2410.02355, chosen per edit).
+     to the subject, not to its kind (AlphaEdit's preserved keys, arXiv 2410.02355, chosen per edit);
+  3. how much: a trust region: an edit whose expected squared change of a band layer's MLP output on builtin text,
+     tr(dW C dW^T), exceeds `max_change` times that of the output itself is scaled down to it (a norm bound on each
+     edit, as the sequential editors found they need), so that a fact the model resists costs that fact's efficacy,
+     not the model.
 compute_edit returns each parameter's total change, keyed by its name in the plain Hugging Face model, and leaves the
 model's weights as it found them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -50,6 +55,8 @@ class EditOptions:
     neighbour_weight: float = 100.0  # mu: their weight in the statistic against lambda C's
     memory_weight: float = 1.0  # how strongly later edits keep a written key's value (its weight in A)
     prompt_weight: float = 1.0  # the bare prompt's key's weight against each prefixed one's
+    max_change: float = 5e-4  # trust region (0: none): each edit's tr(dW C dW^T) / tr(W C W^T) at most this
+    # (Editor.bound); without it sequential edits collapse (a resisted fact buys its answer with everything else)
     rounds: int = 3  # steps of the value search, each from where the last one ended
     passes: int = 2  # writes of the value: each further one writes what the last left missing
     covariance_tokens: int = 32768
@@ -161,28 +168,18 @@ def first_token(tokenizer, word: str) -> int:
 
 # ----------------------------------------------------------------------------- forwards
 @torch.no_grad()
-def run(model, q: Queries, key_layers=(), residual_layer: int | None = None, add: torch.Tensor | None = None,
-        logits: bool = True):
+def run(model, q: Queries, key_layers=(), residual_layer: int | None = None, logits: bool = True):
     """One forward of q: (keys {layer: (B, F) at the subject token}, residual (B, D) at the subject token after
     `residual_layer`, next-token logits (B, V) at the last token, or None when not `logits`: the forward then stops
-    after the last layer it reads). `add` (B, D) is added to that residual first."""
-    layers, keys, out, handles = npt.decoder_layers(model), {}, {}, []
+    after the last layer it reads)."""
+    layers, keys, out = npt.decoder_layers(model), {}, {}
     rows = torch.arange(q.input_ids.shape[0])
 
-    def grab_key(layer_idx, module, args):
-        keys[layer_idx] = args[0][rows, q.subject_pos].float()
-
     def at_residual(module, args, output):
-        output = adder(module, args, output) if add is not None else output
         out["h"] = (output[0] if isinstance(output, tuple) else output)[rows, q.subject_pos].float()
-        return output
 
-    adder = _adder(rows, q.subject_pos, add) if add is not None else None
-
+    handles = _key_hooks(model, key_layers, q, keys)
     try:
-        for i in key_layers:
-            handles.append(decoder_mlp(model, i).down_proj.register_forward_pre_hook(
-                lambda m, a, i=i: grab_key(i, m, a)))
         if residual_layer is not None:
             handles.append(layers[residual_layer].register_forward_hook(at_residual))
         if not logits:
@@ -197,6 +194,14 @@ def run(model, q: Queries, key_layers=(), residual_layer: int | None = None, add
     return keys, out.get("h"), out["logits"]
 
 
+def _key_hooks(model, layers, q: Queries, store: dict) -> list:
+    """Hooks that put each layer's MLP key k = silu(gate) * up (the down_proj's input) at the subject token into
+    store[layer] (B, F) fp32 during a forward; the caller removes them."""
+    rows = torch.arange(len(q.subject_pos))
+    return [decoder_mlp(model, i).down_proj.register_forward_pre_hook(
+        lambda m, a, i=i: store.__setitem__(i, a[0][rows, q.subject_pos].float())) for i in layers]
+
+
 def last_logits(model, q: Queries) -> torch.Tensor:
     """(B, V) fp32 next-token logits at each query's last token (the unembedding applied there only)."""
     hidden = model.base_model(input_ids=q.input_ids, attention_mask=q.attention_mask, use_cache=False)[0]
@@ -209,15 +214,6 @@ class _Stop(Exception):
 
 def _stop(module, args, output):
     raise _Stop
-
-
-def _adder(rows, pos, add):
-    """A forward hook on a decoder layer that adds add (B, D) to its output at each row's position pos."""
-    def hook(module, args, output):
-        h = (output[0] if isinstance(output, tuple) else output).clone()
-        h[rows, pos] += add.to(h.dtype)
-        return (h, *output[1:]) if isinstance(output, tuple) else h
-    return hook
 
 
 def repeat(q: Queries, n: int) -> Queries:
@@ -392,6 +388,8 @@ class Editor:
             raise ValueError(f"layers {self.layers} outside the model's 0..{num_layers - 1}")
         self.covariance = key_covariance(model, tokenizer, self.layers, self.opts.covariance_tokens)
         self.inverses = {}  # {layer: (lambda C + the written keys' K K^T)^-1} in float64
+        self.output_energy = {i: float(((w @ self.covariance[i]) * w).sum()) for i, w in (
+            (i, decoder_mlp(model, i).down_proj.weight.detach().float()) for i in self.layers)}  # tr(W C W^T)
         self.prefixes = builtin_prefixes(tokenizer, self.opts.prefixes, self.opts.prefix_tokens, self.opts.seed)
         self._pool = None
 
@@ -408,36 +406,78 @@ class Editor:
         others = self.neighbour_keys(fact, keys[self.layers[0]][0])
         weight = torch.ones(todo.shape[0], 1)
         weight[0] = self.opts.prompt_weight
-        deltas = {i: 0 for i in self.layers}
+        factors = {i: ([], []) for i in self.layers}  # this fact's dW = U V^T per layer, its (D, n) and (F, n) parts
+        solvers = {i: self.solver(i, others.get(i)) for i in self.layers}  # A changes after the last pass only
         for p in range(self.opts.passes):
             if p:
                 keys, h, _ = run(self.model, q, key_layers=self.layers, residual_layer=top, logits=False)
                 todo = target - h
             for j, i in enumerate(self.layers):
-                d = self.insert(i, (keys[i] * weight.sqrt()).t(), (todo * weight.sqrt()).t() / (len(self.layers) - j),
-                                others.get(i), remember=p == self.opts.passes - 1)
-                todo, deltas[i] = todo - keys[i] @ d.t(), deltas[i] + d
+                u, v = self.insertion((keys[i] * weight.sqrt()).t(), (todo * weight.sqrt()).t() / (len(self.layers) - j),
+                                      solvers[i])
+                add_to_weight(decoder_mlp(self.model, i).down_proj.weight, (u @ v.t()).float())
+                todo = todo - (keys[i].double() @ v) @ u.t()
+                factors[i][0].append(u), factors[i][1].append(v)
+        for i in self.layers:
+            self.remember(i, (keys[i] * weight.sqrt()).t())
+        factors = {i: (torch.cat(u, 1), torch.cat(v, 1)) for i, (u, v) in factors.items()}
+        scale = self.bound(factors)
+        deltas = {i: (u @ v.t()).float() for i, (u, v) in factors.items()}
+        if scale < 1:
+            for i, d in deltas.items():
+                add_to_weight(decoder_mlp(self.model, i).down_proj.weight, -(1 - scale) * d)
+                deltas[i] = scale * d
         return deltas
 
-    def insert(self, layer_idx: int, keys: torch.Tensor, residuals: torch.Tensor,
-               preserve: torch.Tensor | None = None, remember: bool = True) -> torch.Tensor:
-        """dW = R K^T (B + K K^T)^-1 = R (I + K^T B^-1 K)^-1 (B^-1 K)^T, B = A + mu P P^T, A = lambda C + K_prev
-        K_prev^T (the keys written before), P the keys preserved for this edit only (its subject's neighbours),
-        added to down_proj; keys (F, n), residuals (D, n), preserve (F, m). A^-1 is kept and, when `remember`, updated
-        with K."""
-        a_inv, k = self.inverse(layer_idx), keys.double()
-        bk = a_inv @ k  # (F, n)
-        if preserve is not None:  # B^-1 K = A^-1 K - A^-1 P (I/mu + P^T A^-1 P)^-1 P^T A^-1 K
-            p = preserve.double()
-            ap = a_inv @ p
-            inner = torch.eye(p.shape[1], dtype=torch.float64) / self.opts.neighbour_weight + p.t() @ ap
-            bk = bk - ap @ torch.linalg.solve(inner, ap.t() @ k)
+    def bound(self, factors: dict) -> float:
+        """The factor (<= 1) by which this fact's edit is scaled down so that on no band layer the expected squared
+        change of the MLP's output on builtin text, tr(dW C dW^T), exceeds `max_change` times that of the output
+        itself, tr(W C W^T) (W the weight when the editor was made): a trust region, so that a fact the model
+        resists does not buy its answer with the model's other outputs."""
+        if not self.opts.max_change:
+            return 1.0
+        worst = 0.0
+        for i, (u, v) in factors.items():
+            c = self.covariance[i].double()
+            worst = max(worst, float(torch.trace((v.t() @ c @ v) @ (u.t() @ u))) / self.output_energy[i])
+        self.last_change = worst
+        return min(1.0, (self.opts.max_change / worst) ** 0.5) if worst > 0 else 1.0
+
+    def insertion(self, keys: torch.Tensor, residuals: torch.Tensor, solve) -> tuple[torch.Tensor, torch.Tensor]:
+        """dW = R K^T (B + K K^T)^-1 = R (I + K^T B^-1 K)^-1 (B^-1 K)^T as U V^T, float64: U = R (I + K^T B^-1
+        K)^-1 (D, n), V = B^-1 K (F, n); keys (F, n), residuals (D, n), solve: x -> B^-1 x (`solver`)."""
+        k = keys.double()
+        bk = solve(k)  # (F, n)
         inner = torch.eye(k.shape[1], dtype=torch.float64) + k.t() @ bk
-        delta = (residuals.double() @ torch.linalg.solve(inner, bk.t())).float()  # (D, F)
+        return torch.linalg.solve(inner, residuals.double().t()).t(), bk
+
+    def insert(self, layer_idx: int, keys: torch.Tensor, residuals: torch.Tensor, preserve=None,
+               remember: bool = True) -> torch.Tensor:
+        """Adds `insertion`'s dW to down_proj and returns it: B = A + mu P P^T, A = lambda C + K_prev K_prev^T (the
+        keys written before), P (F, m) the keys preserved for this edit only (its subject's neighbours); keys (F, n),
+        residuals (D, n). A^-1 is kept and, when `remember`, updated with K."""
+        u, v = self.insertion(keys, residuals, self.solver(layer_idx, preserve))
+        delta = (u @ v.t()).float()  # (D, F)
         add_to_weight(decoder_mlp(self.model, layer_idx).down_proj.weight, delta)
         if remember:
-            self.inverses[layer_idx] = woodbury(a_inv, k * self.opts.memory_weight ** 0.5)
+            self.remember(layer_idx, keys)
         return delta
+
+    def remember(self, layer_idx: int, keys: torch.Tensor) -> None:
+        """A^-1 updated with the keys (F, n) just written: later edits keep their values."""
+        self.inverses[layer_idx] = woodbury(self.inverse(layer_idx), keys.double() * self.opts.memory_weight ** 0.5)
+
+    def solver(self, layer_idx: int, preserve: torch.Tensor | None = None):
+        """x -> B^-1 x for B = A + mu P P^T (A^-1 as it is now, P (F, m) or None), by Woodbury:
+        B^-1 x = A^-1 x - A^-1 P (I/mu + P^T A^-1 P)^-1 P^T A^-1 x; the F x m products made once."""
+        a_inv = self.inverse(layer_idx)
+        if preserve is None:
+            return lambda x: a_inv @ x
+        p = preserve.double()
+        ap = a_inv @ p
+        chol = torch.linalg.cholesky(torch.eye(p.shape[1], dtype=torch.float64) / self.opts.neighbour_weight
+                                     + p.t() @ ap)
+        return lambda x: a_inv @ x - ap @ torch.cholesky_solve(ap.t() @ x, chol)
 
     def neighbour_keys(self, fact: Fact, key: torch.Tensor) -> dict[int, torch.Tensor]:
         """{layer: (F, m)} the keys, at the subject's place in the fact's own prompt, of the `neighbours` words of
@@ -449,9 +489,8 @@ class Editor:
         cosine = pool.whitened @ (pool.whitener @ key)
         words = [pool.words[j] for j in cosine.argsort(descending=True).tolist()
                  if not same_stem(pool.words[j], fact.subject)][:self.opts.neighbours]
-        start = fact.prompt.rfind(fact.subject)
-        head, tail = fact.prompt[:start], fact.prompt[start + len(fact.subject):]
-        q = encode(self.tokenizer, [head + w + tail for w in words], [len(head) + len(w) for w in words])
+        head = fact.prompt[:fact.prompt.rfind(fact.subject)]  # the text after the subject: no effect on its keys
+        q = encode(self.tokenizer, [head + w for w in words], [len(head) + len(w) for w in words])
         keys, _, _ = run(self.model, q, key_layers=self.layers, logits=False)
         return {i: k.t() for i, k in keys.items()}
 
@@ -483,7 +522,7 @@ class Editor:
         `margin`), else the scale with the best worst query, and the next step goes on from there."""
         top = self.layers[-1]
         new = first_token(self.tokenizer, fact.target_new)
-        h_top = paths.inputs[top + 1]
+        h_top, hidden = paths.inputs[top + 1], paths.hidden
         unembed = self.model.get_output_embeddings().weight.float()
         scales = torch.tensor([s for s in self.SCALES if s <= self.opts.max_scale])
         add, n = torch.zeros_like(h_top), h_top.shape[0]
@@ -491,12 +530,14 @@ class Editor:
                 int(paths.logits[0].clone().index_fill_(0, torch.tensor([new]), -torch.inf).argmax()))
         for step in range(self.opts.rounds):
             if step:
-                paths = attention_paths(self.model, q, top, add=add)
+                paths = attention_paths(self.model, q, top, replay=with_change(hidden, q, add))
             u = (unembed[new] - paths.logits.softmax(-1) @ unembed) * final_norm(self.model).weight.float()
             d = pullback(self.model, q, paths.inputs, paths.attn, u)
             d = d / d.norm(dim=-1, keepdim=True) * h_top.norm(dim=-1, keepdim=True)  # (n, D), |d| = |h|
             tries = add + scales[:, None, None] * d  # (S, n, D)
-            _, _, logits = run(self.model, repeat(q, len(scales)), residual_layer=top, add=tries.flatten(0, 1))
+            many = repeat(q, len(scales))
+            with replayed(self.model, top, with_change(hidden.repeat(len(scales), 1, 1), many, tries.flatten(0, 1))):
+                logits = last_logits(self.model, many)
             logp = logits.log_softmax(-1)
             rest = logp.clone().index_fill_(1, torch.tensor([new]), -torch.inf).max(1).values
             margin = torch.minimum(logp[:, new] - rest, logp[:, new] - logp[:, true] - self.opts.margin)
@@ -514,21 +555,20 @@ class Paths:
     attn: dict  # {l: (B, H) attention of the last token on the subject token, l > top}
     logits: torch.Tensor  # (B, V) next-token logits at the last token
     keys: dict  # {l: (B, F) the MLP key at the subject token, l in key_layers}
+    hidden: torch.Tensor | None = None  # (B, T, D) layer top's output, all positions (a forward without `replay`)
 
 
 @torch.no_grad()
-def attention_paths(model, q: Queries, top: int, add: torch.Tensor | None = None, key_layers=()) -> Paths:
-    """One forward with eager attention, `add` (B, D) added to the residual at the subject token after layer `top`
-    (which must not be the last)."""
-    layers, rows, handles = npt.decoder_layers(model), torch.arange(len(q.last_pos)), []
-    paths = Paths({}, {}, None, {})
+def attention_paths(model, q: Queries, top: int, key_layers=(), replay: torch.Tensor | None = None) -> Paths:
+    """One forward with eager attention from layer `top` (which must not be the last) on; `replay` (B, T, D): layer
+    top's output to use instead of running layers 0..top (see `replayed`)."""
+    layers, rows, paths = npt.decoder_layers(model), torch.arange(len(q.last_pos)), Paths({}, {}, None, {})
     if not top + 1 < len(layers):
         raise ValueError(f"the band's top layer {top} must be below the model's last layer {len(layers) - 1}")
-    if add is not None:
-        handles.append(layers[top].register_forward_hook(_adder(rows, q.subject_pos, add)))
-    for i in key_layers:
-        handles.append(decoder_mlp(model, i).down_proj.register_forward_pre_hook(
-            lambda m, a, i=i: paths.keys.__setitem__(i, a[0][rows, q.subject_pos].float())))
+    handles = _key_hooks(model, key_layers, q, paths.keys)
+    if replay is None:
+        handles.append(layers[top].register_forward_hook(
+            lambda m, a, out: setattr(paths, "hidden", (out[0] if isinstance(out, tuple) else out).detach())))
     for i in range(top + 1, len(layers)):
         handles.append(layers[i].register_forward_pre_hook(
             lambda m, a, kw, i=i: paths.inputs.__setitem__(i, (a[0] if a else kw["hidden_states"])[
@@ -538,12 +578,46 @@ def attention_paths(model, q: Queries, top: int, add: torch.Tensor | None = None
     config, before = model.config, model.config._attn_implementation
     config._attn_implementation = "eager"  # the only implementation that returns the attention's weights
     try:
-        paths.logits = last_logits(model, q)
+        with replayed(model, top, replay):
+            paths.logits = last_logits(model, q)
     finally:
         config._attn_implementation = before
         for h in handles:
             h.remove()
     return paths
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a decoder layer: returns `hidden` when given, else its input unchanged."""
+
+    def __init__(self, hidden: torch.Tensor | None):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.hidden is None else self.hidden.to(hidden_states.dtype)
+
+
+@contextlib.contextmanager
+def replayed(model, top: int, hidden: torch.Tensor | None):
+    """Within: a forward skips decoder layers 0..top and takes `hidden` (B, T, D) as layer top's output (a forward
+    that changes nothing below layer top+1 need not run them again); hidden None: a normal forward."""
+    layers = npt.decoder_layers(model)
+    saved = list(layers[:top + 1]) if hidden is not None else []
+    try:
+        for j in range(len(saved)):
+            layers[j] = _Replay(hidden if j == top else None)
+        yield
+    finally:
+        for j, layer in enumerate(saved):
+            layers[j] = layer
+
+
+def with_change(hidden: torch.Tensor, q: Queries, add: torch.Tensor) -> torch.Tensor:
+    """hidden (B, T, D) with add (B, D) added at each row's subject token."""
+    out = hidden.clone()
+    out[torch.arange(len(q.subject_pos)), q.subject_pos] += add.to(out.dtype)
+    return out
 
 
 def _self_attn(layer):

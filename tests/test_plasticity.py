@@ -90,7 +90,7 @@ def test_woodbury_equals_the_direct_inverse():
     assert rel_err(P.woodbury(torch.linalg.inv(a), k), torch.linalg.inv(a + k @ k.t())) < 1e-10
 
 
-def test_neighbours_are_pool_words_near_the_subject_placed_in_its_prompt(model, tok, monkeypatch):
+def test_neighbours_are_pool_words_near_the_subject_put_in_its_place_in_the_prompt(model, tok, monkeypatch):
     words = P.pool_words(tok)
     assert "Paris" in words and "Germany" in words and "the" not in words and "Xx" not in words
     ed = P.Editor(copy.deepcopy(model), tok, neighbours=5, **OPTIONS)
@@ -99,9 +99,52 @@ def test_neighbours_are_pool_words_near_the_subject_placed_in_its_prompt(model, 
     monkeypatch.setattr(P, "encode", lambda tk, texts, ends: seen.append((texts, ends)) or real_encode(tk, texts, ends))
     keys = ed.neighbour_keys(fact, torch.randn(48))
     texts, ends = seen[-1]  # (the first calls build the pool)
-    assert len(texts) == 5 and all(t.startswith("The city of ") and t.endswith(" is in") for t in texts)
+    # the prompt up to the subject's place: the keys there do not depend on the words after it
+    assert len(texts) == 5 and all(t.startswith("The city of ") and ends[j] == len(t) for j, t in enumerate(texts))
     assert not any(t[12:ends[j]] in ("Paris", "New") for j, t in enumerate(texts))  # the subject's own words left out
     assert sorted(keys) == [0, 1] and keys[0].shape == (48, 5)
+
+
+@pytest.mark.parametrize("bound", [0.0, 1e-5])
+def test_the_trust_region_bounds_each_edits_change_of_the_mlp_output(model, tok, bound):
+    ed = P.Editor(copy.deepcopy(model), tok, max_change=bound, **OPTIONS)
+    weights = {i: P.decoder_mlp(ed.model, i).down_proj.weight for i in ed.layers}
+    before = {i: w.detach().double().clone() for i, w in weights.items()}
+    deltas = ed.write(P.Fact("The capital of France is", "France", "Rome"))
+    change = {}
+    for i, d in deltas.items():
+        assert rel_err(weights[i].detach().double(), before[i] + d.double()) < 1e-6  # the weight has what it returns
+        c = ed.covariance[i].double()
+        change[i] = torch.trace(d.double() @ c @ d.double().t()) / torch.trace(before[i] @ c @ before[i].t())
+    if bound:
+        assert max(change.values()) == pytest.approx(bound, rel=1e-4)  # binding here: the edit scaled down to it
+    else:
+        assert max(change.values()) > 1e-4
+
+
+def test_a_replayed_forward_equals_the_full_forward_with_the_change_added(model, tok):
+    fact = P.Fact("The capital of France is", "France", "Rome")
+    q = P.fact_queries(tok, fact, ["Some text.", "More text here."])
+    add = torch.randn(len(q.last_pos), 32, generator=torch.Generator().manual_seed(5))
+    rows = torch.arange(len(q.last_pos))
+
+    def adder(module, args, out):
+        out = out.clone()
+        out[rows, q.subject_pos] += add
+        return out
+
+    handle = npt.decoder_layers(model)[0].register_forward_hook(adder)
+    try:
+        ref = P.attention_paths(model, q, 0)
+    finally:
+        handle.remove()
+    first = P.attention_paths(model, q, 0)
+    layers = list(npt.decoder_layers(model))
+    got = P.attention_paths(model, q, 0, replay=P.with_change(first.hidden, q, add))
+    assert list(npt.decoder_layers(model)) == layers  # the layers put back
+    assert rel_err(got.logits, ref.logits) < 1e-5 and rel_err(first.logits, ref.logits) > 1e-3
+    assert all(rel_err(got.inputs[i], ref.inputs[i]) < 1e-5 and rel_err(got.attn[i], ref.attn[i]) < 1e-5
+               for i in (1, 2))
 
 
 def test_pullback_equals_a_loop_over_heads(model, tok):
