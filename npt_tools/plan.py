@@ -215,8 +215,10 @@ def hold_output_dir(args: TrainArgs, plan: Plan):
     ok = False
     try:
         with contextlib.suppress(OSError):  # only for the message a second run prints
-            (out / HOLDER_NAME).write_text(json.dumps({"pid": os.getpid(), "run_id": plan.run_id,
-                                                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+            part = out / (HOLDER_NAME + ".part")  # renamed into place: a reader never sees half of it
+            part.write_text(json.dumps({"pid": os.getpid(), "run_id": plan.run_id,
+                                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+            part.replace(out / HOLDER_NAME)
         check_run_of(args, out, plan.resume)  # again under the lock: a run that ended meanwhile left its files
         yield
         ok = True
@@ -230,10 +232,15 @@ def hold_output_dir(args: TrainArgs, plan: Plan):
         lock.release()
 
 
-def lock_holder(out: Path) -> str:
-    """'pid N, run ID, since T' from the holder's side file (it may still be writing it)."""
-    try:
-        h = json.loads((out / HOLDER_NAME).read_text())
-        return f"pid {h['pid']}, run {h['run_id']}, since {h['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "its pid is not recorded yet"
+def lock_holder(out: Path, wait: float = 2.0) -> str:
+    """'pid N, run ID, since T' from the holder's side file. The holder writes it just after taking the lock,
+    so a run that lost the race may look before it is there: it looks again for up to `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            h = json.loads((out / HOLDER_NAME).read_text())
+            return f"pid {h['pid']}, run {h['run_id']}, since {h['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "its pid is not recorded yet"
+            time.sleep(0.05)
