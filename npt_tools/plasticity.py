@@ -53,6 +53,8 @@ class EditOptions:
     max_scale: float = 4.0  # bound: each step's residual change at most this times the residual's norm
     neighbours: int = 128  # entity-pool words nearest the subject whose keys in the prompt the edit preserves
     neighbour_weight: float = 100.0  # mu: their weight in the statistic against lambda C's
+    donors: int = 4  # the neighbours whose prompt leads most to the new object: the value's first step may go
+    # toward their mean residual (0: the pull-back only)
     memory_weight: float = 1.0  # how strongly later edits keep a written key's value (its weight in A)
     prompt_weight: float = 1.0  # the bare prompt's key's weight against each prefixed one's
     max_change: float = 5e-4  # trust region (0: none): each edit's tr(dW C dW^T) / tr(W C W^T) at most this
@@ -401,9 +403,10 @@ class Editor:
         q = fact_queries(self.tokenizer, fact, self.prefixes)
         top = self.layers[-1]
         paths = attention_paths(self.model, q, top, key_layers=self.layers)
-        todo = self.residual_change(fact, q, paths)  # (n, D)
+        others, donor = self.neighbourhood(fact, self.neighbour_words(fact, paths.keys[self.layers[0]][0]),
+                                           paths.hidden[0, q.subject_pos[0]].float())
+        todo = self.residual_change(fact, q, paths, donor)  # (n, D)
         target, keys = paths.inputs[top + 1] + todo, paths.keys
-        others = self.neighbour_keys(fact, keys[self.layers[0]][0])
         weight = torch.ones(todo.shape[0], 1)
         weight[0] = self.opts.prompt_weight
         factors = {i: ([], []) for i in self.layers}  # this fact's dW = U V^T per layer, its (D, n) and (F, n) parts
@@ -479,20 +482,39 @@ class Editor:
                                      + p.t() @ ap)
         return lambda x: a_inv @ x - ap @ torch.cholesky_solve(ap.t() @ x, chol)
 
-    def neighbour_keys(self, fact: Fact, key: torch.Tensor) -> dict[int, torch.Tensor]:
-        """{layer: (F, m)} the keys, at the subject's place in the fact's own prompt, of the `neighbours` words of
-        the entity pool whose key (after the word, at the band's first layer) is nearest the subject's in the
-        metric of C (words of the subject's own stem left out): what the edit must leave as it was."""
+    def neighbour_words(self, fact: Fact, key: torch.Tensor) -> list[str]:
+        """The `neighbours` words of the entity pool whose key (after the word, at the band's first layer) is nearest
+        the subject's `key` in the metric of C, nearest first (words of the subject's own stem left out)."""
         if not self.opts.neighbours:
-            return {}
+            return []
         pool = self.pool()
         cosine = pool.whitened @ (pool.whitener @ key)
-        words = [pool.words[j] for j in cosine.argsort(descending=True).tolist()
-                 if not same_stem(pool.words[j], fact.subject)][:self.opts.neighbours]
-        head = fact.prompt[:fact.prompt.rfind(fact.subject)]  # the text after the subject: no effect on its keys
-        q = encode(self.tokenizer, [head + w for w in words], [len(head) + len(w) for w in words])
-        keys, _, _ = run(self.model, q, key_layers=self.layers, logits=False)
-        return {i: k.t() for i, k in keys.items()}
+        return [pool.words[j] for j in cosine.argsort(descending=True).tolist()
+                if not same_stem(pool.words[j], fact.subject)][:self.opts.neighbours]
+
+    def neighbourhood(self, fact: Fact, words: list[str], hidden: torch.Tensor
+                      ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """One forward of the fact's prompt with each of `words` in the subject's place: ({layer: (F, m)} their keys
+        there, what the edit must leave as it was; the donor direction (D,) or None: the mean, over the `donors`
+        words whose prompt prefers the new object to the old one by most, of their residual after the band's top
+        layer at their last token, minus the subject's own (`hidden`, the bare prompt's): where the residual of a
+        subject the model already answers so lies (activation patching's donor))."""
+        if not words:
+            return {}, None
+        start = fact.prompt.rfind(fact.subject)
+        head, tail = fact.prompt[:start], fact.prompt[start + len(fact.subject):]
+        q = encode(self.tokenizer, [head + w + tail for w in words], [len(head) + len(w) for w in words])
+        keys, h, logits = run(self.model, q, key_layers=self.layers, residual_layer=self.layers[-1],
+                              logits=bool(self.opts.donors))
+        keys = {i: k.t() for i, k in keys.items()}
+        if not self.opts.donors:
+            return keys, None
+        new = first_token(self.tokenizer, fact.target_new)
+        logp = logits.log_softmax(-1)
+        old = logp[:, first_token(self.tokenizer, fact.target_true)] if fact.target_true is not None else \
+            logp.clone().index_fill_(1, torch.tensor([new]), -torch.inf).max(1).values
+        best = (logp[:, new] - old).topk(min(self.opts.donors, len(words))).indices
+        return keys, h[best].mean(0) - hidden
 
     def pool(self) -> EntityPool:
         """The entity pool, its keys whitened (C^-1/2, the band's first layer) and normalised, made once."""
@@ -514,12 +536,14 @@ class Editor:
     SCALES = (0.25, 0.5, 0.75, 1.0, 1.5)
 
     @torch.no_grad()
-    def residual_change(self, fact: Fact, q: Queries, paths: "Paths") -> torch.Tensor:
+    def residual_change(self, fact: Fact, q: Queries, paths: "Paths", donor: torch.Tensor | None = None
+                        ) -> torch.Tensor:
         """(n, D): the change a of the residual at the subject's last token after the band's top layer, per query,
         built in at most `rounds` steps, each s |h| d: d the attention's pull-back (`pullback`) of the new object's
-        unembedding minus what the query predicts now, at the current a; s the smallest grid scale at which every
-        query has the new object lead every other next token by `top_margin` nats (and the old object by
-        `margin`), else the scale with the best worst query, and the next step goes on from there."""
+        unembedding minus what the query predicts now, at the current a (at the first step, also the `donor`
+        direction (D,), `neighbourhood`: both are tried); s the smallest grid scale at which every query has the
+        new object lead every other next token by `top_margin` nats (and the old object by `margin`), else the
+        scale with the best worst query, and the next step goes on from there."""
         top = self.layers[-1]
         new = first_token(self.tokenizer, fact.target_new)
         h_top, hidden = paths.inputs[top + 1], paths.hidden
@@ -532,16 +556,18 @@ class Editor:
             if step:
                 paths = attention_paths(self.model, q, top, replay=with_change(hidden, q, add))
             u = (unembed[new] - paths.logits.softmax(-1) @ unembed) * final_norm(self.model).weight.float()
-            d = pullback(self.model, q, paths.inputs, paths.attn, u)
-            d = d / d.norm(dim=-1, keepdim=True) * h_top.norm(dim=-1, keepdim=True)  # (n, D), |d| = |h|
-            tries = add + scales[:, None, None] * d  # (S, n, D)
-            many = repeat(q, len(scales))
-            with replayed(self.model, top, with_change(hidden.repeat(len(scales), 1, 1), many, tries.flatten(0, 1))):
+            d = pullback(self.model, q, paths.inputs, paths.attn, u)[None]  # (1, n, D)
+            if step == 0 and donor is not None:
+                d = torch.stack([d[0], donor.expand_as(d[0])])  # (2, n, D)
+            d = d / d.norm(dim=-1, keepdim=True) * h_top.norm(dim=-1, keepdim=True)  # |d| = |h|
+            tries = (add + scales[:, None, None, None] * d).flatten(0, 1)  # (S * directions, n, D), by scale
+            many = repeat(q, len(tries))
+            with replayed(self.model, top, with_change(hidden.repeat(len(tries), 1, 1), many, tries.flatten(0, 1))):
                 logits = last_logits(self.model, many)
             logp = logits.log_softmax(-1)
             rest = logp.clone().index_fill_(1, torch.tensor([new]), -torch.inf).max(1).values
             margin = torch.minimum(logp[:, new] - rest, logp[:, new] - logp[:, true] - self.opts.margin)
-            margin = margin.view(len(scales), n).min(1).values  # (S,): the worst query at each scale
+            margin = margin.view(len(tries), n).min(1).values  # the worst query of each try
             ok = (margin >= self.opts.top_margin).nonzero()
             add = tries[ok[0, 0] if len(ok) else margin.argmax()]
             if len(ok):

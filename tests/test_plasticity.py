@@ -93,16 +93,30 @@ def test_woodbury_equals_the_direct_inverse():
 def test_neighbours_are_pool_words_near_the_subject_put_in_its_place_in_the_prompt(model, tok, monkeypatch):
     words = P.pool_words(tok)
     assert "Paris" in words and "Germany" in words and "the" not in words and "Xx" not in words
-    ed = P.Editor(copy.deepcopy(model), tok, neighbours=5, **OPTIONS)
-    fact = P.Fact("The city of New Paris is in", "New Paris", "Spain")
+    ed = P.Editor(copy.deepcopy(model), tok, neighbours=5, donors=2, **OPTIONS)
+    fact = P.Fact("The city of New Paris is in", "New Paris", "Spain", "France")
     seen, real_encode = [], P.encode
     monkeypatch.setattr(P, "encode", lambda tk, texts, ends: seen.append((texts, ends)) or real_encode(tk, texts, ends))
-    keys = ed.neighbour_keys(fact, torch.randn(48))
+    hidden = torch.randn(32)
+    keys, donor = ed.neighbourhood(fact, ed.neighbour_words(fact, torch.randn(48)), hidden)
     texts, ends = seen[-1]  # (the first calls build the pool)
-    # the prompt up to the subject's place: the keys there do not depend on the words after it
-    assert len(texts) == 5 and all(t.startswith("The city of ") and ends[j] == len(t) for j, t in enumerate(texts))
-    assert not any(t[12:ends[j]] in ("Paris", "New") for j, t in enumerate(texts))  # the subject's own words left out
+    names = [t[12:ends[j]] for j, t in enumerate(texts)]
+    assert len(texts) == 5 and all(t == f"The city of {w} is in" for t, w in zip(texts, names))
+    assert not any(w in ("Paris", "New") for w in names)  # the subject's own words left out
     assert sorted(keys) == [0, 1] and keys[0].shape == (48, 5)
+    # the donors: the two words whose own prompt prefers Spain to France by most, their residual after the band's
+    # top layer at the word's last token, one plain forward each
+    new, old = P.first_token(tok, "Spain"), P.first_token(tok, "France")
+    lead, resid = [], []
+    for t, w in zip(texts, names):
+        ids = tok(t, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = ed.model(ids, output_hidden_states=True)
+        logp = out.logits[0, -1].double().log_softmax(-1)
+        lead.append(float(logp[new] - logp[old]))
+        resid.append(out.hidden_states[2][0, len(tok(" ".join(t.split()[:3]) + " " + w).input_ids) - 1].double())
+    best = sorted(range(5), key=lambda j: -lead[j])[:2]
+    assert rel_err(donor.double(), (resid[best[0]] + resid[best[1]]) / 2 - hidden.double()) < 1e-4
 
 
 @pytest.mark.parametrize("bound", [0.0, 1e-5])
