@@ -5,8 +5,10 @@ The default method, `kv` (forward passes only, no backward pass and no gradient 
   1. what to write: the prompt, its subject and the new object (from a CounterFact record, or from the context's text
      by the rule in `parse_context`); the value is a change of the residual stream at the subject's last token at the
      top layer of a band, built in a few steps along the attention's first-order pull-back of the new object's
-     unembedding (recomputed at each step from one forward), each step's size found by a forward-only line search
-     until the prompt, alone and behind several prefixes, has the new object lead every other next token;
+     unembedding (recomputed at each step from one forward; the first step also tries the direction toward the
+     residual of the subject's neighbours whose own prompt already leads to the new object, the donors), each
+     step's size found by a forward-only line search until the prompt, alone and behind several prefixes, has the
+     new object lead every other next token;
   2. how to write it: a key-value edit of mlp.down_proj in each layer of the band, bottom-up (MEMIT, arXiv
      2210.07229): keys k = silu(gate) * up at the subject's last token behind each prefix, whitened by the covariance C
      of the keys on builtin text, dW = R K^T (lambda C + K_prev K_prev^T + mu P P^T + K K^T)^-1, the residual R split
