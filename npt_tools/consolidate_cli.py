@@ -35,6 +35,9 @@ class ConsolidateArgs(ModelArgs):
                              metavar="FILE")
     method: str = flag(plasticity.DEFAULT_METHOD, f"Consolidation method: {', '.join(plasticity.METHODS)}.",
                        type=click.Choice(list(plasticity.METHODS)))
+    edit_option: tuple = flag((), "A knob of the method, NAME=VALUE (repeatable): a field of "
+                                  "npt_tools.plasticity.EditOptions, e.g. max_change=0 (no trust region), donors=0, "
+                                  "layers=4,5,6.", multiple=True, metavar="NAME=VALUE")
     output_dir: str | None = flag(None, "Write the edit artifact here (edit.safetensors + edit.json).",
                                   metavar="DIR")
     merge_into: str | None = flag(None, "Also write the edited base model here as a Hugging Face folder "
@@ -168,6 +171,10 @@ def main(**flags):
     """Write contexts into the base weights of a model; save the edit artifact and show what changed."""
     args = ConsolidateArgs(**flags)
     contexts, records = read_contexts_or_fail(args)
+    try:
+        knobs = plasticity.parse_options(args.edit_option)
+    except ValueError as e:
+        fail(f"--edit_option {e}")
     check_outputs_or_fail(args)
     model, tokenizer = load_or_fail(args)
     before = query_rows(model, tokenizer, contexts, args.query, args.top_k)
@@ -175,7 +182,7 @@ def main(**flags):
     drift = counterfact.HeldOutDrift(model, tokenizer)
     start = time.perf_counter()
     try:
-        deltas = plasticity.compute_edit(model, tokenizer, contexts, records, method=args.method)
+        deltas = plasticity.compute_edit(model, tokenizer, contexts, records, method=args.method, **knobs)
         seconds = time.perf_counter() - start
         handle = edit.apply_edit(model, deltas)
     except ValueError as e:
@@ -192,7 +199,7 @@ def main(**flags):
     click.echo(f"edit ({args.method}): {len(contexts)} context(s), {len(deltas)} parameter(s) in layers "
                f"{edit.edited_layers(deltas)}, norm {edit.delta_norm(deltas):.4g}, {seconds:.2f} s; held-out "
                f"next-token KL {held_out['kl']:.3g}, perplexity x{held_out['ppl_ratio']:.4f}")
-    meta = {"method": args.method, "contexts": contexts, "model_name": args.model_name,
+    meta = {"method": args.method, "options": knobs, "contexts": contexts, "model_name": args.model_name,
             "checkpoint": args.checkpoint, "model_dtype": precision_name(False, args.use_fp16),
             "seconds": seconds, "held_out": held_out}
     write_or_fail(args, deltas, meta)

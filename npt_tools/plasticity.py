@@ -67,6 +67,26 @@ class EditOptions:
     seed: int = 0
 
 
+def parse_options(items) -> dict:
+    """{name: value} from "name=value" strings (a CLI's repeatable option), each value read as its EditOptions
+    field's type: `layers` as comma-separated layer indices, the other knobs as non-negative numbers."""
+    fields = {f.name: f.default for f in dataclasses.fields(EditOptions) if f.name != "method"}
+    out = {}
+    for item in items:
+        name, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or name not in fields:
+            raise ValueError(f"{item!r}: give NAME=VALUE, NAME one of {', '.join(fields)}")
+        kind = "comma-separated layer indices" if name == "layers" else type(fields[name]).__name__
+        try:
+            value = (tuple(int(x) for x in text.split(",")) if name == "layers" else type(fields[name])(text))
+        except ValueError:
+            raise ValueError(f"{item!r}: {name} takes {kind}") from None
+        if not all(v >= 0 for v in (value if name == "layers" else (value,))):
+            raise ValueError(f"{item!r}: {name} must not be negative")
+        out[name] = value
+    return out
+
+
 def default_layers(num_layers: int) -> tuple[int, ...]:
     """An early-middle band (where the subject's attributes are recalled): layers num_layers/6 .. num_layers/3."""
     lo, hi = max(1, num_layers // 6), max(2, num_layers // 3)

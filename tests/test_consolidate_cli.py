@@ -73,11 +73,15 @@ def bad_inputs(tmp_path):
         "bad checkpoint": (["--context", CONTEXT, *out, "--checkpoint", tmp_path / "nope"], "--checkpoint"),
         "4-bit": (["--context", CONTEXT, *out, "--use_quantization"], "full precision"),
         "unknown method": (["--context", CONTEXT, *out, "--method", "no-such-method"], "--method"),
+        "unknown option": (["--context", CONTEXT, *out, "--edit_option", "max_chnage=0"], "NAME one of"),
+        "bad option value": (["--context", CONTEXT, *out, "--edit_option", "donors=four"], "donors takes int"),
+        "negative option": (["--context", CONTEXT, *out, "--edit_option", "layers=1,-2"], "must not be negative"),
     }
 
 
 CASES = ("no context", "empty context", "two context flags", "empty file", "missing file", "bad facts",
-         "missing facts", "busy output", "same folders", "nothing to do", "bad checkpoint", "4-bit", "unknown method")
+         "missing facts", "busy output", "same folders", "nothing to do", "bad checkpoint", "4-bit", "unknown method",
+         "unknown option", "bad option value", "negative option")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -117,15 +121,18 @@ def test_artifact_and_merge_are_the_edited_model(tmp_path, tiny_llama_dir, monke
     monkeypatch.setattr(plasticity, "compute_edit", method)
     (tmp_path / "contexts.txt").write_text("A is B.\n\nC is D.\n")
     result = invoke("--model_name", tiny_llama_dir, "--contexts_file", tmp_path / "contexts.txt", "--query", QUERY,
-                    "--output_dir", tmp_path / "out", "--merge_into", tmp_path / "merged")
+                    "--output_dir", tmp_path / "out", "--merge_into", tmp_path / "merged",
+                    "--edit_option", "max_change=0", "--edit_option", " layers = 0,1")
     assert result.exit_code == 0, result.output
     assert method.calls[0]["contexts"] == ["A is B.", "C is D."]  # in order, blank lines skipped
+    assert method.calls[0]["max_change"] == 0.0 and method.calls[0]["layers"] == (0, 1)
     rows = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
     assert rows == ["bare", "in", "edited"]
     deltas, meta = edit.load_edit(tmp_path / "out")
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     expected = seeded_deltas(plain, NAMES)
     assert deltas.keys() == expected.keys() and all(torch.equal(deltas[n], expected[n]) for n in deltas)
+    assert meta["options"] == {"max_change": 0.0, "layers": [0, 1]}
     assert meta["contexts"] == ["A is B.", "C is D."] and meta["layers"] == [0, 1] and meta["model_name"] == str(
         tiny_llama_dir)
     edit.apply_edit(plain, deltas)
