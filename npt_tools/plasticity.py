@@ -581,7 +581,7 @@ class Editor:
             d = pullback(self.model, q, paths.inputs, paths.attn, u)[None]  # (1, n, D)
             if step == 0 and donor is not None:
                 d = torch.stack([d[0], donor.expand_as(d[0])])  # (2, n, D)
-            d = d / d.norm(dim=-1, keepdim=True) * h_top.norm(dim=-1, keepdim=True)  # |d| = |h|
+            d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12) * h_top.norm(dim=-1, keepdim=True)  # |d| = |h|
             tries = (add + scales[:, None, None, None] * d).flatten(0, 1)  # (S * directions, n, D), by scale
             many = repeat(q, len(tries))
             with replayed(self.model, top, with_change(hidden.repeat(len(tries), 1, 1), many, tries.flatten(0, 1))):
