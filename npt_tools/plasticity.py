@@ -26,13 +26,16 @@ model's weights as it found them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
+import inspect
 import os
 import re
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 import npt
 
@@ -63,13 +66,17 @@ class EditOptions:
     # (Editor.bound); without it sequential edits collapse (a resisted fact buys its answer with everything else)
     rounds: int = 3  # steps of the value search, each from where the last one ended
     passes: int = 2  # writes of the value: each further one writes what the last left missing
+    search_dtype: str = "auto"  # the search's forwards (the value's line search, the neighbours'): bfloat16 (autocast),
+    # float32, or auto: bfloat16 where the device multiplies it natively (a CUDA GPU that supports it, a CPU with AMX
+    # or AVX512-BF16), else float32; the keys written and the solve stay in the model's dtype and float64
     covariance_tokens: int = 32768
     seed: int = 0
 
 
 def parse_options(items) -> dict:
     """{name: value} from "name=value" strings (a CLI's repeatable option), each value read as its EditOptions
-    field's type: `layers` as comma-separated layer indices, the other knobs as non-negative numbers."""
+    field's type: `layers` as comma-separated layer indices, `search_dtype` as a name, the other knobs as
+    non-negative numbers."""
     fields = {f.name: f.default for f in dataclasses.fields(EditOptions) if f.name != "method"}
     out = {}
     for item in items:
@@ -81,10 +88,28 @@ def parse_options(items) -> dict:
             value = (tuple(int(x) for x in text.split(",")) if name == "layers" else type(fields[name])(text))
         except ValueError:
             raise ValueError(f"{item!r}: {name} takes {kind}") from None
-        if not all(v >= 0 for v in (value if name == "layers" else (value,))):
+        if name == "search_dtype":
+            search_dtype(value, torch.zeros(()))  # a name it does not know: its ValueError
+        elif not all(v >= 0 for v in (value if name == "layers" else (value,))):
             raise ValueError(f"{item!r}: {name} must not be negative")
         out[name] = value
     return out
+
+
+def search_dtype(name: str, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the search's forwards (EditOptions.search_dtype) for a model whose weights are like `weight`."""
+    if name not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"search_dtype {name!r}: choose auto, bfloat16 or float32")
+    if name == "auto":
+        if weight.dtype != torch.float32:
+            return weight.dtype
+        if weight.device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            native = weight.device.type == "cpu" and any(
+                getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        name = "bfloat16" if native else "float32"
+    return getattr(torch, name)
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
@@ -157,8 +182,9 @@ class Queries:
     last_pos: torch.Tensor  # (B,)
 
 
-def encode(tokenizer, texts: list[str], subject_ends: list[int]) -> Queries:
-    """`subject_ends[i]`: the character just after the subject in texts[i]."""
+def encode(tokenizer, texts: list[str], subject_ends: list[int], align: bool = False) -> Queries:
+    """`subject_ends[i]`: the character just after the subject in texts[i]. Right-padded; align: also left-padded
+    so that every row's subject token is in one column (the tokens before it then form one block, `Prefix`)."""
     rows, subj = [], []
     for text, end in zip(texts, subject_ends):
         enc = tokenizer(text, return_offsets_mapping=True)
@@ -167,23 +193,30 @@ def encode(tokenizer, texts: list[str], subject_ends: list[int]) -> Queries:
             raise ValueError(f"the subject ends at character {end} of {text!r}: no token there")
         rows.append(enc["input_ids"])
         subj.append(inside[-1])
-    length = max(len(r) for r in rows)
+    shift = [max(subj) - s if align else 0 for s in subj]
+    length = max(k + len(r) for k, r in zip(shift, rows))
     ids = torch.full((len(rows), length), tokenizer.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-    return Queries(ids, mask, torch.tensor(subj), mask.sum(1) - 1)
+    for i, (k, r) in enumerate(zip(shift, rows)):
+        ids[i, k:k + len(r)], mask[i, k:k + len(r)] = torch.tensor(r), 1
+    return Queries(ids, mask, torch.tensor(subj) + torch.tensor(shift),
+                   torch.tensor([k + len(r) - 1 for k, r in zip(shift, rows)]))
 
 
-def fact_queries(tokenizer, fact: Fact, prefixes: list[str]) -> Queries:
-    """The fact's prompt alone and behind each prefix."""
+def positions(q: Queries) -> torch.Tensor:
+    """(B, T) each token's position in its own text (left padding skipped)."""
+    return (q.attention_mask.cumsum(1) - 1).clamp_min(0)
+
+
+def fact_queries(tokenizer, fact: Fact, prefixes: list[str], align: bool = False) -> Queries:
+    """The fact's prompt alone and behind each prefix (align: see `encode`)."""
     start = fact.prompt.rfind(fact.subject)
     if start < 0:
         raise ValueError(f"subject {fact.subject!r} is not in the prompt {fact.prompt!r}")
     end = start + len(fact.subject)
     texts = [fact.prompt] + [f"{p} {fact.prompt}" for p in prefixes]
     ends = [end] + [len(p) + 1 + end for p in prefixes]
-    return encode(tokenizer, texts, ends)
+    return encode(tokenizer, texts, ends, align)
 
 
 def first_token(tokenizer, word: str) -> int:
@@ -226,10 +259,46 @@ def _key_hooks(model, layers, q: Queries, store: dict) -> list:
         lambda m, a, i=i: store.__setitem__(i, a[0][rows, q.subject_pos].float())) for i in layers]
 
 
-def last_logits(model, q: Queries) -> torch.Tensor:
-    """(B, V) fp32 next-token logits at each query's last token (the unembedding applied there only)."""
-    hidden = model.base_model(input_ids=q.input_ids, attention_mask=q.attention_mask, use_cache=False)[0]
-    return model.get_output_embeddings()(hidden[torch.arange(len(q.last_pos)), q.last_pos]).float()
+def last_logits(model, q: Queries, prefix: "Prefix | None" = None, keep: list | None = None) -> torch.Tensor:
+    """(B, V) fp32 next-token logits at each query's last token (the unembedding applied there only). prefix: the
+    tokens before column prefix.start are not run again, their keys and values taken from it (`Prefix`; q's rows
+    may be its rows repeated). keep: a list to which the forward's KV cache is appended."""
+    start, extra = (0, {}) if prefix is None else (prefix.start, {_cache_kwarg(model): prefix.cache(
+        len(q.last_pos), next(model.parameters()).dtype)})
+    out = model.base_model(input_ids=q.input_ids[:, start:], attention_mask=q.attention_mask,
+                           position_ids=positions(q)[:, start:], use_cache=prefix is not None or keep is not None,
+                           **extra)
+    if keep is not None:
+        keep.append(out[1])
+    return model.get_output_embeddings()(out[0][torch.arange(len(q.last_pos)), q.last_pos - start]).float()
+
+
+def _cache_kwarg(model) -> str:
+    """The name under which the model's forward takes a KV cache (renamed within transformers 5)."""
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+
+
+@dataclasses.dataclass
+class Prefix:
+    """The keys and values of every layer at the tokens before column `start`, for each row of a batch of queries
+    whose subject tokens are all in that column (`encode`'s align): a change at the subject token or after it leaves
+    them as they are, so a forward that makes one (a line search) need not run them again."""
+    start: int
+    kv: list  # [(keys, values) (B, heads, start, head_dim) per layer]
+
+    @classmethod
+    def of(cls, q: Queries, cache) -> "Prefix | None":
+        """The block before the subject column from the KV cache of a forward of q; None where there is none."""
+        start = int(q.subject_pos[0])
+        if start == 0 or not bool((q.subject_pos == start).all()):
+            return None
+        return cls(start, [(layer.keys[:, :, :start], layer.values[:, :, :start]) for layer in cache.layers])
+
+    def cache(self, rows: int, dtype: torch.dtype):
+        """A fresh cache of them for a batch of `rows` (the B rows repeated), in `dtype`."""
+        n = rows // self.kv[0][0].shape[0]
+        return DynamicCache(ddp_cache_data=[(k.to(dtype).repeat(n, 1, 1, 1), v.to(dtype).repeat(n, 1, 1, 1))
+                                            for k, v in self.kv])
 
 
 class _Stop(Exception):
@@ -416,13 +485,14 @@ class Editor:
             (i, decoder_mlp(model, i).down_proj.weight.detach().float()) for i in self.layers)}  # tr(W C W^T)
         self.prefixes = builtin_prefixes(tokenizer, self.opts.prefixes, self.opts.prefix_tokens, self.opts.seed)
         self._pool = None
+        self.search_dtype, self._searcher = search_dtype(self.opts.search_dtype, next(model.parameters())), None
 
     def write(self, fact: Fact) -> dict[int, torch.Tensor]:
         """Edits the model in place; returns {layer: dW of down_proj} of this fact. One forward reads every band
         layer's keys; the residual still to write is split over the layers left, bottom-up, each layer's own
         change dW k taken off it as it passes up the residual stream unchanged (to first order). Each further
         pass (`passes`) measures what is still missing at the top layer and writes that the same way."""
-        q = fact_queries(self.tokenizer, fact, self.prefixes)
+        q = fact_queries(self.tokenizer, fact, self.prefixes, align=True)
         top = self.layers[-1]
         paths = attention_paths(self.model, q, top, key_layers=self.layers)
         others, donor = self.neighbourhood(fact, self.neighbour_words(fact, paths.keys[self.layers[0]][0]),
@@ -453,6 +523,22 @@ class Editor:
                 add_to_weight(decoder_mlp(self.model, i).down_proj.weight, -(1 - scale) * d)
                 deltas[i] = scale * d
         return deltas
+
+    def searcher(self):
+        """The model the search's forwards run on: the model itself, or where `search_dtype` is not its own a copy
+        in that dtype (made once, its band weights brought up to date with the model's on each call)."""
+        dtype = self.search_dtype
+        if all(p.dtype == dtype or not p.is_floating_point() for p in self.model.parameters()):
+            return self.model
+        if self._searcher is None:
+            self._searcher = copy.deepcopy(self.model).to(dtype)
+            for module in self._searcher.modules():
+                if isinstance(module, npt.NPTAdapter):
+                    module.float()  # as npt keeps its adapters on a model of any dtype
+        with torch.no_grad():
+            for i in self.layers:
+                decoder_mlp(self._searcher, i).down_proj.weight.copy_(decoder_mlp(self.model, i).down_proj.weight)
+        return self._searcher
 
     def bound(self, factors: dict) -> float:
         """The factor (<= 1) by which this fact's edit is scaled down so that on no band layer the expected squared
@@ -526,7 +612,7 @@ class Editor:
         start = fact.prompt.rfind(fact.subject)
         head, tail = fact.prompt[:start], fact.prompt[start + len(fact.subject):]
         q = encode(self.tokenizer, [head + w + tail for w in words], [len(head) + len(w) for w in words])
-        keys, h, logits = run(self.model, q, key_layers=self.layers, residual_layer=self.layers[-1],
+        keys, h, logits = run(self.searcher(), q, key_layers=self.layers, residual_layer=self.layers[-1],
                               logits=bool(self.opts.donors))
         keys = {i: k.t() for i, k in keys.items()}
         if not self.opts.donors:
@@ -574,9 +660,11 @@ class Editor:
         add, n = torch.zeros_like(h_top), h_top.shape[0]
         true = (first_token(self.tokenizer, fact.target_true) if fact.target_true is not None else  # else its own
                 int(paths.logits[0].clone().index_fill_(0, torch.tensor([new]), -torch.inf).argmax()))
+        prefix, model = paths.prefix, self.searcher()
+        start = prefix.start if prefix is not None else 0
         for step in range(self.opts.rounds):
             if step:
-                paths = attention_paths(self.model, q, top, replay=with_change(hidden, q, add))
+                paths = attention_paths(model, q, top, replay=with_change(hidden, q, add), prefix=prefix)
             u = (unembed[new] - paths.logits.softmax(-1) @ unembed) * final_norm(self.model).weight.float()
             d = pullback(self.model, q, paths.inputs, paths.attn, u)[None]  # (1, n, D)
             if step == 0 and donor is not None:
@@ -584,8 +672,9 @@ class Editor:
             d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12) * h_top.norm(dim=-1, keepdim=True)  # |d| = |h|
             tries = (add + scales[:, None, None, None] * d).flatten(0, 1)  # (S * directions, n, D), by scale
             many = repeat(q, len(tries))
-            with replayed(self.model, top, with_change(hidden.repeat(len(tries), 1, 1), many, tries.flatten(0, 1))):
-                logits = last_logits(self.model, many)
+            with replayed(model, top, with_change(hidden[:, start:].repeat(len(tries), 1, 1), many,
+                                                  tries.flatten(0, 1), start)):
+                logits = last_logits(model, many, prefix)
             logp = logits.log_softmax(-1)
             rest = logp.clone().index_fill_(1, torch.tensor([new]), -torch.inf).max(1).values
             margin = torch.minimum(logp[:, new] - rest, logp[:, new] - logp[:, true] - self.opts.margin)
@@ -604,15 +693,19 @@ class Paths:
     logits: torch.Tensor  # (B, V) next-token logits at the last token
     keys: dict  # {l: (B, F) the MLP key at the subject token, l in key_layers}
     hidden: torch.Tensor | None = None  # (B, T, D) layer top's output, all positions (a forward without `replay`)
+    prefix: Prefix | None = None  # the tokens before the subject column (a forward without `replay` of aligned q)
 
 
 @torch.no_grad()
-def attention_paths(model, q: Queries, top: int, key_layers=(), replay: torch.Tensor | None = None) -> Paths:
+def attention_paths(model, q: Queries, top: int, key_layers=(), replay: torch.Tensor | None = None,
+                    prefix: Prefix | None = None) -> Paths:
     """One forward with eager attention from layer `top` (which must not be the last) on; `replay` (B, T, D): layer
-    top's output to use instead of running layers 0..top (see `replayed`)."""
+    top's output to use instead of running layers 0..top (see `replayed`), with `prefix` (`Paths.prefix` of a
+    forward without one) from its column prefix.start on only."""
     layers, rows, paths = npt.decoder_layers(model), torch.arange(len(q.last_pos)), Paths({}, {}, None, {})
     if not top + 1 < len(layers):
         raise ValueError(f"the band's top layer {top} must be below the model's last layer {len(layers) - 1}")
+    start = prefix.start if prefix is not None and replay is not None else 0
     handles = _key_hooks(model, key_layers, q, paths.keys)
     if replay is None:
         handles.append(layers[top].register_forward_hook(
@@ -620,14 +713,17 @@ def attention_paths(model, q: Queries, top: int, key_layers=(), replay: torch.Te
     for i in range(top + 1, len(layers)):
         handles.append(layers[i].register_forward_pre_hook(
             lambda m, a, kw, i=i: paths.inputs.__setitem__(i, (a[0] if a else kw["hidden_states"])[
-                rows, q.subject_pos].float()), with_kwargs=True))
-        handles.append(_self_attn(layers[i]).register_forward_hook(
-            lambda m, a, out, i=i: paths.attn.__setitem__(i, out[1][rows, :, q.last_pos, q.subject_pos].float())))
+                rows, q.subject_pos - start].float()), with_kwargs=True))
+        handles.append(_self_attn(layers[i]).register_forward_hook(lambda m, a, out, i=i: paths.attn.__setitem__(
+            i, out[1][rows, :, q.last_pos - start, q.subject_pos].float())))
     config, before = model.config, model.config._attn_implementation
     config._attn_implementation = "eager"  # the only implementation that returns the attention's weights
     try:
-        with replayed(model, top, replay):
-            paths.logits = last_logits(model, q)
+        keep = [] if replay is None else None
+        with replayed(model, top, None if replay is None else replay[:, start:]):
+            paths.logits = last_logits(model, q, prefix if start else None, keep)
+        if keep:
+            paths.prefix = Prefix.of(q, keep[0])
     finally:
         config._attn_implementation = before
         for h in handles:
@@ -661,10 +757,10 @@ def replayed(model, top: int, hidden: torch.Tensor | None):
             layers[j] = layer
 
 
-def with_change(hidden: torch.Tensor, q: Queries, add: torch.Tensor) -> torch.Tensor:
-    """hidden (B, T, D) with add (B, D) added at each row's subject token."""
+def with_change(hidden: torch.Tensor, q: Queries, add: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """hidden (B, T - start, D), q's columns from `start` on, with add (B, D) added at each row's subject token."""
     out = hidden.clone()
-    out[torch.arange(len(q.subject_pos)), q.subject_pos] += add.to(out.dtype)
+    out[torch.arange(len(q.subject_pos)), q.subject_pos - start] += add.to(out.dtype)
     return out
 
 

@@ -161,6 +161,52 @@ def test_a_replayed_forward_equals_the_full_forward_with_the_change_added(model,
                for i in (1, 2))
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_aligned_queries_and_their_prefix_cache_give_the_full_forwards(tok, arch):
+    model = tiny_model(arch, layers=3, hidden=32, ffn=48, seed=1, vocab_size=len(tok), pad_token_id=None,
+                       max_position_embeddings=256, tie_word_embeddings=True)
+    fact = P.Fact("The capital of France is", "France", "Rome")
+    prefixes = ["Some text.", "More text here, and longer."]
+    q = P.fact_queries(tok, fact, prefixes, align=True)
+    start = int(q.subject_pos[0])
+    assert (q.subject_pos == start).all() and (q.attention_mask[:, 0] == 0).any()  # left-padded to one column
+    with torch.no_grad():  # each text alone, no padding
+        alone = torch.stack([model(**tok(t, return_tensors="pt")).logits[0, -1].float()
+                             for t in [fact.prompt] + [f"{p} {fact.prompt}" for p in prefixes]])
+    assert rel_err(P.last_logits(model, q), alone) < 1e-5
+    first = P.attention_paths(model, q, 0)
+    prefix = first.prefix
+    assert prefix.start == start and P.attention_paths(model, P.fact_queries(tok, fact, prefixes), 0).prefix is None
+    add = torch.randn(len(q.last_pos), 32, generator=torch.Generator().manual_seed(6))
+    full = P.attention_paths(model, q, 0, replay=P.with_change(first.hidden, q, add))
+    cached = P.attention_paths(model, q, 0, replay=P.with_change(first.hidden, q, add), prefix=prefix)
+    assert rel_err(cached.logits, full.logits) < 1e-5 and rel_err(full.logits, first.logits) > 1e-3
+    assert all(rel_err(cached.inputs[i], full.inputs[i]) < 1e-5 and rel_err(cached.attn[i], full.attn[i]) < 1e-5
+               for i in (1, 2))
+    many, adds = P.repeat(q, 3), torch.randn(3 * len(q.last_pos), 32, generator=torch.Generator().manual_seed(8))
+    with P.replayed(model, 0, P.with_change(first.hidden.repeat(3, 1, 1), many, adds)):
+        ref = P.last_logits(model, many)
+    with P.replayed(model, 0, P.with_change(first.hidden[:, start:].repeat(3, 1, 1), many, adds, start)):
+        got = P.last_logits(model, many, prefix)  # the line search's forward: the rows repeated, one cache
+    assert rel_err(got, ref) < 1e-5
+
+
+def test_the_search_runs_on_a_copy_in_search_dtype_kept_up_to_date_with_the_edits(model, tok):
+    ed = P.Editor(copy.deepcopy(model), tok, search_dtype="bfloat16", **OPTIONS)
+    ed.write(P.Fact("The capital of France is", "France", "Rome"))
+    ed.write(P.Fact("The capital of Spain is", "Spain", "Berlin"))
+    search = ed.searcher()
+    assert search is not ed.model and {p.dtype for p in search.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(P.decoder_mlp(search, i).down_proj.weight,
+                           P.decoder_mlp(ed.model, i).down_proj.weight.detach().bfloat16()) for i in ed.layers)
+    assert {p.dtype for p in ed.model.parameters()} == {torch.float32}
+    plain = P.Editor(model, tok, search_dtype="float32", **OPTIONS)
+    assert plain.searcher() is model and P.search_dtype("auto", torch.zeros(1, dtype=torch.bfloat16)) == torch.bfloat16
+    with pytest.raises(ValueError, match="search_dtype 'fp8'"):
+        P.Editor(model, tok, search_dtype="fp8", **OPTIONS)
+    assert P.parse_options(["search_dtype=float32"]) == {"search_dtype": "float32"}
+
+
 def test_pullback_equals_a_loop_over_heads(model, tok):
     fact = P.Fact("The capital of France is", "France", "Rome")
     q = P.fact_queries(tok, fact, ["Some text."])
