@@ -425,9 +425,10 @@ def entity_pool(model, tokenizer, layer: int, batch: int = 512) -> EntityPool:
 
 # ----------------------------------------------------------------------------- insertion
 def woodbury(a_inv: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(A + K K^T)^-1 from A^-1 (F, F) and K (F, n), float64."""
+    """(A + K K^T)^-1 from A^-1 (F, F) and K (F, n), float64, written over a_inv and returned."""
     ak = a_inv @ keys
-    return a_inv - ak @ torch.linalg.solve(torch.eye(keys.shape[1], dtype=ak.dtype) + keys.t() @ ak, ak.t())
+    return a_inv.addmm_(ak, torch.linalg.solve(torch.eye(keys.shape[1], dtype=ak.dtype) + keys.t() @ ak, ak.t()),
+                        alpha=-1)
 
 
 def rank_one_update(c_inv: torch.Tensor, key: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -493,6 +494,7 @@ class Editor:
         change dW k taken off it as it passes up the residual stream unchanged (to first order). Each further
         pass (`passes`) measures what is still missing at the top layer and writes that the same way."""
         q = fact_queries(self.tokenizer, fact, self.prefixes, align=True)
+        self.searcher(sync=True)
         top = self.layers[-1]
         paths = attention_paths(self.model, q, top, key_layers=self.layers)
         others, donor = self.neighbourhood(fact, self.neighbour_words(fact, paths.keys[self.layers[0]][0]),
@@ -524,12 +526,15 @@ class Editor:
                 deltas[i] = scale * d
         return deltas
 
-    def searcher(self):
+    def searcher(self, sync: bool = False):
         """The model the search's forwards run on: the model itself, or where `search_dtype` is not its own a copy
-        in that dtype (made once, its band weights brought up to date with the model's on each call)."""
+        in that dtype (made once; its band weights brought up to date with the model's when made and with `sync`:
+        the band's are the only weights an edit changes)."""
         dtype = self.search_dtype
         if all(p.dtype == dtype or not p.is_floating_point() for p in self.model.parameters()):
             return self.model
+        if self._searcher is not None and not sync:
+            return self._searcher
         if self._searcher is None:
             self._searcher = copy.deepcopy(self.model).to(dtype)
             for module in self._searcher.modules():
@@ -661,10 +666,7 @@ class Editor:
         true = (first_token(self.tokenizer, fact.target_true) if fact.target_true is not None else  # else its own
                 int(paths.logits[0].clone().index_fill_(0, torch.tensor([new]), -torch.inf).argmax()))
         prefix, model = paths.prefix, self.searcher()
-        start = prefix.start if prefix is not None else 0
         for step in range(self.opts.rounds):
-            if step:
-                paths = attention_paths(model, q, top, replay=with_change(hidden, q, add), prefix=prefix)
             u = (unembed[new] - paths.logits.softmax(-1) @ unembed) * final_norm(self.model).weight.float()
             d = pullback(self.model, q, paths.inputs, paths.attn, u)[None]  # (1, n, D)
             if step == 0 and donor is not None:
@@ -672,17 +674,18 @@ class Editor:
             d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12) * h_top.norm(dim=-1, keepdim=True)  # |d| = |h|
             tries = (add + scales[:, None, None, None] * d).flatten(0, 1)  # (S * directions, n, D), by scale
             many = repeat(q, len(tries))
-            with replayed(model, top, with_change(hidden[:, start:].repeat(len(tries), 1, 1), many,
-                                                  tries.flatten(0, 1), start)):
-                logits = last_logits(model, many, prefix)
-            logp = logits.log_softmax(-1)
+            found = attention_paths(model, many, top, replay=with_change(hidden.repeat(len(tries), 1, 1), many,
+                                                                         tries.flatten(0, 1)), prefix=prefix)
+            logp = found.logits.log_softmax(-1)
             rest = logp.clone().index_fill_(1, torch.tensor([new]), -torch.inf).max(1).values
             margin = torch.minimum(logp[:, new] - rest, logp[:, new] - logp[:, true] - self.opts.margin)
             margin = margin.view(len(tries), n).min(1).values  # the worst query of each try
             ok = (margin >= self.opts.top_margin).nonzero()
-            add = tries[ok[0, 0] if len(ok) else margin.argmax()]
+            pick = int(ok[0, 0]) if len(ok) else int(margin.argmax())
+            add = tries[pick]
             if len(ok):
                 break
+            paths = found.rows(pick * n + torch.arange(n))  # the next step's pull-back from where this one ended
         return add
 
 
@@ -694,6 +697,11 @@ class Paths:
     keys: dict  # {l: (B, F) the MLP key at the subject token, l in key_layers}
     hidden: torch.Tensor | None = None  # (B, T, D) layer top's output, all positions (a forward without `replay`)
     prefix: Prefix | None = None  # the tokens before the subject column (a forward without `replay` of aligned q)
+
+    def rows(self, rows: torch.Tensor) -> "Paths":
+        """The paths of some rows of the batch (their inputs, attention and logits)."""
+        return Paths({i: x[rows] for i, x in self.inputs.items()}, {i: x[rows] for i, x in self.attn.items()},
+                     self.logits[rows], {})
 
 
 @torch.no_grad()

@@ -193,12 +193,20 @@ def test_aligned_queries_and_their_prefix_cache_give_the_full_forwards(tok, arch
 
 def test_the_search_runs_on_a_copy_in_search_dtype_kept_up_to_date_with_the_edits(model, tok):
     ed = P.Editor(copy.deepcopy(model), tok, search_dtype="bfloat16", **OPTIONS)
-    ed.write(P.Fact("The capital of France is", "France", "Rome"))
+    seen, search_value = [], ed.residual_change
+
+    def spy(*args, **kwargs):  # while a write searches: the copy has the band's weights as the model has them now
+        seen.append(all(torch.equal(P.decoder_mlp(ed.searcher(), i).down_proj.weight,
+                                    P.decoder_mlp(ed.model, i).down_proj.weight.detach().bfloat16())
+                        for i in ed.layers))
+        return search_value(*args, **kwargs)
+
+    ed.residual_change = spy
+    first = ed.write(P.Fact("The capital of France is", "France", "Rome"))
     ed.write(P.Fact("The capital of Spain is", "Spain", "Berlin"))
+    assert seen == [True, True] and max(float(d.abs().max()) for d in first.values()) > 1e-4
     search = ed.searcher()
     assert search is not ed.model and {p.dtype for p in search.parameters()} == {torch.bfloat16}
-    assert all(torch.equal(P.decoder_mlp(search, i).down_proj.weight,
-                           P.decoder_mlp(ed.model, i).down_proj.weight.detach().bfloat16()) for i in ed.layers)
     assert {p.dtype for p in ed.model.parameters()} == {torch.float32}
     plain = P.Editor(model, tok, search_dtype="float32", **OPTIONS)
     assert plain.searcher() is model and P.search_dtype("auto", torch.zeros(1, dtype=torch.bfloat16)) == torch.bfloat16
