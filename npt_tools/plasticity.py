@@ -225,24 +225,25 @@ def first_token(tokenizer, word: str) -> int:
 
 # ----------------------------------------------------------------------------- forwards
 @torch.no_grad()
-def run(model, q: Queries, key_layers=(), residual_layer: int | None = None, logits: bool = True):
+def run(model, q: Queries, key_layers=(), residual_layer: int | None = None, logits: bool = True,
+        prefix: "Prefix | None" = None):
     """One forward of q: (keys {layer: (B, F) at the subject token}, residual (B, D) at the subject token after
     `residual_layer`, next-token logits (B, V) at the last token, or None when not `logits`: the forward then stops
-    after the last layer it reads)."""
+    after the last layer it reads). prefix: as last_logits'."""
     layers, keys, out = npt.decoder_layers(model), {}, {}
-    rows = torch.arange(q.input_ids.shape[0])
+    rows, at = torch.arange(q.input_ids.shape[0]), q.subject_pos - (prefix.start if prefix is not None else 0)
 
     def at_residual(module, args, output):
-        out["h"] = (output[0] if isinstance(output, tuple) else output)[rows, q.subject_pos].float()
+        out["h"] = (output[0] if isinstance(output, tuple) else output)[rows, at].float()
 
-    handles = _key_hooks(model, key_layers, q, keys)
+    handles = _key_hooks(model, key_layers, at, keys)
     try:
         if residual_layer is not None:
             handles.append(layers[residual_layer].register_forward_hook(at_residual))
         if not logits:
             handles.append(layers[max([*key_layers, residual_layer or 0])].register_forward_hook(_stop))
         try:
-            out["logits"] = last_logits(model, q)
+            out["logits"] = last_logits(model, q, prefix)
         except _Stop:
             return keys, out.get("h"), None
     finally:
@@ -251,12 +252,33 @@ def run(model, q: Queries, key_layers=(), residual_layer: int | None = None, log
     return keys, out.get("h"), out["logits"]
 
 
-def _key_hooks(model, layers, q: Queries, store: dict) -> list:
-    """Hooks that put each layer's MLP key k = silu(gate) * up (the down_proj's input) at the subject token into
-    store[layer] (B, F) fp32 during a forward; the caller removes them."""
-    rows = torch.arange(len(q.subject_pos))
+@torch.no_grad()
+def below(model, q: Queries, top: int, key_layers) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """A forward of layers 0..top only: ({layer: (B, F)} the keys at the subject token, layer top's output (B, T, D))."""
+    keys, out = {}, {}
+
+    def grab(module, args, output):
+        out["h"] = output[0] if isinstance(output, tuple) else output
+        raise _Stop
+
+    handles = [*_key_hooks(model, key_layers, q.subject_pos, keys),
+               npt.decoder_layers(model)[top].register_forward_hook(grab)]
+    try:
+        last_logits(model, q)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return keys, out["h"]
+
+
+def _key_hooks(model, layers, at: torch.Tensor, store: dict) -> list:
+    """Hooks that put each layer's MLP key k = silu(gate) * up (the down_proj's input) at each row's column `at` (B,)
+    (its subject token) into store[layer] (B, F) fp32 during a forward; the caller removes them."""
+    rows = torch.arange(len(at))
     return [decoder_mlp(model, i).down_proj.register_forward_pre_hook(
-        lambda m, a, i=i: store.__setitem__(i, a[0][rows, q.subject_pos].float())) for i in layers]
+        lambda m, a, i=i: store.__setitem__(i, a[0][rows, at].float())) for i in layers]
 
 
 def last_logits(model, q: Queries, prefix: "Prefix | None" = None, keep: list | None = None) -> torch.Tensor:
@@ -280,11 +302,25 @@ def _cache_kwarg(model) -> str:
 
 @dataclasses.dataclass
 class Prefix:
-    """The keys and values of every layer at the tokens before column `start`, for each row of a batch of queries
-    whose subject tokens are all in that column (`encode`'s align): a change at the subject token or after it leaves
-    them as they are, so a forward that makes one (a line search) need not run them again."""
+    """The keys and values of every layer at the tokens before column `start`, for each row of a batch (or for one
+    row, when all rows have those tokens in common): a forward of the batch need then run only the tokens from
+    `start` on. `of`: where the rows' subject tokens are all in column `start` (`encode`'s align), a change at the
+    subject token or after it (a line search's) leaves the tokens before it as they are."""
     start: int
     kv: list  # [(keys, values) (B, heads, start, head_dim) per layer]
+
+    @classmethod
+    @torch.no_grad()
+    def shared(cls, model, q: Queries) -> "Prefix | None":
+        """The leading tokens that every row of q has in common (a prompt's text before its subject), run once for
+        all rows: their keys and values for one row (the cache repeats them); None where there are none."""
+        same = ((q.input_ids == q.input_ids[:1]) & (q.attention_mask == 1)).all(0).long().cumprod(0)
+        start = min(int(same.sum()), int(q.subject_pos.min()))
+        if start == 0:
+            return None
+        out = model.base_model(input_ids=q.input_ids[:1, :start], attention_mask=q.attention_mask[:1, :start],
+                               position_ids=positions(q)[:1, :start], use_cache=True)
+        return cls(start, [(layer.keys, layer.values) for layer in out[1].layers])
 
     @classmethod
     def of(cls, q: Queries, cache) -> "Prefix | None":
@@ -494,9 +530,13 @@ class Editor:
         change dW k taken off it as it passes up the residual stream unchanged (to first order). Each further
         pass (`passes`) measures what is still missing at the top layer and writes that the same way."""
         q = fact_queries(self.tokenizer, fact, self.prefixes, align=True)
-        self.searcher(sync=True)
-        top = self.layers[-1]
-        paths = attention_paths(self.model, q, top, key_layers=self.layers)
+        top, search = self.layers[-1], self.searcher(sync=True)
+        if search is self.model:
+            paths = attention_paths(self.model, q, top, key_layers=self.layers)
+        else:  # the keys to write and the residual to add to in the model's own dtype, the pull-back in the search's
+            paths = attention_paths(search, q, top)
+            paths.keys, paths.hidden = below(self.model, q, top, self.layers)
+            paths.inputs[top + 1] = paths.hidden[torch.arange(len(q.last_pos)), q.subject_pos].float()
         others, donor = self.neighbourhood(fact, self.neighbour_words(fact, paths.keys[self.layers[0]][0]),
                                            paths.hidden[0, q.subject_pos[0]].float())
         todo = self.residual_change(fact, q, paths, donor)  # (n, D)
@@ -617,8 +657,9 @@ class Editor:
         start = fact.prompt.rfind(fact.subject)
         head, tail = fact.prompt[:start], fact.prompt[start + len(fact.subject):]
         q = encode(self.tokenizer, [head + w + tail for w in words], [len(head) + len(w) for w in words])
-        keys, h, logits = run(self.searcher(), q, key_layers=self.layers, residual_layer=self.layers[-1],
-                              logits=bool(self.opts.donors))
+        model = self.searcher()
+        keys, h, logits = run(model, q, key_layers=self.layers, residual_layer=self.layers[-1],
+                              logits=bool(self.opts.donors), prefix=Prefix.shared(model, q))
         keys = {i: k.t() for i, k in keys.items()}
         if not self.opts.donors:
             return keys, None
@@ -714,7 +755,7 @@ def attention_paths(model, q: Queries, top: int, key_layers=(), replay: torch.Te
     if not top + 1 < len(layers):
         raise ValueError(f"the band's top layer {top} must be below the model's last layer {len(layers) - 1}")
     start = prefix.start if prefix is not None and replay is not None else 0
-    handles = _key_hooks(model, key_layers, q, paths.keys)
+    handles = _key_hooks(model, key_layers, q.subject_pos - start, paths.keys)
     if replay is None:
         handles.append(layers[top].register_forward_hook(
             lambda m, a, out: setattr(paths, "hidden", (out[0] if isinstance(out, tuple) else out).detach())))

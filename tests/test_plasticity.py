@@ -93,11 +93,11 @@ def test_woodbury_equals_the_direct_inverse():
 def test_neighbours_are_pool_words_near_the_subject_put_in_its_place_in_the_prompt(model, tok, monkeypatch):
     words = P.pool_words(tok)
     assert "Paris" in words and "Germany" in words and "the" not in words and "Xx" not in words
-    ed = P.Editor(copy.deepcopy(model), tok, neighbours=5, donors=2, **OPTIONS)
+    ed = P.Editor(copy.deepcopy(model), tok, neighbours=5, donors=2, search_dtype="float32", **OPTIONS)
     fact = P.Fact("The city of New Paris is in", "New Paris", "Spain", "France")
     seen, real_encode = [], P.encode
     monkeypatch.setattr(P, "encode", lambda tk, texts, ends: seen.append((texts, ends)) or real_encode(tk, texts, ends))
-    hidden = torch.randn(32)
+    hidden = 0.1 * torch.randn(32)
     keys, donor = ed.neighbourhood(fact, ed.neighbour_words(fact, torch.randn(48)), hidden)
     texts, ends = seen[-1]  # (the first calls build the pool)
     names = [t[12:ends[j]] for j, t in enumerate(texts)]
@@ -107,16 +107,22 @@ def test_neighbours_are_pool_words_near_the_subject_put_in_its_place_in_the_prom
     # the donors: the two words whose own prompt prefers Spain to France by most, their residual after the band's
     # top layer at the word's last token, one plain forward each
     new, old = P.first_token(tok, "Spain"), P.first_token(tok, "France")
-    lead, resid = [], []
+    lead, resid, key_ref = [], [], []
     for t, w in zip(texts, names):
-        ids = tok(t, return_tensors="pt").input_ids
+        ids, pos = tok(t, return_tensors="pt").input_ids, len(tok(" ".join(t.split()[:3]) + " " + w).input_ids) - 1
+        hook = P.decoder_mlp(ed.model, 1).down_proj.register_forward_pre_hook(
+            lambda m, a: key_ref.append(a[0][0, pos].double()))
         with torch.no_grad():
             out = ed.model(ids, output_hidden_states=True)
+        hook.remove()
         logp = out.logits[0, -1].double().log_softmax(-1)
         lead.append(float(logp[new] - logp[old]))
-        resid.append(out.hidden_states[2][0, len(tok(" ".join(t.split()[:3]) + " " + w).input_ids) - 1].double())
+        resid.append(out.hidden_states[2][0, pos].double())
     best = sorted(range(5), key=lambda j: -lead[j])[:2]
-    assert rel_err(donor.double(), (resid[best[0]] + resid[best[1]]) / 2 - hidden.double()) < 1e-4
+    ref = (resid[best[0]] + resid[best[1]]) / 2 - hidden.double()
+    assert rel_err(donor.double(), ref) < 1e-5 and rel_err(keys[1].t().double(), torch.stack(key_ref)) < 1e-5
+    ed.search_dtype = torch.bfloat16  # the search in bfloat16: the same donors, to its precision
+    assert rel_err(ed.neighbourhood(fact, names, hidden)[1].double(), ref) < 3e-2
 
 
 @pytest.mark.parametrize("bound", [0.0, 1e-5])
@@ -174,8 +180,11 @@ def test_aligned_queries_and_their_prefix_cache_give_the_full_forwards(tok, arch
         alone = torch.stack([model(**tok(t, return_tensors="pt")).logits[0, -1].float()
                              for t in [fact.prompt] + [f"{p} {fact.prompt}" for p in prefixes]])
     assert rel_err(P.last_logits(model, q), alone) < 1e-5
-    first = P.attention_paths(model, q, 0)
+    first = P.attention_paths(model, q, 0, key_layers=[0])
     prefix = first.prefix
+    keys, hidden = P.below(model, q, 0, [0])  # layers 0..top alone: the same keys and layer top's output
+    real = q.attention_mask.bool()  # (what a padding position holds depends on the attention's implementation)
+    assert rel_err(keys[0], first.keys[0]) < 1e-6 and rel_err(hidden[real], first.hidden[real]) < 1e-6
     assert prefix.start == start and P.attention_paths(model, P.fact_queries(tok, fact, prefixes), 0).prefix is None
     add = torch.randn(len(q.last_pos), 32, generator=torch.Generator().manual_seed(6))
     full = P.attention_paths(model, q, 0, replay=P.with_change(first.hidden, q, add))
