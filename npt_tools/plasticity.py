@@ -64,7 +64,7 @@ class EditOptions:
     prompt_weight: float = 1.0  # the bare prompt's key's weight against each prefixed one's
     max_change: float = 5e-4  # trust region (0: none): each edit's tr(dW C dW^T) / tr(W C W^T) at most this
     # (Editor.bound); without it sequential edits collapse (a resisted fact buys its answer with everything else)
-    rounds: int = 3  # steps of the value search, each from where the last one ended
+    rounds: int = 2  # steps of the value search, each from where the last one ended
     passes: int = 2  # writes of the value: each further one writes what the last left missing
     search_dtype: str = "auto"  # the search's forwards (the value's line search, the neighbours'): bfloat16 (autocast),
     # float32, or auto: bfloat16 where the device multiplies it natively (a CUDA GPU that supports it, a CPU with AMX
