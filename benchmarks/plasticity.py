@@ -85,18 +85,20 @@ class KvEditor:
     """The library's method with its covariance loaded once: compute_edit's work for one record."""
 
     def __init__(self, editor: P.Editor):
-        self.editor = editor
+        self.editor, self.kept = editor, False
         self.base = {i: editor.inverse(i).clone() for i in editor.layers}
 
     def __call__(self, record, keep: bool = False):
         """The deltas of one edit; keep: the model keeps the edit and the editor its keys (sequential edits)."""
         ed = self.editor
         if keep:
+            self.kept = True
             return {P.down_proj_name(ed.model, i): d for i, d in ed.write(P.fact_from_record(record)).items()}
-        ed.inverses = {i: v.clone() for i, v in self.base.items()}
+        if self.kept:  # the keys of earlier kept edits forgotten
+            ed.inverses, self.kept = {i: v.clone() for i, v in self.base.items()}, False
         weights = {i: P.decoder_mlp(ed.model, i).down_proj.weight for i in ed.layers}
         original = {i: w.detach().clone() for i, w in weights.items()}
-        ed.write(P.fact_from_record(record))
+        ed.write(P.fact_from_record(record), remember=False)
         deltas = {P.down_proj_name(ed.model, i): w.detach().float() - original[i].float() for i, w in weights.items()}
         with torch.no_grad():
             for i, w in weights.items():

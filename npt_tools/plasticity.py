@@ -524,11 +524,12 @@ class Editor:
         self._pool = None
         self.search_dtype, self._searcher = search_dtype(self.opts.search_dtype, next(model.parameters())), None
 
-    def write(self, fact: Fact) -> dict[int, torch.Tensor]:
+    def write(self, fact: Fact, remember: bool = True) -> dict[int, torch.Tensor]:
         """Edits the model in place; returns {layer: dW of down_proj} of this fact. One forward reads every band
         layer's keys; the residual still to write is split over the layers left, bottom-up, each layer's own
         change dW k taken off it as it passes up the residual stream unchanged (to first order). Each further
-        pass (`passes`) measures what is still missing at the top layer and writes that the same way."""
+        pass (`passes`) measures what is still missing at the top layer and writes that the same way. remember:
+        later writes keep this one's keys (False: an edit that will be undone before the next)."""
         q = fact_queries(self.tokenizer, fact, self.prefixes, align=True)
         top, search = self.layers[-1], self.searcher(sync=True)
         if search is self.model:
@@ -555,7 +556,7 @@ class Editor:
                 add_to_weight(decoder_mlp(self.model, i).down_proj.weight, (u @ v.t()).float())
                 todo = todo - (keys[i].double() @ v) @ u.t()
                 factors[i][0].append(u), factors[i][1].append(v)
-        for i in self.layers:
+        for i in self.layers if remember else ():
             self.remember(i, (keys[i] * weight.sqrt()).t())
         factors = {i: (torch.cat(u, 1), torch.cat(v, 1)) for i, (u, v) in factors.items()}
         scale = self.bound(factors)

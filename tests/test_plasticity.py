@@ -212,8 +212,12 @@ def test_the_search_runs_on_a_copy_in_search_dtype_kept_up_to_date_with_the_edit
 
     ed.residual_change = spy
     first = ed.write(P.Fact("The capital of France is", "France", "Rome"))
-    ed.write(P.Fact("The capital of Spain is", "Spain", "Berlin"))
+    kept = {i: v.clone() for i, v in ed.inverses.items()}
+    ed.write(P.Fact("The capital of Spain is", "Spain", "Berlin"), remember=False)
     assert seen == [True, True] and max(float(d.abs().max()) for d in first.values()) > 1e-4
+    assert all(torch.equal(ed.inverses[i], kept[i]) for i in ed.layers)  # not remembered: later edits are free
+    ed.write(P.Fact("The capital of Spain is", "Spain", "Berlin"))
+    assert not any(torch.equal(ed.inverses[i], kept[i]) for i in ed.layers)
     search = ed.searcher()
     assert search is not ed.model and {p.dtype for p in search.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in ed.model.parameters()} == {torch.float32}
