@@ -219,6 +219,13 @@ def fact_queries(tokenizer, fact: Fact, prefixes: list[str], align: bool = False
     return encode(tokenizer, texts, ends, align)
 
 
+def best_other(logits: torch.Tensor, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, tokens), each (B,): each row's largest logit other than `token`'s, and whose it is."""
+    top = logits.topk(2, dim=1)
+    pick = (top.indices[:, :1] == token).long()  # the second where the first is `token`
+    return top.values.gather(1, pick)[:, 0], top.indices.gather(1, pick)[:, 0]
+
+
 def first_token(tokenizer, word: str) -> int:
     return tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"][0]
 
@@ -665,10 +672,9 @@ class Editor:
         if not self.opts.donors:
             return keys, None
         new = first_token(self.tokenizer, fact.target_new)
-        logp = logits.log_softmax(-1)
-        old = logp[:, first_token(self.tokenizer, fact.target_true)] if fact.target_true is not None else \
-            logp.clone().index_fill_(1, torch.tensor([new]), -torch.inf).max(1).values
-        best = (logp[:, new] - old).topk(min(self.opts.donors, len(words))).indices
+        old = logits[:, first_token(self.tokenizer, fact.target_true)] if fact.target_true is not None else \
+            best_other(logits, new)[0]
+        best = (logits[:, new] - old).topk(min(self.opts.donors, len(words))).indices  # log-odds: logit differences
         return keys, h[best].mean(0) - hidden
 
     def pool(self) -> EntityPool:
@@ -706,7 +712,7 @@ class Editor:
         scales = torch.tensor([s for s in self.SCALES if s <= self.opts.max_scale])
         add, n = torch.zeros_like(h_top), h_top.shape[0]
         true = (first_token(self.tokenizer, fact.target_true) if fact.target_true is not None else  # else its own
-                int(paths.logits[0].clone().index_fill_(0, torch.tensor([new]), -torch.inf).argmax()))
+                int(best_other(paths.logits[:1], new)[1]))
         prefix, model = paths.prefix, self.searcher()
         for step in range(self.opts.rounds):
             u = (unembed[new] - paths.logits.softmax(-1) @ unembed) * final_norm(self.model).weight.float()
@@ -718,9 +724,9 @@ class Editor:
             many = repeat(q, len(tries))
             found = attention_paths(model, many, top, replay=with_change(hidden.repeat(len(tries), 1, 1), many,
                                                                          tries.flatten(0, 1)), prefix=prefix)
-            logp = found.logits.log_softmax(-1)
-            rest = logp.clone().index_fill_(1, torch.tensor([new]), -torch.inf).max(1).values
-            margin = torch.minimum(logp[:, new] - rest, logp[:, new] - logp[:, true] - self.opts.margin)
+            logits = found.logits  # (the margins are log-odds: differences of logits)
+            margin = torch.minimum(logits[:, new] - best_other(logits, new)[0],
+                                   logits[:, new] - logits[:, true] - self.opts.margin)
             margin = margin.view(len(tries), n).min(1).values  # the worst query of each try
             ok = (margin >= self.opts.top_margin).nonzero()
             pick = int(ok[0, 0]) if len(ok) else int(margin.argmax())

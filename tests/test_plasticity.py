@@ -85,6 +85,16 @@ def test_insert_with_neighbours_equals_the_closed_form_and_forgets_them(model, t
     assert rel_err(ed.inverses[0], torch.linalg.inv(1e-2 * c + kd @ kd.t())) < 1e-6  # P is this edit's only
 
 
+def test_best_other_is_the_largest_logit_of_any_other_token():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
+    token = int(logits[2].argmax())  # row 2: the token itself leads
+    values, tokens = P.best_other(logits, token)
+    masked = logits.clone()
+    masked[:, token] = -torch.inf
+    assert torch.equal(tokens, masked.argmax(1)) and torch.equal(values, masked.max(1).values)
+    assert tokens[2] != token and values[2] < logits[2, token]
+
+
 def test_woodbury_equals_the_direct_inverse():
     a, k = spd(10, 6), torch.randn(10, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     assert rel_err(P.woodbury(torch.linalg.inv(a), k), torch.linalg.inv(a + k @ k.t())) < 1e-10
