@@ -51,7 +51,7 @@ class EditOptions:
     method: str = DEFAULT_METHOD
     layers: tuple[int, ...] | None = None  # the band; None: default_layers(num_layers)
     covariance_weight: float = 1e4  # lambda: how strongly other inputs' keys are preserved
-    prefixes: int = 5  # random text prefixes behind which the prompt is also written (besides none)
+    prefixes: int = 4  # random text prefixes behind which the prompt is also written (besides none)
     prefix_tokens: int = 10
     margin: float = 0.0  # nats by which the edited prompt must prefer the new object to the old one
     top_margin: float = 1.0  # nats by which the new object must lead every other next token
