@@ -66,9 +66,10 @@ class EditOptions:
     # (Editor.bound); without it sequential edits collapse (a resisted fact buys its answer with everything else)
     rounds: int = 2  # steps of the value search, each from where the last one ended
     passes: int = 2  # writes of the value: each further one writes what the last left missing
-    search_dtype: str = "auto"  # the search's forwards (the value's line search, the neighbours'): bfloat16 (autocast),
-    # float32, or auto: bfloat16 where the device multiplies it natively (a CUDA GPU that supports it, a CPU with AMX
-    # or AVX512-BF16), else float32; the keys written and the solve stay in the model's dtype and float64
+    search_dtype: str = "auto"  # the search's forwards (the value's line searches, the neighbours') on a copy of the
+    # model in bfloat16 or float32; auto: bfloat16 where the device multiplies it natively (a CUDA GPU that supports
+    # it, a CPU with AMX or AVX512-BF16), else float32, and a model not in float32 searches in its own dtype; the keys
+    # written and the solve stay in the model's dtype and float64 (Editor.searcher)
     covariance_tokens: int = 32768
     seed: int = 0
 
