@@ -234,15 +234,17 @@ def first_token(tokenizer, word: str) -> int:
 # ----------------------------------------------------------------------------- forwards
 @torch.no_grad()
 def run(model, q: Queries, key_layers=(), residual_layer: int | None = None, logits: bool = True,
-        prefix: "Prefix | None" = None):
+        prefix: "Prefix | None" = None, whole: bool = False):
     """One forward of q: (keys {layer: (B, F) at the subject token}, residual (B, D) at the subject token after
-    `residual_layer`, next-token logits (B, V) at the last token, or None when not `logits`: the forward then stops
-    after the last layer it reads). prefix: as last_logits'."""
+    `residual_layer` (whole: (B, T, D) at every position, in the model's dtype), next-token logits (B, V) at the last
+    token, or None when not `logits`: the forward then stops after the last layer it reads). prefix: as
+    last_logits'."""
     layers, keys, out = npt.decoder_layers(model), {}, {}
     rows, at = torch.arange(q.input_ids.shape[0]), q.subject_pos - (prefix.start if prefix is not None else 0)
 
     def at_residual(module, args, output):
-        out["h"] = (output[0] if isinstance(output, tuple) else output)[rows, at].float()
+        h = output[0] if isinstance(output, tuple) else output
+        out["h"] = h if whole else h[rows, at].float()
 
     handles = _key_hooks(model, key_layers, at, keys)
     try:
@@ -258,27 +260,6 @@ def run(model, q: Queries, key_layers=(), residual_layer: int | None = None, log
         for h in handles:
             h.remove()
     return keys, out.get("h"), out["logits"]
-
-
-@torch.no_grad()
-def below(model, q: Queries, top: int, key_layers) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """A forward of layers 0..top only: ({layer: (B, F)} the keys at the subject token, layer top's output (B, T, D))."""
-    keys, out = {}, {}
-
-    def grab(module, args, output):
-        out["h"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handles = [*_key_hooks(model, key_layers, q.subject_pos, keys),
-               npt.decoder_layers(model)[top].register_forward_hook(grab)]
-    try:
-        last_logits(model, q)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return keys, out["h"]
 
 
 def _key_hooks(model, layers, at: torch.Tensor, store: dict) -> list:
@@ -544,7 +525,7 @@ class Editor:
             paths = attention_paths(self.model, q, top, key_layers=self.layers)
         else:  # the keys to write and the residual to add to in the model's own dtype, the pull-back in the search's
             paths = attention_paths(search, q, top)
-            paths.keys, paths.hidden = below(self.model, q, top, self.layers)
+            paths.keys, paths.hidden, _ = run(self.model, q, self.layers, top, logits=False, whole=True)
             paths.inputs[top + 1] = paths.hidden[torch.arange(len(q.last_pos)), q.subject_pos].float()
         others, donor = self.neighbourhood(fact, self.neighbour_words(fact, paths.keys[self.layers[0]][0]),
                                            paths.hidden[0, q.subject_pos[0]].float())

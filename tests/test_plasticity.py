@@ -192,7 +192,7 @@ def test_aligned_queries_and_their_prefix_cache_give_the_full_forwards(tok, arch
     assert rel_err(P.last_logits(model, q), alone) < 1e-5
     first = P.attention_paths(model, q, 0, key_layers=[0])
     prefix = first.prefix
-    keys, hidden = P.below(model, q, 0, [0])  # layers 0..top alone: the same keys and layer top's output
+    keys, hidden, _ = P.run(model, q, [0], 0, logits=False, whole=True)  # layers 0..top alone: the same
     real = q.attention_mask.bool()  # (what a padding position holds depends on the attention's implementation)
     assert rel_err(keys[0], first.keys[0]) < 1e-6 and rel_err(hidden[real], first.hidden[real]) < 1e-6
     assert prefix.start == start and P.attention_paths(model, P.fact_queries(tok, fact, prefixes), 0).prefix is None
