@@ -43,6 +43,9 @@ METHODS = {"kv": "MEMIT-style key-value edit of mlp.down_proj in a band of layer
                  "of the MLP activations, the subject's nearest entities' keys preserved, value from forward-only "
                  "line searches along the attention's pull-back of the new object's unembedding"}
 DEFAULT_METHOD = "kv"
+DIRECTIONS = ("pullback", "gradient")
+DIRECTION_DEFAULTS = {"pullback": dict(rounds=2, donors=4), "gradient": dict(rounds=4, donors=0)}  # (measured on the
+# dev records: along the gradient the donors no longer help, and the steps are better spent)
 
 
 @dataclasses.dataclass
@@ -58,13 +61,18 @@ class EditOptions:
     max_scale: float = 4.0  # bound: each step's residual change at most this times the residual's norm
     neighbours: int = 128  # entity-pool words nearest the subject whose keys in the prompt the edit preserves
     neighbour_weight: float = 100.0  # mu: their weight in the statistic against lambda C's
-    donors: int = 4  # the neighbours whose prompt leads most to the new object: the value's first step may go
-    # toward their mean residual (0: the pull-back only)
+    donors: int | None = None  # the neighbours whose prompt leads most to the new object: the value's first step
+    # may go toward their mean residual (0: none; None: the direction's default, DIRECTION_DEFAULTS)
     memory_weight: float = 1.0  # how strongly later edits keep a written key's value (its weight in A)
     prompt_weight: float = 1.0  # the bare prompt's key's weight against each prefixed one's
     max_change: float = 5e-4  # trust region (0: none): each edit's tr(dW C dW^T) / tr(W C W^T) at most this
     # (Editor.bound); without it sequential edits collapse (a resisted fact buys its answer with everything else)
-    rounds: int = 2  # steps of the value search, each from where the last one ended
+    rounds: int | None = None  # steps of the value search, each from where the last one ended (None: the
+    # direction's default)
+    direction: str = "pullback"  # each value step's direction: pullback (the attention's first-order pull-back of
+    # the new object's unembedding: forward passes only) or gradient (the exact gradient of the queries'
+    # log-probability of the new object with respect to the change: one backward pass of the layers above the band
+    # per step; no weight is trained)
     passes: int = 2  # writes of the value: each further one writes what the last left missing
     search_dtype: str = "auto"  # the search's forwards (the value's line searches, the neighbours') on a copy of the
     # model in bfloat16 or float32; auto: bfloat16 where the device multiplies it natively (a CUDA GPU that supports
@@ -76,9 +84,10 @@ class EditOptions:
 
 def parse_options(items) -> dict:
     """{name: value} from "name=value" strings (a CLI's repeatable option), each value read as its EditOptions
-    field's type: `layers` as comma-separated layer indices, `search_dtype` as a name, the other knobs as
-    non-negative numbers."""
-    fields = {f.name: f.default for f in dataclasses.fields(EditOptions) if f.name != "method"}
+    field's type: `layers` as comma-separated layer indices, `search_dtype` and `direction` as names, the other knobs
+    as non-negative numbers."""
+    fields = {f.name: DIRECTION_DEFAULTS[DIRECTIONS[0]].get(f.name, f.default) for f in dataclasses.fields(EditOptions)
+              if f.name != "method"}  # (the defaults None of rounds and donors: ints when given)
     out = {}
     for item in items:
         name, sep, text = (part.strip() for part in item.partition("="))
@@ -91,6 +100,9 @@ def parse_options(items) -> dict:
             raise ValueError(f"{item!r}: {name} takes {kind}") from None
         if name == "search_dtype":
             search_dtype(value, torch.zeros(()))  # a name it does not know: its ValueError
+        elif name == "direction":
+            if value not in DIRECTIONS:
+                raise ValueError(f"{item!r}: direction is one of {', '.join(DIRECTIONS)}")
         elif not all(v >= 0 for v in (value if name == "layers" else (value,))):
             raise ValueError(f"{item!r}: {name} must not be negative")
         out[name] = value
@@ -498,6 +510,10 @@ class Editor:
         self.opts = EditOptions(**options)
         if self.opts.method not in METHODS:
             raise ValueError(f"unknown method {self.opts.method!r}: choose from {', '.join(METHODS)}")
+        if self.opts.direction not in DIRECTIONS:
+            raise ValueError(f"unknown direction {self.opts.direction!r}: choose from {', '.join(DIRECTIONS)}")
+        self.opts = dataclasses.replace(self.opts, **{name: value for name, value in DIRECTION_DEFAULTS[
+            self.opts.direction].items() if getattr(self.opts, name) is None})
         if self.opts.rounds < 1 or self.opts.passes < 1:
             raise ValueError(f"rounds and passes must be at least 1, got {self.opts.rounds} and {self.opts.passes}")
         self.model, self.tokenizer = model, tokenizer
@@ -682,12 +698,14 @@ class Editor:
     def residual_change(self, fact: Fact, q: Queries, paths: "Paths", donor: torch.Tensor | None = None
                         ) -> torch.Tensor:
         """(n, D): the change a of the residual at the subject's last token after the band's top layer, per query,
-        built in at most `rounds` steps, each s |h| d: d the attention's pull-back (`pullback`) of the new object's
-        unembedding minus what the query predicts now, at the current a (at the first step, also the `donor`
-        direction (D,), `neighbourhood`: both are tried); s the smallest grid scale at which every query has the
-        new object lead every other next token by `top_margin` nats (and the old object by `margin`), else the
-        scale with the best worst query, and the next step goes on from there."""
-        top = self.layers[-1]
+        built in at most `rounds` steps, each s |h| d: d the
+        step's direction at the current a (`direction`: the attention's pull-back, `pullback`, of the new object's
+        unembedding minus what the query predicts now; or the gradient of the new object's log-probability,
+        `value_gradient`), at the first step also the `donor` direction (D,) (`neighbourhood`; both are tried); s
+        the smallest grid scale at which every query has the new object lead every other next token by
+        `top_margin` nats (and the old object by `margin`), else the scale with the best worst query, and the next
+        step goes on from there."""
+        top, gradient = self.layers[-1], self.opts.direction == "gradient"
         new = first_token(self.tokenizer, fact.target_new)
         h_top, hidden = paths.inputs[top + 1], paths.hidden
         unembed = self.model.get_output_embeddings().weight.float()
@@ -695,18 +713,26 @@ class Editor:
         add, n = torch.zeros_like(h_top), h_top.shape[0]
         true = (first_token(self.tokenizer, fact.target_true) if fact.target_true is not None else  # else its own
                 int(best_other(paths.logits[:1], new)[1]))
-        prefix, model = paths.prefix, self.searcher()
+        prefix, model, start = paths.prefix, self.searcher(), paths.prefix.start if paths.prefix is not None else 0
         for step in range(self.opts.rounds):
-            u = (unembed[new] - paths.logits.softmax(-1) @ unembed) * final_norm(self.model).weight.float()
-            d = pullback(self.model, q, paths.inputs, paths.attn, u)[None]  # (1, n, D)
+            if gradient:
+                d = [value_gradient(model, q, top, hidden, add, prefix, new)]
+            else:
+                u = (unembed[new] - paths.logits.softmax(-1) @ unembed) * final_norm(self.model).weight.float()
+                d = [pullback(self.model, q, paths.inputs, paths.attn, u)]
             if step == 0 and donor is not None:
-                d = torch.stack([d[0], donor.expand_as(d[0])])  # (2, n, D)
+                d.append(donor.expand_as(d[0]))
+            d = torch.stack(d)  # (directions, n, D)
             d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12) * h_top.norm(dim=-1, keepdim=True)  # |d| = |h|
             tries = (add + scales[:, None, None, None] * d).flatten(0, 1)  # (S * directions, n, D), by scale
             many = repeat(q, len(tries))
-            found = attention_paths(model, many, top, replay=with_change(hidden.repeat(len(tries), 1, 1), many,
-                                                                         tries.flatten(0, 1)), prefix=prefix)
-            logits = found.logits  # (the margins are log-odds: differences of logits)
+            replay = with_change(hidden[:, start:].repeat(len(tries), 1, 1), many, tries.flatten(0, 1), start)
+            if gradient:  # the logits alone
+                with replayed(model, top, replay):
+                    logits = last_logits(model, many, prefix)
+            else:  # and the pull-back's paths of each try, for the next step
+                found = attention_paths(model, many, top, replay=replay, prefix=prefix)
+                logits = found.logits  # (the margins are log-odds: differences of logits)
             margin = torch.minimum(logits[:, new] - best_other(logits, new)[0],
                                    logits[:, new] - logits[:, true] - self.opts.margin)
             margin = margin.view(len(tries), n).min(1).values  # the worst query of each try
@@ -715,7 +741,8 @@ class Editor:
             add = tries[pick]
             if len(ok):
                 break
-            paths = found.rows(pick * n + torch.arange(n))  # the next step's pull-back from where this one ended
+            if not gradient:
+                paths = found.rows(pick * n + torch.arange(n))  # the next step's pull-back from where this one ended
         return add
 
 
@@ -737,9 +764,9 @@ class Paths:
 @torch.no_grad()
 def attention_paths(model, q: Queries, top: int, key_layers=(), replay: torch.Tensor | None = None,
                     prefix: Prefix | None = None) -> Paths:
-    """One forward with eager attention from layer `top` (which must not be the last) on; `replay` (B, T, D): layer
-    top's output to use instead of running layers 0..top (see `replayed`), with `prefix` (`Paths.prefix` of a
-    forward without one) from its column prefix.start on only."""
+    """One forward with eager attention from layer `top` (which must not be the last) on; `replay`: layer top's
+    output to use instead of running layers 0..top (see `replayed`), (B, T, D), or with `prefix` (`Paths.prefix` of
+    a forward without one) from its column prefix.start on only, (B, T - prefix.start, D)."""
     layers, rows, paths = npt.decoder_layers(model), torch.arange(len(q.last_pos)), Paths({}, {}, None, {})
     if not top + 1 < len(layers):
         raise ValueError(f"the band's top layer {top} must be below the model's last layer {len(layers) - 1}")
@@ -754,16 +781,13 @@ def attention_paths(model, q: Queries, top: int, key_layers=(), replay: torch.Te
                 rows, q.subject_pos - start].float()), with_kwargs=True))
         handles.append(_self_attn(layers[i]).register_forward_hook(lambda m, a, out, i=i: paths.attn.__setitem__(
             i, out[1][rows, :, q.last_pos - start, q.subject_pos].float())))
-    config, before = model.config, model.config._attn_implementation
-    config._attn_implementation = "eager"  # the only implementation that returns the attention's weights
     try:
         keep = [] if replay is None else None
-        with replayed(model, top, None if replay is None else replay[:, start:]):
-            paths.logits = last_logits(model, q, prefix if start else None, keep)
+        with replayed(model, top, replay), attention_implementation(model, "eager"):  # (eager: the only one that
+            paths.logits = last_logits(model, q, prefix if start else None, keep)  # returns the attention's weights)
         if keep:
             paths.prefix = Prefix.of(q, keep[0])
     finally:
-        config._attn_implementation = before
         for h in handles:
             h.remove()
     return paths
@@ -800,6 +824,31 @@ def with_change(hidden: torch.Tensor, q: Queries, add: torch.Tensor, start: int 
     out = hidden.clone()
     out[torch.arange(len(q.subject_pos)), q.subject_pos - start] += add.to(out.dtype)
     return out
+
+
+def value_gradient(model, q: Queries, top: int, hidden: torch.Tensor, add: torch.Tensor, prefix: Prefix | None,
+                   token: int) -> torch.Tensor:
+    """(B, D) fp32: the gradient of sum_b log p(token | query b) with respect to the change add (B, D) at each row's
+    subject token after layer `top` (`hidden`, layer top's output, as `attention_paths` gives it): one forward of the
+    layers above and one backward pass to the change (no weight's gradient is formed)."""
+    start = prefix.start if prefix is not None else 0
+    change = add.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), replayed(model, top, with_change(hidden[:, start:], q, change, start)), \
+            attention_implementation(model, "eager"):  # (on a CPU, a few short rows: faster than SDPA's backward)
+        logp = last_logits(model, q, prefix).log_softmax(-1)[:, token].sum()
+        grad, = torch.autograd.grad(logp, change)
+    return grad
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str):
+    """Within: the model's attention runs as transformers' implementation `name`."""
+    config = model.config
+    before, config._attn_implementation = config._attn_implementation, name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def _self_attn(layer):

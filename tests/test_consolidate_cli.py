@@ -76,12 +76,13 @@ def bad_inputs(tmp_path):
         "unknown option": (["--context", CONTEXT, *out, "--edit_option", "max_chnage=0"], "NAME one of"),
         "bad option value": (["--context", CONTEXT, *out, "--edit_option", "donors=four"], "donors takes int"),
         "negative option": (["--context", CONTEXT, *out, "--edit_option", "layers=1,-2"], "must not be negative"),
+        "unknown direction": (["--context", CONTEXT, *out, "--edit_option", "direction=newton"], "direction is one of"),
     }
 
 
 CASES = ("no context", "empty context", "two context flags", "empty file", "missing file", "bad facts",
          "missing facts", "busy output", "same folders", "nothing to do", "bad checkpoint", "4-bit", "unknown method",
-         "unknown option", "bad option value", "negative option")
+         "unknown option", "bad option value", "negative option", "unknown direction")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -198,7 +198,7 @@ def test_aligned_queries_and_their_prefix_cache_give_the_full_forwards(tok, arch
     assert prefix.start == start and P.attention_paths(model, P.fact_queries(tok, fact, prefixes), 0).prefix is None
     add = torch.randn(len(q.last_pos), 32, generator=torch.Generator().manual_seed(6))
     full = P.attention_paths(model, q, 0, replay=P.with_change(first.hidden, q, add))
-    cached = P.attention_paths(model, q, 0, replay=P.with_change(first.hidden, q, add), prefix=prefix)
+    cached = P.attention_paths(model, q, 0, replay=P.with_change(first.hidden[:, start:], q, add, start), prefix=prefix)
     assert rel_err(cached.logits, full.logits) < 1e-5 and rel_err(full.logits, first.logits) > 1e-3
     assert all(rel_err(cached.inputs[i], full.inputs[i]) < 1e-5 and rel_err(cached.attn[i], full.attn[i]) < 1e-5
                for i in (1, 2))
@@ -208,6 +208,41 @@ def test_aligned_queries_and_their_prefix_cache_give_the_full_forwards(tok, arch
     with P.replayed(model, 0, P.with_change(first.hidden[:, start:].repeat(3, 1, 1), many, adds, start)):
         got = P.last_logits(model, many, prefix)  # the line search's forward: the rows repeated, one cache
     assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_value_gradient_equals_float64_autograd_on_each_text_alone(tok, arch):
+    model = tiny_model(arch, layers=4, hidden=32, ffn=48, seed=2, vocab_size=len(tok), pad_token_id=None,
+                       max_position_embeddings=256, tie_word_embeddings=True)
+    fact = P.Fact("The capital of France is", "France", "Rome")
+    prefixes = ["Some text.", "More text here, and longer."]
+    texts = [fact.prompt] + [f"{p} {fact.prompt}" for p in prefixes]
+    q, top, token = P.fact_queries(tok, fact, prefixes, align=True), 1, P.first_token(tok, "Rome")
+    add = torch.randn(len(texts), 32, generator=torch.Generator().manual_seed(9))
+    first = P.attention_paths(model, q, top)
+    got = P.value_gradient(model, q, top, first.hidden, add, first.prefix, token)
+    plain = P.value_gradient(model, q, top, first.hidden, add, None, token)  # without the prefix cache
+    ref64 = copy.deepcopy(model).double()
+    ref = []
+    for b, text in enumerate(texts):  # each text alone, unpadded, in float64: a hook adds the change
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        at = int(q.subject_pos[b] - q.last_pos[b]) + ids.shape[1] - 1  # the subject's column in it
+        change = add[b].double().clone().requires_grad_(True)
+
+        def adder(module, args, out, at=at, change=change):
+            h = (out[0] if isinstance(out, tuple) else out).clone()
+            h[0, at] += change
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handle = npt.decoder_layers(ref64)[top].register_forward_hook(adder)
+        try:
+            logp = ref64(ids).logits[0, -1].log_softmax(-1)[token]
+        finally:
+            handle.remove()
+        ref.append(torch.autograd.grad(logp, change)[0])
+    ref = torch.stack(ref)
+    assert rel_err(got, ref) < 1e-4 and rel_err(plain, ref) < 1e-4
+    assert not any(p.grad is not None for p in model.parameters())  # no weight's gradient
 
 
 def test_the_search_runs_on_a_copy_in_search_dtype_kept_up_to_date_with_the_edits(model, tok):
@@ -314,10 +349,19 @@ def test_compute_edit_refuses_bad_input(model, tok):
         P.compute_edit(model, tok, ["a b"], method="magic")
     with pytest.raises(ValueError, match="at least 1"):
         P.compute_edit(model, tok, ["a b"], passes=0)
+    with pytest.raises(ValueError, match="unknown direction 'newton'"):
+        P.compute_edit(model, tok, ["a b"], direction="newton")
+    with pytest.raises(ValueError, match="direction is one of pullback, gradient"):
+        P.parse_options(["direction=newton"])
+    assert P.parse_options(["direction=gradient", "rounds=3"]) == {"direction": "gradient", "rounds": 3}
+    along = {d: P.Editor(model, tok, direction=d, **OPTIONS).opts for d in P.DIRECTIONS}  # each direction's defaults
+    assert (along["pullback"].rounds, along["pullback"].donors, along["gradient"].rounds) == (2, 4, 4)
+    assert P.Editor(model, tok, direction="gradient", donors=2, **OPTIONS).opts.donors == 2
 
 
 @pytest.mark.integration
-def test_an_edit_makes_the_new_object_win_and_spares_a_neighbour(embedded):
+@pytest.mark.parametrize("direction", ["pullback", "gradient"])
+def test_an_edit_makes_the_new_object_win_and_spares_a_neighbour(embedded, direction):
     from npt_tools.counterfact import Record, evaluate_records
 
     model, tok = embedded
@@ -325,7 +369,7 @@ def test_an_edit_makes_the_new_object_win_and_spares_a_neighbour(embedded):
                for s, new, true in (("France", "Rome", "Paris"), ("Japan", "Madrid", "Tokyo"))]
     neighbour = Record("The capital of {} is", "Germany", "Berlin", "Rome", [], [])  # "new": the true answer
     before = evaluate_records(model, tok, records)
-    deltas = P.compute_edit(model, tok, [r.context for r in records], records)
+    deltas = P.compute_edit(model, tok, [r.context for r in records], records, direction=direction)
     named = dict(model.named_parameters())
     original = {n: named[n].detach().clone() for n in deltas}
     try:
