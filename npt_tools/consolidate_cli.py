@@ -36,8 +36,10 @@ class ConsolidateArgs(ModelArgs):
     method: str = flag(plasticity.DEFAULT_METHOD, f"Consolidation method: {', '.join(plasticity.METHODS)}.",
                        type=click.Choice(list(plasticity.METHODS)))
     edit_option: tuple = flag((), "A knob of the method, NAME=VALUE (repeatable): a field of "
-                                  "npt_tools.plasticity.EditOptions, e.g. max_change=0 (no trust region), donors=0, "
-                                  "layers=4,5,6.", multiple=True, metavar="NAME=VALUE")
+                                  "npt_tools.plasticity.EditOptions, e.g. direction=gradient (the value's steps "
+                                  "along the exact gradient: higher efficacy, one backward pass a step), "
+                                  "max_change=0 (no trust region), layers=4,5,6.", multiple=True,
+                             metavar="NAME=VALUE")
     output_dir: str | None = flag(None, "Write the edit artifact here (edit.safetensors + edit.json).",
                                   metavar="DIR")
     merge_into: str | None = flag(None, "Also write the edited base model here as a Hugging Face folder "

@@ -8,7 +8,9 @@ The default method, `kv` (forward passes only, no backward pass and no gradient 
      unembedding (recomputed at each step from one forward; the first step also tries the direction toward the
      residual of the subject's neighbours whose own prompt already leads to the new object, the donors), each
      step's size found by a forward-only line search until the prompt, alone and behind several prefixes, has the
-     new object lead every other next token;
+     new object lead every other next token (`direction="gradient"`, not forward-only: each step along the exact
+     gradient of the new object's log-probability with respect to the change instead, one backward pass of the
+     layers above the band, no weight trained: the higher efficacy, benchmarks/RESULTS.md);
   2. how to write it: a key-value edit of mlp.down_proj in each layer of the band, bottom-up (MEMIT, arXiv
      2210.07229): keys k = silu(gate) * up at the subject's last token behind each prefix, whitened by the covariance C
      of the keys on builtin text, dW = R K^T (lambda C + K_prev K_prev^T + mu P P^T + K K^T)^-1, the residual R split
@@ -535,17 +537,8 @@ class Editor:
         change dW k taken off it as it passes up the residual stream unchanged (to first order). Each further
         pass (`passes`) measures what is still missing at the top layer and writes that the same way. remember:
         later writes keep this one's keys (False: an edit that will be undone before the next)."""
-        q = fact_queries(self.tokenizer, fact, self.prefixes, align=True)
-        top, search = self.layers[-1], self.searcher(sync=True)
-        if search is self.model:
-            paths = attention_paths(self.model, q, top, key_layers=self.layers)
-        else:  # the keys to write and the residual to add to in the model's own dtype, the pull-back in the search's
-            paths = attention_paths(search, q, top)
-            paths.keys, paths.hidden, _ = run(self.model, q, self.layers, top, logits=False, whole=True)
-            paths.inputs[top + 1] = paths.hidden[torch.arange(len(q.last_pos)), q.subject_pos].float()
-        others, donor = self.neighbourhood(fact, self.neighbour_words(fact, paths.keys[self.layers[0]][0]),
-                                           paths.hidden[0, q.subject_pos[0]].float())
-        todo = self.residual_change(fact, q, paths, donor)  # (n, D)
+        q, paths, others, todo = self.value(fact)
+        top = self.layers[-1]
         target, keys = paths.inputs[top + 1] + todo, paths.keys
         weight = torch.ones(todo.shape[0], 1)
         weight[0] = self.opts.prompt_weight
@@ -571,6 +564,22 @@ class Editor:
                 add_to_weight(decoder_mlp(self.model, i).down_proj.weight, -(1 - scale) * d)
                 deltas[i] = scale * d
         return deltas
+
+    def value(self, fact: Fact) -> tuple[Queries, "Paths", dict[int, torch.Tensor], torch.Tensor]:
+        """What `write` writes: the fact's queries, their first forward's paths (the keys to write, the residual
+        after the band's top layer), the keys of the subject's neighbours to preserve ({layer: (F, m)}), and the
+        residual change to reach (n, D), `residual_change`'s."""
+        q = fact_queries(self.tokenizer, fact, self.prefixes, align=True)
+        top, search = self.layers[-1], self.searcher(sync=True)
+        if search is self.model:
+            paths = attention_paths(self.model, q, top, key_layers=self.layers)
+        else:  # the keys to write and the residual to add to in the model's own dtype, the pull-back in the search's
+            paths = attention_paths(search, q, top)
+            paths.keys, paths.hidden, _ = run(self.model, q, self.layers, top, logits=False, whole=True)
+            paths.inputs[top + 1] = paths.hidden[torch.arange(len(q.last_pos)), q.subject_pos].float()
+        others, donor = self.neighbourhood(fact, self.neighbour_words(fact, paths.keys[self.layers[0]][0]),
+                                           paths.hidden[0, q.subject_pos[0]].float())
+        return q, paths, others, self.residual_change(fact, q, paths, donor)
 
     def searcher(self, sync: bool = False):
         """The model the search's forwards run on: the model itself, or where `search_dtype` is not its own a copy
