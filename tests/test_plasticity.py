@@ -15,6 +15,8 @@ from helpers import assert_same, rel_err, tiny_model
 
 ONE_TORCH_THREAD = True
 OPTIONS = dict(layers=(0, 1), covariance_tokens=2048, prefixes=2, prefix_tokens=6)
+FRANCE = P.Fact("The capital of France is", "France", "Rome")
+PREFIXES = ["Some text.", "More text here, and longer."]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,12 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    return tiny_model("llama", layers=3, hidden=32, ffn=48, seed=0, vocab_size=len(tok), pad_token_id=None,
+    return small_model(tok, "llama", layers=3, seed=0)
+
+
+def small_model(tok, arch: str, layers: int, seed: int):
+    """A tiny random decoder with the embedded model's vocabulary (its tokenizer's texts run through it)."""
+    return tiny_model(arch, layers=layers, hidden=32, ffn=48, seed=seed, vocab_size=len(tok), pad_token_id=None,
                       max_position_embeddings=256, tie_word_embeddings=True)
 
 
@@ -179,10 +186,7 @@ def test_a_replayed_forward_equals_the_full_forward_with_the_change_added(model,
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_aligned_queries_and_their_prefix_cache_give_the_full_forwards(tok, arch):
-    model = tiny_model(arch, layers=3, hidden=32, ffn=48, seed=1, vocab_size=len(tok), pad_token_id=None,
-                       max_position_embeddings=256, tie_word_embeddings=True)
-    fact = P.Fact("The capital of France is", "France", "Rome")
-    prefixes = ["Some text.", "More text here, and longer."]
+    model, fact, prefixes = small_model(tok, arch, layers=3, seed=1), FRANCE, PREFIXES
     q = P.fact_queries(tok, fact, prefixes, align=True)
     start = int(q.subject_pos[0])
     assert (q.subject_pos == start).all() and (q.attention_mask[:, 0] == 0).any()  # left-padded to one column
@@ -212,10 +216,7 @@ def test_aligned_queries_and_their_prefix_cache_give_the_full_forwards(tok, arch
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_value_gradient_equals_float64_autograd_on_each_text_alone(tok, arch):
-    model = tiny_model(arch, layers=4, hidden=32, ffn=48, seed=2, vocab_size=len(tok), pad_token_id=None,
-                       max_position_embeddings=256, tie_word_embeddings=True)
-    fact = P.Fact("The capital of France is", "France", "Rome")
-    prefixes = ["Some text.", "More text here, and longer."]
+    model, fact, prefixes = small_model(tok, arch, layers=4, seed=2), FRANCE, PREFIXES
     texts = [fact.prompt] + [f"{p} {fact.prompt}" for p in prefixes]
     q, top, token = P.fact_queries(tok, fact, prefixes, align=True), 1, P.first_token(tok, "Rome")
     add = torch.randn(len(texts), 32, generator=torch.Generator().manual_seed(9))
