@@ -43,7 +43,8 @@ import npt
 
 METHODS = {"kv": "MEMIT-style key-value edit of mlp.down_proj in a band of layers, keys whitened by the covariance "
                  "of the MLP activations, the subject's nearest entities' keys preserved, value from forward-only "
-                 "line searches along the attention's pull-back of the new object's unembedding"}
+                 "line searches along the attention's pull-back of the new object's unembedding (direction="
+                 "gradient: along the exact gradient, a backward pass a step)"}
 DEFAULT_METHOD = "kv"
 DIRECTIONS = ("pullback", "gradient")
 DIRECTION_DEFAULTS = {"pullback": dict(rounds=2, donors=4), "gradient": dict(rounds=4, donors=0)}  # (measured on the
@@ -707,13 +708,12 @@ class Editor:
     def residual_change(self, fact: Fact, q: Queries, paths: "Paths", donor: torch.Tensor | None = None
                         ) -> torch.Tensor:
         """(n, D): the change a of the residual at the subject's last token after the band's top layer, per query,
-        built in at most `rounds` steps, each s |h| d: d the
-        step's direction at the current a (`direction`: the attention's pull-back, `pullback`, of the new object's
-        unembedding minus what the query predicts now; or the gradient of the new object's log-probability,
-        `value_gradient`), at the first step also the `donor` direction (D,) (`neighbourhood`; both are tried); s
-        the smallest grid scale at which every query has the new object lead every other next token by
-        `top_margin` nats (and the old object by `margin`), else the scale with the best worst query, and the next
-        step goes on from there."""
+        built in at most `rounds` steps, each s |h| d: d the step's direction at the current a (`direction`: the
+        attention's pull-back, `pullback`, of the new object's unembedding minus what the query predicts now; or
+        the gradient of the new object's log-probability, `value_gradient`), at the first step also the `donor`
+        direction (D,) (`neighbourhood`; both are tried); s the smallest grid scale at which every query has the
+        new object lead every other next token by `top_margin` nats (and the old object by `margin`), else the
+        scale with the best worst query, and the next step goes on from there."""
         top, gradient = self.layers[-1], self.opts.direction == "gradient"
         new = first_token(self.tokenizer, fact.target_new)
         h_top, hidden = paths.inputs[top + 1], paths.hidden
