@@ -32,9 +32,7 @@ def first_cosine(editor: P.Editor, fact: P.Fact) -> float:
     q = P.fact_queries(editor.tokenizer, fact, editor.prefixes, align=True)
     model, top, new = editor.searcher(sync=True), editor.layers[-1], P.first_token(editor.tokenizer, fact.target_new)
     paths = P.attention_paths(model, q, top)
-    unembed = editor.model.get_output_embeddings().weight.float()
-    u = (unembed[new] - paths.logits.softmax(-1) @ unembed) * P.final_norm(editor.model).weight.float()
-    pull = P.pullback(editor.model, q, paths.inputs, paths.attn, u)
+    pull = P.pullback(editor.model, q, paths.inputs, paths.attn, P.unembedding_pull(editor.model, paths.logits, new))
     grad = P.value_gradient(model, q, top, paths.hidden, torch.zeros_like(pull), paths.prefix, new)
     return float(torch.nn.functional.cosine_similarity(pull, grad, dim=-1).mean())
 
@@ -57,12 +55,13 @@ def main(facts, records, threads):
     for r in recs:
         fact = P.fact_from_record(r)
         for d, editor in editors.items():
-            q, paths, _, change = editor.value(fact)
+            found = editor.value(fact)
+            q, paths, _, change = found
             top = editor.layers[-1]
             with P.replayed(model, top, P.with_change(paths.hidden, q, change)):
                 counts[d]["value"] += bool((margins(model, tokenizer, fact, q) > 0).all())
             counts[d]["norm"] += float((change.norm(dim=-1) / paths.inputs[top + 1].norm(dim=-1)).mean())
-            editor.write(fact, remember=False)
+            editor.write(fact, remember=False, found=found)  # the value just scored
             counts[d]["written"] += bool((margins(model, tokenizer, fact, q) > 0).all())
             with torch.no_grad():
                 for i, w in weights.items():

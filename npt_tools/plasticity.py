@@ -532,13 +532,14 @@ class Editor:
         self._pool = None
         self.search_dtype, self._searcher = search_dtype(self.opts.search_dtype, next(model.parameters())), None
 
-    def write(self, fact: Fact, remember: bool = True) -> dict[int, torch.Tensor]:
+    def write(self, fact: Fact, remember: bool = True, found: tuple | None = None) -> dict[int, torch.Tensor]:
         """Edits the model in place; returns {layer: dW of down_proj} of this fact. One forward reads every band
         layer's keys; the residual still to write is split over the layers left, bottom-up, each layer's own
         change dW k taken off it as it passes up the residual stream unchanged (to first order). Each further
         pass (`passes`) measures what is still missing at the top layer and writes that the same way. remember:
-        later writes keep this one's keys (False: an edit that will be undone before the next)."""
-        q, paths, others, todo = self.value(fact)
+        later writes keep this one's keys (False: an edit that will be undone before the next). found: what
+        `value(fact)` returned on the model as it is now (else it is computed here)."""
+        q, paths, others, todo = found if found is not None else self.value(fact)
         top = self.layers[-1]
         target, keys = paths.inputs[top + 1] + todo, paths.keys
         weight = torch.ones(todo.shape[0], 1)
@@ -717,7 +718,6 @@ class Editor:
         top, gradient = self.layers[-1], self.opts.direction == "gradient"
         new = first_token(self.tokenizer, fact.target_new)
         h_top, hidden = paths.inputs[top + 1], paths.hidden
-        unembed = self.model.get_output_embeddings().weight.float()
         scales = torch.tensor([s for s in self.SCALES if s <= self.opts.max_scale])
         add, n = torch.zeros_like(h_top), h_top.shape[0]
         true = (first_token(self.tokenizer, fact.target_true) if fact.target_true is not None else  # else its own
@@ -727,8 +727,7 @@ class Editor:
             if gradient:
                 d = [value_gradient(model, q, top, hidden, add, prefix, new)]
             else:
-                u = (unembed[new] - paths.logits.softmax(-1) @ unembed) * final_norm(self.model).weight.float()
-                d = [pullback(self.model, q, paths.inputs, paths.attn, u)]
+                d = [pullback(self.model, q, paths.inputs, paths.attn, unembedding_pull(self.model, paths.logits, new))]
             if step == 0 and donor is not None:
                 d.append(donor.expand_as(d[0]))
             d = torch.stack(d)  # (directions, n, D)
@@ -862,6 +861,14 @@ def attention_implementation(model, name: str):
 
 def _self_attn(layer):
     return (layer.layer if isinstance(layer, npt.NPTLayer) else layer).self_attn
+
+
+def unembedding_pull(model, logits: torch.Tensor, token: int) -> torch.Tensor:
+    """(B, D): what `pullback` carries back for `token` given the next-token logits (B, V): its unembedding minus the
+    expected one under the logits' softmax (the log-probability's gradient at the final norm's output), through the
+    final norm's scale."""
+    unembed = model.get_output_embeddings().weight.float()
+    return (unembed[token] - logits.softmax(-1) @ unembed) * final_norm(model).weight.float()
 
 
 def pullback(model, q: Queries, inputs: dict, attn: dict, u: torch.Tensor) -> torch.Tensor:  # u (B, D)
