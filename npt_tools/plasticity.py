@@ -700,7 +700,8 @@ class Editor:
     def inverse(self, layer_idx: int) -> torch.Tensor:
         if layer_idx not in self.inverses:
             c = self.opts.covariance_weight * self.covariance[layer_idx].double()
-            self.inverses[layer_idx] = torch.cholesky_inverse(torch.linalg.cholesky(c))
+            self.inverses[layer_idx] = torch.cholesky_inverse(torch.linalg.cholesky(c)).contiguous()  # (row-major:
+            # cholesky_inverse's column-major result made each A^-1 x over 20x slower on a CPU)
         return self.inverses[layer_idx]
 
     SCALES = (0.25, 0.5, 0.75, 1.0, 1.5)
