@@ -141,6 +141,10 @@ def test_neighbours_are_pool_words_near_the_subject_put_in_its_place_in_the_prom
     assert rel_err(donor.double(), ref) < 1e-5 and rel_err(keys[1].t().double(), torch.stack(key_ref)) < 1e-5
     ed.search_dtype = torch.bfloat16  # the search in bfloat16: the same donors, to its precision
     assert rel_err(ed.neighbourhood(fact, names, hidden)[1].double(), ref) < 3e-2
+    ed.search_dtype, ed.opts.donors = torch.float32, 0  # no donors: the keys alone, the tokens after the word not run
+    keys, donor = ed.neighbourhood(fact, names, hidden)
+    assert donor is None and seen[-1][0] == [f"The city of {w}" for w in names]
+    assert rel_err(keys[1].t().double(), torch.stack(key_ref)) < 1e-5
 
 
 @pytest.mark.parametrize("bound", [0.0, 1e-5])
@@ -357,8 +361,10 @@ def test_compute_edit_refuses_bad_input(model, tok):
         P.parse_options(["direction=newton"])
     assert P.parse_options(["direction=gradient", "rounds=3"]) == {"direction": "gradient", "rounds": 3}
     along = {d: P.Editor(model, tok, direction=d, **OPTIONS).opts for d in P.DIRECTIONS}  # each direction's defaults
-    assert (along["pullback"].rounds, along["pullback"].donors, along["gradient"].rounds) == (2, 4, 4)
+    assert {d: (o.rounds, o.donors, o.neighbours) for d, o in along.items()} == {"pullback": (2, 4, 128),
+                                                                                  "gradient": (4, 0, 256)}
     assert P.Editor(model, tok, direction="gradient", donors=2, **OPTIONS).opts.donors == 2
+    assert P.parse_options(["neighbours=64"]) == {"neighbours": 64}
 
 
 @pytest.mark.integration
