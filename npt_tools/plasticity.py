@@ -47,10 +47,8 @@ METHODS = {"kv": "MEMIT-style key-value edit of mlp.down_proj in a band of layer
                  "gradient: along the exact gradient, a backward pass a step)"}
 DEFAULT_METHOD = "kv"
 DIRECTIONS = ("pullback", "gradient")
-DIRECTION_DEFAULTS = {"pullback": dict(rounds=2, donors=4, neighbours=128),
-                      "gradient": dict(rounds=4, donors=0, neighbours=256)}  # (measured on the dev records: along the
-# gradient the donors no longer help, and the steps are better spent; 256 neighbours keep more of them over 100
-# sequential edits, where along the pull-back they cost as much efficacy as they keep)
+DIRECTION_DEFAULTS = {"pullback": dict(rounds=2, donors=4), "gradient": dict(rounds=4, donors=0)}  # (measured on the
+# dev records: along the gradient the donors no longer help, and the steps are better spent)
 
 
 @dataclasses.dataclass
@@ -64,8 +62,7 @@ class EditOptions:
     margin: float = 0.0  # nats by which the edited prompt must prefer the new object to the old one
     top_margin: float = 1.0  # nats by which the new object must lead every other next token
     max_scale: float = 4.0  # bound: each step's residual change at most this times the residual's norm
-    neighbours: int | None = None  # entity-pool words nearest the subject whose keys in the prompt the edit
-    # preserves (None: the direction's default)
+    neighbours: int = 128  # entity-pool words nearest the subject whose keys in the prompt the edit preserves
     neighbour_weight: float = 100.0  # mu: their weight in the statistic against lambda C's
     donors: int | None = None  # the neighbours whose prompt leads most to the new object: the value's first step
     # may go toward their mean residual (0: none; None: the direction's default, DIRECTION_DEFAULTS)
@@ -93,7 +90,7 @@ def parse_options(items) -> dict:
     field's type: `layers` as comma-separated layer indices, `search_dtype` and `direction` as names, the other knobs
     as non-negative numbers."""
     fields = {f.name: DIRECTION_DEFAULTS[DIRECTIONS[0]].get(f.name, f.default) for f in dataclasses.fields(EditOptions)
-              if f.name != "method"}  # (the defaults None of the DIRECTION_DEFAULTS: ints when given)
+              if f.name != "method"}  # (the defaults None of rounds and donors: ints when given)
     out = {}
     for item in items:
         name, sep, text = (part.strip() for part in item.partition("="))

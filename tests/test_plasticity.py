@@ -361,8 +361,7 @@ def test_compute_edit_refuses_bad_input(model, tok):
         P.parse_options(["direction=newton"])
     assert P.parse_options(["direction=gradient", "rounds=3"]) == {"direction": "gradient", "rounds": 3}
     along = {d: P.Editor(model, tok, direction=d, **OPTIONS).opts for d in P.DIRECTIONS}  # each direction's defaults
-    assert {d: (o.rounds, o.donors, o.neighbours) for d, o in along.items()} == {"pullback": (2, 4, 128),
-                                                                                  "gradient": (4, 0, 256)}
+    assert {d: (o.rounds, o.donors) for d, o in along.items()} == {"pullback": (2, 4), "gradient": (4, 0)}
     assert P.Editor(model, tok, direction="gradient", donors=2, **OPTIONS).opts.donors == 2
     assert P.parse_options(["neighbours=64"]) == {"neighbours": 64}
 
