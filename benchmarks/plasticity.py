@@ -13,7 +13,9 @@ Rome." written into the weights, scored without the context. Methods:
 Single edits (edit, score the record, undo): ES, PS, NS (CounterFact's probability comparison and top-1), S, the
 held-out next-token KL and perplexity ratio on builtin text (over the first --drift_edits edits), time per edit.
 Sequential (--points 1,10,100,1000): the edits applied one after the other, scored at each point on the records
-edited so far (at most --eval_records of them, a fixed sample) with the held-out drift.
+edited so far (at most --eval_records of them, a fixed sample) with the held-out drift, and NS once more on only
+those neighbourhood prompts that name no subject edited so far (`ns_unedited`: in a small fact set a record's
+neighbours are often other records' subjects, whose answers the sequence rewrites on purpose).
 
     python -m benchmarks.plasticity --records 200 --methods bare,context,kv,rome --points 1,10,100
 
@@ -34,7 +36,8 @@ import torch
 import npt
 from npt_tools import plasticity as P
 from npt_tools.closed_form import init_exact
-from npt_tools.counterfact import HeldOutDrift, evaluate_records, in_context, load_records, mean_metrics
+from npt_tools.counterfact import (HeldOutDrift, evaluate_records, in_context, load_records, mean_metrics,
+                                   unedited_ns)
 from npt_tools.models import EMBEDDED_MODEL, load_base_model
 from npt_tools.edit import applied as edited, apply_edit, base_parameters
 from benchmarks.editors import finetune_edit
@@ -142,7 +145,8 @@ def sequential(model, tokenizer, records, name: str, editor, points, drift: Held
                 done = records[:j + 1]
                 sample = random.Random(seed).sample(done, min(eval_records, len(done)))
                 row = {"method": name, "edits": j + 1, **evaluate_records(model, tokenizer, sample),
-                       **drift.measure(model), "seconds_per_edit": _mean(times)}
+                       **unedited_ns(model, tokenizer, sample, done), **drift.measure(model),
+                       "seconds_per_edit": _mean(times)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     finally:

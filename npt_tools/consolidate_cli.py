@@ -157,6 +157,16 @@ def render_facts(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def echo_unedited_ns(model, tokenizer, records) -> None:
+    """Where some neighbourhood prompts name a subject that this edit rewrites (their answer is meant to change), NS
+    once more without them."""
+    m = counterfact.unedited_ns(model, tokenizer, records, records)
+    if m["neighbours_unedited"] < m["neighbours"]:
+        click.echo(f"NS without the {m['neighbours'] - m['neighbours_unedited']} of {m['neighbours']} neighbourhood "
+                   f"prompts that name a subject written here: {m['ns_unedited']:.3f} (top-1 "
+                   f"{m['ns_unedited_top1']:.3f})")
+
+
 def check_finite_or_fail(model, tokenizer, texts: list[str], handle: edit.EditHandle) -> None:
     """The edited model's logits on the contexts and queries must be finite; otherwise the edit is undone and
     refused (finite weights can still overflow a forward pass)."""
@@ -197,6 +207,7 @@ def main(**flags):
     if records:
         facts["edited"] = counterfact.evaluate_records(model, tokenizer, records)
         click.echo(render_facts(facts))
+        echo_unedited_ns(model, tokenizer, records)
     held_out = drift.measure(model)
     click.echo(f"edit ({args.method}): {len(contexts)} context(s), {len(deltas)} parameter(s) in layers "
                f"{edit.edited_layers(deltas)}, norm {edit.delta_norm(deltas):.4g}, {seconds:.2f} s; held-out "

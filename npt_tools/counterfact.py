@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -257,6 +258,30 @@ def evaluate_records(model, tokenizer, records: list[Record], prefix: str | Call
     if per_record:
         out["per_record"] = each
     return out
+
+
+def names(prompt: str, subject: str) -> bool:
+    """Whether `prompt` names `subject` as a whole word (not inside a longer one: Java is not in Javanese)."""
+    return re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt) is not None
+
+
+def unedited_neighbours(records: list[Record], edited: list[Record]) -> list[Record]:
+    """Each record with only those neighbourhood prompts that name none of the `edited` records' subjects (its own
+    aside): after sequential edits, a neighbourhood prompt about a subject that was itself rewritten is expected to
+    change, so NS on the rest measures what NS is for, that the edits leave other subjects alone."""
+    subjects = {r.subject for r in edited}
+    return [dataclasses.replace(r, neighborhood_prompts=[p for p in r.neighborhood_prompts if not any(
+        names(p, s) for s in subjects - {r.subject})]) for r in records]
+
+
+def unedited_ns(model, tokenizer, records: list[Record], edited: list[Record]) -> dict:
+    """NS and its top-1 on only the neighbourhood prompts of `records` that name none of the `edited` subjects
+    (`unedited_neighbours`; NaN where there is none), and how many prompts that is of how many."""
+    kept = [dataclasses.replace(r, paraphrase_prompts=[]) for r in unedited_neighbours(records, edited)]
+    m = evaluate_records(model, tokenizer, kept)
+    return {"ns_unedited": m["ns"], "ns_unedited_top1": m["ns_top1"],
+            "neighbours_unedited": sum(len(r.neighborhood_prompts) for r in kept),
+            "neighbours": sum(len(r.neighborhood_prompts) for r in records)}
 
 
 METRICS = ("es", "ps", "ns", "es_top1", "ps_top1", "ns_top1")

@@ -175,6 +175,20 @@ def test_facts_print_metrics_before_and_after(tmp_path, tiny_llama_dir, monkeypa
     assert table.keys() == {"bare", "in context", "edited"}
     assert all(0 <= float(x) <= 1 for row in table.values() for x in row)
     assert list(tmp_path.iterdir()) == [tmp_path / "facts.json"]  # no --output_dir: nothing written
+    assert "NS without" not in result.stdout  # no neighbour of France is edited
+
+
+def test_facts_ns_without_the_neighbours_the_edit_rewrites(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(plasticity, "compute_edit", stand_in(lambda model: seeded_deltas(model, NAMES)))
+    france = json.loads(facts_file(tmp_path).read_text())[0]
+    spain = {"requested_rewrite": {"prompt": "The capital of {} is", "subject": "Spain", "target_new": {"str": "Oslo"},
+                                   "target_true": {"str": "Madrid"}},
+             "paraphrase_prompts": [], "neighborhood_prompts": ["The capital of Italy is", "Spainish is"]}
+    (tmp_path / "facts.json").write_text(json.dumps([france, spain]))
+    result = invoke("--model_name", tiny_llama_dir, "--facts", tmp_path / "facts.json")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if x.startswith("NS without"))
+    assert line.startswith("NS without the 1 of 3 neighbourhood prompts that name a subject written here: ")
 
 
 # ----------------------------------------------------------------------------- the real method (integration)

@@ -3,6 +3,7 @@ from the definition (one prompt at a time, no padding), multi-token targets, pad
 aggregation, held-out drift, and load_records' errors and round trip. Tiny random Llama with the embedded model's
 tokenizer (no weights of the embedded model are loaded)."""
 import copy
+import dataclasses
 import json
 import math
 
@@ -11,7 +12,8 @@ import torch
 from transformers import AutoTokenizer
 
 from npt_tools.counterfact import (HeldOutDrift, Record, candidate_scores, evaluate_records, harmonic_mean,
-                                   in_context, load_records, record_to_json, save_records, target_scores)
+                                   in_context, load_records, record_to_json, save_records, target_scores,
+                                   unedited_neighbours, unedited_ns)
 from npt_tools.data import builtin_held_out_windows
 from npt_tools.models import embedded_model_path
 from helpers import tiny_model
@@ -112,6 +114,24 @@ def test_evaluate_records_against_reference(model, tok):
 def test_harmonic_mean():
     assert harmonic_mean(1.0, 0.5, 0.25) == pytest.approx(3 / (1 + 2 + 4))
     assert harmonic_mean(1.0, 0.0, 1.0) == 0.0
+
+
+def test_unedited_neighbours_drop_prompts_about_edited_subjects(model, tok):
+    java = Record("{} is spoken in", "Javanese", "France", "Indonesia", [],
+                  ["Java is an island of", "Sundanese is spoken in", "In Bali, Sundanese and Java are", "Madurese is"])
+    sunda = Record("{} is spoken in", "Sundanese", "Peru", "Indonesia", [], ["Javanese is spoken in", "Balinese is"])
+    bali = Record("{} is on", "Bali", "Mars", "Earth", [], [])
+    kept = unedited_neighbours([java, sunda], [java, sunda, bali])
+    assert kept[0].neighborhood_prompts == ["Java is an island of", "Madurese is"]  # Sundanese and Bali edited;
+    assert kept[1].neighborhood_prompts == ["Balinese is"]  # Java is no edited subject, nor Bali inside Balinese
+    assert (kept[0].subject, kept[1].paraphrase_prompts) == ("Javanese", [])
+    alone = unedited_neighbours([java], [bali])[0].neighborhood_prompts
+    assert alone == [java.neighborhood_prompts[i] for i in (0, 1, 3)]
+    got = unedited_ns(model, tok, [java, sunda], [java, sunda, bali])
+    ref = evaluate_records(model, tok, [dataclasses.replace(java, neighborhood_prompts=kept[0].neighborhood_prompts),
+                                        dataclasses.replace(sunda, neighborhood_prompts=["Balinese is"])])
+    assert (got["ns_unedited"], got["ns_unedited_top1"]) == (ref["ns"], ref["ns_top1"])
+    assert (got["neighbours_unedited"], got["neighbours"]) == (3, 6)
 
 
 def test_context_is_the_rewrite_as_a_sentence():
