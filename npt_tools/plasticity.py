@@ -47,8 +47,10 @@ METHODS = {"kv": "MEMIT-style key-value edit of mlp.down_proj in a band of layer
                  "gradient: along the exact gradient, a backward pass a step)"}
 DEFAULT_METHOD = "kv"
 DIRECTIONS = ("pullback", "gradient")
-DIRECTION_DEFAULTS = {"pullback": dict(rounds=2, donors=4), "gradient": dict(rounds=4, donors=0)}  # (measured on the
-# dev records: along the gradient the donors no longer help, and the steps are better spent)
+DIRECTION_DEFAULTS = {"pullback": dict(rounds=2, donors=4, neighbour_memory=0.0),
+                      "gradient": dict(rounds=4, donors=0, neighbour_memory=0.3)}  # (measured on the dev records:
+# along the gradient the donors no longer help, and the steps are better spent; the neighbours kept for later edits
+# lift the gradient's sequential NS and cost the pull-back's efficacy more than they give it)
 
 
 @dataclasses.dataclass
@@ -67,6 +69,9 @@ class EditOptions:
     donors: int | None = None  # the neighbours whose prompt leads most to the new object: the value's first step
     # may go toward their mean residual (0: none; None: the direction's default, DIRECTION_DEFAULTS)
     memory_weight: float = 1.0  # how strongly later edits keep a written key's value (its weight in A)
+    neighbour_memory: float | None = None  # how strongly later edits keep an edit's neighbours' outputs (their
+    # keys' weight in A once the edit is written, against a written key's 1; 0: only the edit itself preserves
+    # them; None: the direction's default)
     prompt_weight: float = 1.0  # the bare prompt's key's weight against each prefixed one's
     max_change: float = 5e-4  # trust region (0: none): each edit's tr(dW C dW^T) / tr(W C W^T) at most this
     # (Editor.bound); without it sequential edits collapse (a resisted fact buys its answer with everything else)
@@ -90,7 +95,7 @@ def parse_options(items) -> dict:
     field's type: `layers` as comma-separated layer indices, `search_dtype` and `direction` as names, the other knobs
     as non-negative numbers."""
     fields = {f.name: DIRECTION_DEFAULTS[DIRECTIONS[0]].get(f.name, f.default) for f in dataclasses.fields(EditOptions)
-              if f.name != "method"}  # (the defaults None of rounds and donors: ints when given)
+              if f.name != "method"}  # (the defaults None of rounds, donors, neighbour_memory: typed when given)
     out = {}
     for item in items:
         name, sep, text = (part.strip() for part in item.partition("="))
@@ -464,9 +469,10 @@ def entity_pool(model, tokenizer, layer: int, batch: int = 512) -> EntityPool:
 
 
 # ----------------------------------------------------------------------------- insertion
-def woodbury(a_inv: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(A + K K^T)^-1 from A^-1 (F, F) and K (F, n), float64, written over a_inv and returned."""
-    ak = a_inv @ keys
+def woodbury(a_inv: torch.Tensor, keys: torch.Tensor, ak: torch.Tensor | None = None) -> torch.Tensor:
+    """(A + K K^T)^-1 from A^-1 (F, F) and K (F, n), float64, written over a_inv and returned; ak: A^-1 K where it is
+    known already."""
+    ak = a_inv @ keys if ak is None else ak
     return a_inv.addmm_(ak, torch.linalg.solve(torch.eye(keys.shape[1], dtype=ak.dtype) + keys.t() @ ak, ak.t()),
                         alpha=-1)
 
@@ -546,17 +552,21 @@ class Editor:
         weight[0] = self.opts.prompt_weight
         factors = {i: ([], []) for i in self.layers}  # this fact's dW = U V^T per layer, its (D, n) and (F, n) parts
         solvers = {i: self.solver(i, others.get(i)) for i in self.layers}  # A changes after the last pass only
+        # ({layer: (x -> B^-1 x, A^-1 P)})
         for p in range(self.opts.passes):
             if p:
                 keys, h, _ = run(self.model, q, key_layers=self.layers, residual_layer=top, logits=False)
                 todo = target - h
             for j, i in enumerate(self.layers):
                 u, v = self.insertion((keys[i] * weight.sqrt()).t(), (todo * weight.sqrt()).t() / (len(self.layers) - j),
-                                      solvers[i])
+                                      solvers[i][0])
                 add_to_weight(decoder_mlp(self.model, i).down_proj.weight, (u @ v.t()).float())
                 todo = todo - (keys[i].double() @ v) @ u.t()
                 factors[i][0].append(u), factors[i][1].append(v)
         for i in self.layers if remember else ():
+            if self.opts.neighbour_memory and i in others:  # (A^-1 P from the solver: A has not changed since)
+                root = self.opts.neighbour_memory ** 0.5
+                self.inverses[i] = woodbury(self.inverse(i), others[i].double() * root, solvers[i][1] * root)
             self.remember(i, (keys[i] * weight.sqrt()).t())
         factors = {i: (torch.cat(u, 1), torch.cat(v, 1)) for i, (u, v) in factors.items()}
         scale = self.bound(factors)
@@ -629,7 +639,7 @@ class Editor:
         """Adds `insertion`'s dW to down_proj and returns it: B = A + mu P P^T, A = lambda C + K_prev K_prev^T (the
         keys written before), P (F, m) the keys preserved for this edit only (its subject's neighbours); keys (F, n),
         residuals (D, n). A^-1 is kept and, when `remember`, updated with K."""
-        u, v = self.insertion(keys, residuals, self.solver(layer_idx, preserve))
+        u, v = self.insertion(keys, residuals, self.solver(layer_idx, preserve)[0])
         delta = (u @ v.t()).float()  # (D, F)
         add_to_weight(decoder_mlp(self.model, layer_idx).down_proj.weight, delta)
         if remember:
@@ -641,16 +651,16 @@ class Editor:
         self.inverses[layer_idx] = woodbury(self.inverse(layer_idx), keys.double() * self.opts.memory_weight ** 0.5)
 
     def solver(self, layer_idx: int, preserve: torch.Tensor | None = None):
-        """x -> B^-1 x for B = A + mu P P^T (A^-1 as it is now, P (F, m) or None), by Woodbury:
+        """(x -> B^-1 x, A^-1 P or None) for B = A + mu P P^T (A^-1 as it is now, P (F, m) or None), by Woodbury:
         B^-1 x = A^-1 x - A^-1 P (I/mu + P^T A^-1 P)^-1 P^T A^-1 x; the F x m products made once."""
         a_inv = self.inverse(layer_idx)
         if preserve is None:
-            return lambda x: a_inv @ x
+            return (lambda x: a_inv @ x), None
         p = preserve.double()
         ap = a_inv @ p
         chol = torch.linalg.cholesky(torch.eye(p.shape[1], dtype=torch.float64) / self.opts.neighbour_weight
                                      + p.t() @ ap)
-        return lambda x: a_inv @ x - ap @ torch.cholesky_solve(ap.t() @ x, chol)
+        return (lambda x: a_inv @ x - ap @ torch.cholesky_solve(ap.t() @ x, chol)), ap
 
     def neighbour_words(self, fact: Fact, key: torch.Tensor) -> list[str]:
         """The `neighbours` words of the entity pool whose key (after the word, at the band's first layer) is nearest
@@ -664,11 +674,12 @@ class Editor:
 
     def neighbourhood(self, fact: Fact, words: list[str], hidden: torch.Tensor
                       ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """One forward of the fact's prompt with each of `words` in the subject's place: ({layer: (F, m)} their keys
-        there, what the edit must leave as it was; the donor direction (D,) or None: the mean, over the `donors`
-        words whose prompt prefers the new object to the old one by most, of their residual after the band's top
-        layer at their last token, minus the subject's own (`hidden`, the bare prompt's): where the residual of a
-        subject the model already answers so lies (activation patching's donor))."""
+        """One forward of the fact's prompt with each of `words` in the subject's place (without donors, the prompt up
+        to the word only: its keys are all that is read): ({layer: (F, m)} their keys there, what the edit must leave
+        as it was; the donor direction (D,) or None: the mean, over the `donors` words whose prompt prefers the new
+        object to the old one by most, of their residual after the band's top layer at their last token, minus the
+        subject's own (`hidden`, the bare prompt's): where the residual of a subject the model already answers so
+        lies (activation patching's donor))."""
         if not words:
             return {}, None
         start = fact.prompt.rfind(fact.subject)

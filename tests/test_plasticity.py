@@ -93,6 +93,18 @@ def test_insert_with_neighbours_equals_the_closed_form_and_forgets_them(model, t
     assert rel_err(ed.inverses[0], torch.linalg.inv(1e-2 * c + kd @ kd.t())) < 1e-6  # P is this edit's only
 
 
+def test_neighbour_memory_keeps_an_edits_neighbours_for_the_later_edits(model, tok):
+    ed = P.Editor(copy.deepcopy(model), tok, covariance_weight=1e-2, neighbour_memory=0.3, passes=1, **OPTIONS)
+    fact = P.Fact("The capital of France is", "France", "Rome")
+    found = ed.value(fact)
+    keys, others = found[1].keys, found[2]
+    ed.write(fact, found=found)
+    for i in ed.layers:
+        k, p, c = keys[i].double().t(), others[i].double(), 1e-2 * ed.covariance[i].double()
+        assert rel_err(ed.inverses[i], torch.linalg.inv(c + 0.3 * p @ p.t() + k @ k.t())) < 1e-6
+        assert rel_err(ed.inverses[i], torch.linalg.inv(c + k @ k.t())) > 1e-2  # (the neighbours' term matters)
+
+
 def test_best_other_is_the_largest_logit_of_any_other_token():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
     token = int(logits[2].argmax())  # row 2: the token itself leads
@@ -361,7 +373,8 @@ def test_compute_edit_refuses_bad_input(model, tok):
         P.parse_options(["direction=newton"])
     assert P.parse_options(["direction=gradient", "rounds=3"]) == {"direction": "gradient", "rounds": 3}
     along = {d: P.Editor(model, tok, direction=d, **OPTIONS).opts for d in P.DIRECTIONS}  # each direction's defaults
-    assert {d: (o.rounds, o.donors) for d, o in along.items()} == {"pullback": (2, 4), "gradient": (4, 0)}
+    assert {d: (o.rounds, o.donors, o.neighbour_memory) for d, o in along.items()} == {
+        "pullback": (2, 4, 0.0), "gradient": (4, 0, 0.3)}
     assert P.Editor(model, tok, direction="gradient", donors=2, **OPTIONS).opts.donors == 2
     assert P.parse_options(["neighbours=64"]) == {"neighbours": 64}
 
