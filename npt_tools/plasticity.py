@@ -17,7 +17,8 @@ The default method, `kv` (forward passes only, no backward pass and no gradient 
      over the layers left; earlier edits' keys K_prev stay in the statistic, so later edits keep them (sequential
      edits), and P, the keys of the subject's neighbours (the words of the tokenizer's entity pool whose keys are
      nearest the subject's, put in the subject's place in its prompt), are kept for this edit: the edit is specific
-     to the subject, not to its kind (AlphaEdit's preserved keys, arXiv 2410.02355, chosen per edit);
+     to the subject, not to its kind (AlphaEdit's preserved keys, arXiv 2410.02355, chosen per edit); along the
+     gradient they then stay in the statistic at a low weight (`neighbour_memory`), so later edits spare them too;
   3. how much: a trust region: an edit whose expected squared change of a band layer's MLP output on builtin text,
      tr(dW C dW^T), exceeds `max_change` times that of the output itself is scaled down to it (a norm bound on each
      edit, as the sequential editors found they need), so that a fact the model resists costs that fact's efficacy,

@@ -122,8 +122,8 @@ def test_unedited_neighbours_drop_prompts_about_edited_subjects(model, tok):
     sunda = Record("{} is spoken in", "Sundanese", "Peru", "Indonesia", [], ["Javanese is spoken in", "Balinese is"])
     bali = Record("{} is on", "Bali", "Mars", "Earth", [], [])
     kept = unedited_neighbours([java, sunda], [java, sunda, bali])
-    assert kept[0].neighborhood_prompts == ["Java is an island of", "Madurese is"]  # Sundanese and Bali edited;
-    assert kept[1].neighborhood_prompts == ["Balinese is"]  # Java is no edited subject, nor Bali inside Balinese
+    assert kept[0].neighborhood_prompts == ["Java is an island of", "Madurese is"]  # Sundanese, Bali edited; Java not
+    assert kept[1].neighborhood_prompts == ["Balinese is"]  # (Bali only inside a longer word)
     assert (kept[0].subject, kept[1].paraphrase_prompts) == ("Javanese", [])
     alone = unedited_neighbours([java], [bali])[0].neighborhood_prompts
     assert alone == [java.neighborhood_prompts[i] for i in (0, 1, 3)]
