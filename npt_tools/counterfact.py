@@ -260,18 +260,23 @@ def evaluate_records(model, tokenizer, records: list[Record], prefix: str | Call
     return out
 
 
-def names(prompt: str, subject: str) -> bool:
-    """Whether `prompt` names `subject` as a whole word (not inside a longer one: Java is not in Javanese)."""
-    return re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt) is not None
+def naming(subjects) -> re.Pattern | None:
+    """One pattern that finds any of `subjects` as a whole word (not inside a longer one: Java is not in Javanese);
+    None for no subjects."""
+    subjects = sorted(subjects)
+    return re.compile(rf"(?<!\w)(?:{'|'.join(map(re.escape, subjects))})(?!\w)") if subjects else None
 
 
 def unedited_neighbours(records: list[Record], edited: list[Record]) -> list[Record]:
     """Each record with only those neighbourhood prompts that name none of the `edited` records' subjects (its own
     aside): after sequential edits, a neighbourhood prompt about a subject that was itself rewritten is expected to
     change, so NS on the rest measures what NS is for, that the edits leave other subjects alone."""
-    subjects = {r.subject for r in edited}
-    return [dataclasses.replace(r, neighborhood_prompts=[p for p in r.neighborhood_prompts if not any(
-        names(p, s) for s in subjects - {r.subject})]) for r in records]
+    subjects, out = {r.subject for r in edited}, []
+    for r in records:
+        named = naming(subjects - {r.subject})
+        out.append(dataclasses.replace(r, neighborhood_prompts=[
+            p for p in r.neighborhood_prompts if named is None or named.search(p) is None]))
+    return out
 
 
 def unedited_ns(model, tokenizer, records: list[Record], edited: list[Record]) -> dict:
